@@ -1,0 +1,164 @@
+"""The `dpokit` command: a thin layer that builds configs and calls the library.
+
+    dpokit sft  [--config FILE.yaml] [key=value | --key value ...]
+    dpokit dpo  [--config FILE.yaml] [key=value | --key value ...]
+    dpokit eval --model RUN_OR_PATH [--ref REF] --pairs FILE [--prompts FILE] ...
+    dpokit export ADAPTER_DIR OUTPUT_DIR --merge
+    dpokit data check|convert|filter|split ...
+    dpokit demo [--quick]
+
+A user mistake (a `DpokitError`) prints one line to stderr and exits with code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+from typing import Optional
+
+from dpokit.errors import DpokitError
+
+COMMANDS = {
+    "sft": "supervised fine-tuning (prompt/completion, messages or text rows)",
+    "dpo": "preference optimisation: DPO and its family (prompt/chosen/rejected rows)",
+    "eval": "preference accuracy, margins and log-probs of a model against its reference on held-out pairs",
+    "export": "write a LoRA run as a merged full model (--merge)",
+    "data": "check, convert, filter and split preference data",
+    "demo": "the embedded default: SFT then DPO on a tiny sentiment task, no downloads (~2 min on 2 CPU cores)",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dpokit <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {doc}" for name, doc in COMMANDS.items()]
+    lines += ["", "`dpokit <command> --help` lists the options of one command; add --debug for tracebacks."]
+    return "\n".join(lines)
+
+
+def _config_help(command: str, cls: type) -> str:
+    from dpokit.config import field_docs
+
+    docs = field_docs(cls)
+    out = [f"usage: dpokit {command} [--config FILE.yaml] [key=value | --key value ...]", "",
+           textwrap.fill(cls.__doc__ or "", 100), "",
+           "Keys (YAML file and command line; the command line wins):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append(f"  {f.name} (default: {default!r})")
+        out.append(textwrap.fill(docs.get(f.name, ""), 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return "\n".join(out)
+
+
+def _split_config_arg(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    config_file, rest, i = None, [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--config":
+            if i + 1 >= len(argv):
+                raise DpokitError("--config needs a file path")
+            config_file = argv[i + 1]
+            i += 2
+            continue
+        if tok.startswith("--config="):
+            config_file = tok.split("=", 1)[1]
+        else:
+            rest.append(tok)
+        i += 1
+    return config_file, rest
+
+
+def _train(command: str, argv: list[str]) -> int:
+    from dpokit.config import DPOConfig, SFTConfig, build_config, parse_overrides
+
+    cls = SFTConfig if command == "sft" else DPOConfig
+    if any(a in ("-h", "--help") for a in argv):
+        print(_config_help(command, cls))
+        return 0
+    config_file, rest = _split_config_arg(argv)
+    resume = "--resume" in rest
+    if resume:
+        raise DpokitError("--resume is not supported yet: exact resume from checkpoints is not implemented")
+    cfg = build_config(cls, config_file, parse_overrides(rest))
+    if cfg.train_file is None:
+        raise DpokitError(f"dpokit {command}: set train_file (in --config or as train_file=PATH)")
+    from dpokit.trainer import DPOTrainer, SFTTrainer
+
+    trainer_cls = SFTTrainer if command == "sft" else DPOTrainer
+    trainer = trainer_cls(cfg.model_name_or_path, args=cfg)
+    metrics = trainer.train()
+    out = trainer.save_model()
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "epoch")
+    print(f"[dpokit] saved {out} after {trainer.global_step} steps; last: {shown}")
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dpokit export", description=COMMANDS["export"])
+    parser.add_argument("adapter_dir", help="a run directory holding a LoRA adapter (adapter_config.json)")
+    parser.add_argument("output_dir", help="where to write the merged model")
+    parser.add_argument("--merge", action="store_true", required=True,
+                        help="merge the adapter into the base weights (the only export so far)")
+    args = parser.parse_args(argv)
+    from dpokit.export import merge_adapter
+
+    out = merge_adapter(args.adapter_dir, args.output_dir)
+    print(f"[dpokit] merged model written to {out}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from dpokit.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
+def _data(argv: list[str]) -> int:
+    from dpokit.data import tools
+
+    subs = {name[: -len("_main")]: getattr(tools, name) for name in dir(tools) if name.endswith("_main")}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in subs:
+        print(f"usage: dpokit data {{{','.join(sorted(subs))}}} ...", file=sys.stderr if argv else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return subs[argv[0]](argv[1:])
+
+
+def _demo(argv: list[str]) -> int:
+    from dpokit.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "eval": _eval,
+                "export": _export, "data": _data, "demo": _demo}
+    if command not in handlers:
+        import difflib
+
+        match = difflib.get_close_matches(command, handlers, n=1)
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        print(f"dpokit: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        return handlers[command](rest)
+    except DpokitError as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"dpokit {command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dpokit {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Run configuration: one dataclass per command, each field documented once (the string under it).
+
+Field names are TRL's `DPOConfig` / transformers' `TrainingArguments` names wherever the meaning is the same, so a
+TRL config ports without renames. A config comes from defaults, then a YAML file of flat keys, then `key=value`
+overrides (CLI), and is checked in one place: `validate()`. The docstrings under the fields are read back (with `ast`)
+for `dpokit <cmd> --help`, so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from dpokit.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Fields shared by every training command (SFT and DPO)."""
+
+    # ----- model and data -----
+    model_name_or_path: Optional[str] = None
+    """Policy to train: a Hugging Face model directory or hub id (the Python API also takes an in-memory model)."""
+    tokenizer_name_or_path: Optional[str] = None
+    """Tokenizer directory or hub id; defaults to `model_name_or_path`."""
+    model_init_kwargs: Optional[dict] = None
+    """Extra keyword arguments for `AutoModelForCausalLM.from_pretrained` (e.g. {attn_implementation: sdpa})."""
+    trust_remote_code: bool = False
+    """Allow model code from the model's repository to run. Off unless asked: it executes code you did not write."""
+    train_file: Optional[str] = None
+    """Training data: .jsonl/.json/.csv/.tsv/.parquet/.arrow (optionally .gz) or a `save_to_disk` directory."""
+    eval_file: Optional[str] = None
+    """Held-out data in the same formats; evaluated every `eval_steps` and at the end of training."""
+    dataset_format: str = "auto"
+    """Row format: `auto` (detected from the columns) or a format name from `dpokit.data`."""
+    column_map: Optional[dict] = None
+    """Rename columns before reading, e.g. {question: prompt, good: chosen, bad: rejected}."""
+    on_bad_rows: str = "error"
+    """`error`: stop before training at a malformed row (naming file, row, field); `skip`: drop it, count it and
+    write it with its reason to `output_dir/skipped_rows.jsonl`."""
+    chat_template: Optional[str] = None
+    """Jinja chat template (or a path to a file holding one) for conversational data when the tokenizer has none."""
+    max_length: Optional[int] = 1024
+    """Longest prompt+completion in tokens; longer rows are cut per `truncation_mode`, and counted."""
+    max_prompt_length: Optional[int] = None
+    """Longest prompt in tokens; longer prompts lose tokens from the left (their start)."""
+    max_completion_length: Optional[int] = None
+    """Longest completion in tokens; longer completions lose tokens from the right (their end)."""
+    truncation_mode: str = "keep_start"
+    """How `max_length` cuts: `keep_start` drops the end of the sequence, `keep_end` drops the start of the prompt.
+    A row whose completion would lose every token is dropped and counted, never trained on."""
+
+    # ----- optimisation -----
+    output_dir: str = "runs/dpokit"
+    """Where the final model (HF format), the resolved config, metrics.jsonl and checkpoints are written."""
+    overwrite_output_dir: bool = False
+    """Allow writing into an `output_dir` that already holds a finished run."""
+    per_device_train_batch_size: int = 8
+    """Training examples (pairs for DPO) per device per micro-batch."""
+    per_device_eval_batch_size: int = 8
+    """Evaluation examples per device per batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches summed before each optimizer step."""
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW."""
+    lr_scheduler_type: str = "linear"
+    """A transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps spent warming up linearly (ignored when `warmup_steps` > 0)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup; overrides `warmup_ratio` when > 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    num_train_epochs: float = 3.0
+    """Passes over the training data (fractions allowed); ignored when `max_steps` > 0."""
+    max_steps: int = -1
+    """Total optimizer steps; > 0 overrides `num_train_epochs`."""
+    seed: int = 42
+    """Seed for python, numpy and torch (weights of new heads, data order, dropout)."""
+    bf16: bool = False
+    """Mixed precision with bfloat16 autocast (weights stay in their loaded dtype)."""
+    fp16: bool = False
+    """Mixed precision with float16 autocast and a gradient scaler (GPU only)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    disable_dropout: bool = True
+    """Set every dropout probability to 0 in policy and reference, so log-probs are deterministic."""
+
+    # ----- logging, evaluation, checkpoints -----
+    logging_steps: int = 10
+    """Log averaged metrics every this many optimizer steps."""
+    eval_steps: Optional[int] = None
+    """Evaluate on `eval_file` every this many optimizer steps (None: only at the end)."""
+    save_steps: int = 500
+    """Write a checkpoint every this many optimizer steps (0: none)."""
+    save_total_limit: Optional[int] = None
+    """Keep at most this many checkpoints, deleting the oldest once a new one is complete."""
+    report_to: Union[str, list] = "none"
+    """Metric sinks besides metrics.jsonl: `none`, `tensorboard` or `all`."""
+    disable_tqdm: bool = False
+    """Hide the progress bar."""
+
+    # ----- LoRA (peft) -----
+    use_peft: bool = False
+    """Train LoRA adapters instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input (kept even with `disable_dropout`, as in TRL, since it regularises the adapter)."""
+    lora_target_modules: Optional[Union[str, list]] = None
+    """Module names to adapt (list or comma-separated); None means every linear layer but the LM head."""
+
+    # ----- performance -----
+    logps_chunk_size: int = 1024
+    """Tokens per chunk of the LM head when computing log-probs (the full-vocab logits are never all in memory)."""
+
+    def validate(self) -> None:
+        """Check values and their combinations; raise ConfigError with one line naming the field."""
+        _check_choice(self, "truncation_mode", ("keep_start", "keep_end"))
+        _check_choice(self, "on_bad_rows", ("error", "skip"))
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logps_chunk_size", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("max_length", "max_prompt_length", "max_completion_length", "eval_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or null (got {value})")
+        if self.learning_rate < 0:
+            raise ConfigError(f"learning_rate must be >= 0 (got {self.learning_rate})")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1] (got {self.warmup_ratio})")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both set; choose one")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
+        sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        for sink in sinks:
+            if sink not in ("none", "tensorboard", "all"):
+                raise ConfigError(f"report_to: unknown sink {sink!r}; valid: none, tensorboard, all")
+        from transformers.trainer_utils import SchedulerType
+
+        valid = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in valid:
+            raise ConfigError(f"lr_scheduler_type: unknown {self.lr_scheduler_type!r}{_closest(self.lr_scheduler_type, valid)}")
+
+    @property
+    def report_to_tensorboard(self) -> bool:
+        sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return "tensorboard" in sinks or "all" in sinks
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (loadable again with `--config`)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on prompt/completion, messages or text rows."""
+
+    learning_rate: float = 2e-5
+    """Peak learning rate of AdamW."""
+    completion_only_loss: bool = True
+    """Train on completion tokens only (the prompt is context); False trains on every token but the first."""
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Preference optimisation (DPO and its family) on prompt/chosen/rejected pairs."""
+
+    ref_model_name_or_path: Optional[str] = None
+    """A separate reference model; default: a frozen copy of the starting policy (adapters off under LoRA)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * log(pi/pi_ref); higher keeps the policy closer to the reference."""
+    loss_type: Union[str, list] = "sigmoid"
+    """Preference loss name (see the loss table in the README), or a list of names weighted by `loss_weights`."""
+    loss_weights: Optional[list] = None
+    """Weights of the losses when `loss_type` is a list (default: all 1)."""
+    label_smoothing: float = 0.0
+    """Probability that a label is flipped (cDPO for `sigmoid`, rDPO for `robust`)."""
+    reference_free: bool = False
+    """Use a uniform reference (log pi_ref = 0): no reference model is loaded or run."""
+    precompute_ref_log_probs: bool = False
+    """Run the reference once over the data before training, cache its log-probs on disk and free it."""
+    rpo_alpha: Optional[float] = None
+    """Add rpo_alpha x the chosen completions' per-token NLL to the loss (RPO, arXiv 2404.19733)."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin gamma."""
+    discopop_tau: float = 0.05
+    """DiscoPOP temperature tau."""
+    f_divergence_type: str = "reverse_kl"
+    """f-divergence of the reference regulariser: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
+    f_alpha_divergence_coef: float = 1.0
+    """alpha of the alpha-divergence."""
+    use_weighting: bool = False
+    """Weight each pair by its policy likelihood (WPO, arXiv 2406.11827)."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO: weight of the log-probs beyond the shorter completion's length (arXiv 2409.06411)."""
+
+    def validate(self) -> None:
+        super().validate()
+        from dpokit import losses
+
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if not names:
+            raise ConfigError("loss_type is empty")
+        for name in names:
+            if name not in losses.LOSS_TYPES:
+                raise ConfigError(f"loss_type: unknown {name!r}{_closest(name, losses.LOSS_TYPES)}; "
+                                  f"valid: {', '.join(losses.LOSS_TYPES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ConfigError(f"loss_weights has {len(self.loss_weights)} values for {len(names)} loss types")
+        _check_choice(self, "f_divergence_type", ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0 (got {self.beta})")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        spec = self.loss_spec()
+        if not spec.needs_reference:
+            if self.precompute_ref_log_probs:
+                raise ConfigError("precompute_ref_log_probs is set but the loss "
+                                  f"{self.loss_type!r} uses no reference model (or reference_free is set)")
+            if self.ref_model_name_or_path:
+                raise ConfigError("ref_model_name_or_path is set but the loss "
+                                  f"{self.loss_type!r} uses no reference model (or reference_free is set)")
+
+    def loss_params(self) -> dict:
+        """The keyword arguments `dpokit.losses.preference_loss` takes from this config."""
+        return dict(beta=self.beta, loss_weights=self.loss_weights, label_smoothing=self.label_smoothing,
+                    reference_free=self.reference_free, rpo_alpha=self.rpo_alpha, simpo_gamma=self.simpo_gamma,
+                    discopop_tau=self.discopop_tau, f_divergence_type=self.f_divergence_type,
+                    f_alpha_divergence_coef=self.f_alpha_divergence_coef, use_weighting=self.use_weighting)
+
+    def loss_spec(self):
+        from dpokit import losses
+
+        return losses.loss_spec(self.loss_type, **self.loss_params())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building a config from YAML and key=value overrides
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The documentation string under each field, from the source of `cls` and its bases (subclass wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _closest(name: str, valid) -> str:
+    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _check_choice(cfg, name: str, choices) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}{_closest(str(value), choices)}")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the field."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {"Optional": Optional, "Union": Union})  # noqa: S307 (own code)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        # Try the non-string types first so "3" becomes 3 for Union[int, str].
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{name}: cannot read {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if annotation in (list, dict) or origin in (list, dict):
+        target = origin or annotation
+        if isinstance(value, str):
+            # Command line: YAML/JSON flow syntax ("[a, b]", "{a: b}") or, for lists, comma-separated values.
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = value
+            if target is list and not isinstance(parsed, list):
+                parsed = [v.strip() for v in value.split(",") if v.strip()]
+            value = parsed
+        if not isinstance(value, target):
+            raise ConfigError(f"{name}: expected a {target.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def build_config(cls: type, config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults < YAML file < overrides. Unknown keys name the closest valid key. The result is validated."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            where = f" in {config_file}" if config_file and key not in (overrides or {}) else ""
+            raise ConfigError(f"unknown config key {key!r}{where}{_closest(key, fields)}")
+        kwargs[key] = _coerce(key, value, fields[key].type)
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def config_from_args(cls: type, args: Any) -> TrainConfig:
+    """Turn the `args=` of a trainer (None, a dict, or a config of this class) into a validated config."""
+    if args is None:
+        cfg = cls()
+    elif isinstance(args, dict):
+        return build_config(cls, overrides=args)
+    elif isinstance(args, cls):
+        cfg = args
+    else:
+        raise ConfigError(f"args must be a {cls.__name__} or a dict, got {type(args).__name__}")
+    cfg.validate()
+    return cfg
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """`key=value` and `--key value` / `--key=value` tokens to a dict (values stay strings until coerced)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("--"):
+            key = tok[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                i += 1
+                value = tokens[i]
+            else:
+                value = "true"  # a bare flag: --bf16
+        elif "=" in tok:
+            key, value = tok.split("=", 1)
+        else:
+            raise ConfigError(f"cannot read argument {tok!r}: use key=value or --key value")
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def config_json(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True)

@@ -1,0 +1,43 @@
+"""Data layer: read rows, validate them into canonical examples, tokenize them (collation is in `collate`).
+
+    rows, name = load_rows("train.jsonl")
+    examples, report = preference_examples(rows, name)
+    pairs = tokenize_preference(examples, tokenizer, max_length=1024, report=report)
+    print(report.summary())
+"""
+
+from dpokit.data.formats import (
+    PREFERENCE_FORMATS,
+    SFT_FORMATS,
+    DataReport,
+    PreferenceExample,
+    SFTExample,
+    detect_preference_format,
+    detect_sft_format,
+    load_rows,
+    parse_hh_transcript,
+    preference_examples,
+    sft_examples,
+    split_hh_transcript,
+)
+from dpokit.data.tokenize import TRUNCATION_MODES, TokenizedPair, TokenizedSFT, tokenize_preference, tokenize_sft
+
+__all__ = [
+    "PREFERENCE_FORMATS",
+    "SFT_FORMATS",
+    "TRUNCATION_MODES",
+    "DataReport",
+    "PreferenceExample",
+    "SFTExample",
+    "TokenizedPair",
+    "TokenizedSFT",
+    "detect_preference_format",
+    "detect_sft_format",
+    "load_rows",
+    "parse_hh_transcript",
+    "preference_examples",
+    "sft_examples",
+    "split_hh_transcript",
+    "tokenize_preference",
+    "tokenize_sft",
+]

@@ -1,0 +1,713 @@
+"""Reading preference / SFT data and turning its rows into canonical examples.
+
+Pipeline: `load_rows(source)` -> rows (a list of dicts or a `datasets.Dataset`) -> `preference_examples(rows, ...)`
+or `sft_examples(rows, ...)` -> validated, canonical `PreferenceExample` / `SFTExample` objects plus a `DataReport`.
+
+Preference formats (`dataset_format=`; `auto` detects them from the columns and the first row's types):
+
+- ``standard``: ``prompt``, ``chosen``, ``rejected`` strings, optional ``system`` string.
+- ``conversational``: ``prompt`` a list of messages ``{"role", "content"}`` (system/user/assistant/tool) ending with a
+  user (or tool) message; ``chosen`` / ``rejected`` lists of assistant messages. An optional ``system`` string column
+  becomes a leading system message.
+- ``implicit_conversational``: only ``chosen`` / ``rejected``, each a whole conversation (message list). The prompt is
+  the messages before the trailing assistant turn; both conversations must share it exactly.
+- ``implicit_hh``: only ``chosen`` / ``rejected``, each a raw Anthropic HH transcript
+  ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``. The data stays text: the prompt is the transcript up to and including
+  the ``"\\n\\nAssistant:"`` marker that answers the last Human turn, the completions are the text after it (see
+  `split_hh_transcript`). `parse_hh_transcript` turns a transcript into messages when a chat template is wanted.
+
+SFT formats: ``prompt_completion`` (``prompt`` / ``completion`` strings), ``conversational_prompt_completion``
+(message lists), ``messages`` (one conversation; the last message is the completion, which must be an assistant
+message) and ``text`` (one string; empty prompt, everything is trained on).
+
+Row numbers. `PreferenceExample.row` / `SFTExample.row` is the 0-based index of the row in the loaded rows (what
+`rows[i]` returns). Error messages print 1-based positions: ``train.jsonl:17`` is line 17 of a JSON Lines file
+(blank lines are skipped but still counted), ``train.csv row 17`` is the 17th data row (header not counted) of any
+other source. `DataReport.where(row)` turns a 0-based row index into that text.
+
+Validation. Every user mistake (missing or empty field, wrong type, chosen identical to rejected, unknown role or bad
+turn order, invalid Unicode) is a one-line `DataError` naming the source, the row and the field. With
+``on_bad_rows="error"`` the rows are all checked first and one error names the first problem and how many more there
+are; with ``on_bad_rows="skip"`` bad rows are dropped and listed, with their reason, in `DataReport.skipped_rows`.
+An empty string is a missing value; a string of whitespace is kept (in HH the chosen reply " " - saying nothing - is
+a real preference).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dpokit.errors import ConfigError, DataError
+
+PREFERENCE_FORMATS = ("standard", "conversational", "implicit_conversational", "implicit_hh")
+SFT_FORMATS = ("prompt_completion", "conversational_prompt_completion", "messages", "text")
+ROLES = ("system", "user", "assistant", "tool")
+ON_BAD_ROWS = ("error", "skip")
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
+MAX_LISTED_PROBLEMS = 5  # kept on the raised DataError as `.problems`; the message itself names only the first
+
+Message = dict  # {"role": str, "content": str}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Canonical examples and the report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceExample:
+    """One preference pair in canonical form.
+
+    Either all text (`prompt`, `chosen`, `rejected` are strings; the model sees ``system + "\\n\\n" + prompt`` when
+    `system` is set) or all conversational (`prompt` a message list ending with a user/tool turn, `chosen` /
+    `rejected` lists of assistant messages; a system prompt is already the first prompt message, `system` is None).
+    `row` is the 0-based index of the source row (see the module docstring for how messages print it).
+    """
+
+    prompt: str | list[Message]
+    chosen: str | list[Message]
+    rejected: str | list[Message]
+    row: int
+    system: str | None = None
+
+
+@dataclass
+class SFTExample:
+    """One supervised example: the model learns `completion` given `prompt` (both text, or both message lists).
+
+    `text` rows have ``prompt=""``; `messages` rows have prompt = every message before the last one and completion =
+    [the last, assistant, message].
+    """
+
+    prompt: str | list[Message]
+    completion: str | list[Message]
+    row: int
+    system: str | None = None
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one source; counts are rows (pairs), not tokens.
+
+    ``read = kept + skipped + deduplicated + dropped`` always holds: `skipped` rows were malformed (listed with their
+    reason in `skipped_rows`, ``{"row": 0-based index, "reason": one-line message}``), `deduplicated` rows repeated an
+    earlier row, `dropped` rows lost a whole completion to truncation during tokenization. `truncated_prompt` /
+    `truncated_completion` count kept rows whose prompt / a completion was cut.
+    """
+
+    read: int
+    kept: int
+    skipped: int
+    deduplicated: int = 0
+    truncated_prompt: int = 0
+    truncated_completion: int = 0
+    dropped: int = 0
+    skipped_rows: list[dict] = field(default_factory=list)
+    format: str = ""
+    source: str = ""
+    line_numbers: list[int] | None = field(default=None, repr=False)
+
+    def where(self, row: int) -> str:
+        """Human position of 0-based row `row`: ``file.jsonl:LINE`` for JSON Lines, else ``source row N`` (1-based)."""
+        return _where(self.source or "<data>", self.line_numbers, row)
+
+    def summary(self) -> str:
+        """One line, e.g. ``train.jsonl (standard): 2312 read, 2310 kept, 2 skipped, 0 deduplicated, ...``."""
+        return (
+            f"{self.source or '<data>'} ({self.format}): {self.read} read, {self.kept} kept, {self.skipped} skipped, "
+            f"{self.deduplicated} deduplicated, {self.dropped} dropped by truncation, "
+            f"{self.truncated_prompt} prompts truncated, {self.truncated_completion} with a completion truncated"
+        )
+
+
+class RowList(list):
+    """A list of row dicts read from a JSON Lines file that remembers each row's 1-based line number."""
+
+    def __init__(self, rows: Iterable[dict], line_numbers: list[int]):
+        super().__init__(rows)
+        self.line_numbers = line_numbers
+
+
+def _where(source: str, line_numbers: list[int] | None, row: int) -> str:
+    if line_numbers is not None:
+        return f"{source}:{line_numbers[row]}"
+    return f"{source} row {row + 1}"
+
+
+def _one_line(text: str) -> str:
+    """Collapse an exception text (pyarrow's are multi-line) into one line."""
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_rows(source: Any, *, split: str = "train") -> tuple[list[dict] | Any, str]:
+    """Read rows from `source`; returns ``(rows, source_name)``.
+
+    `source` is a path (``.jsonl .json .csv .tsv .parquet .arrow``, each optionally ``.gz``, or a directory written by
+    ``datasets.save_to_disk``), a list of dicts, or a ``datasets.Dataset`` / ``DatasetDict`` (`split` picks the split
+    of a dict). `source_name` is the path as given, ``"<list>"`` or ``"<dataset>"``; it starts every error message.
+    JSON Lines are read line by line (rows come back as a `RowList` that remembers line numbers), CSV/TSV with the
+    `csv` module (every value a string), Parquet/Arrow/``save_to_disk`` through `datasets`.
+    Unreadable input (no such file, invalid JSON or UTF-8, a broken archive) raises a one-line `DataError`.
+    """
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        return _pick_split(source, split, "<dataset>"), "<dataset>"
+    if isinstance(source, datasets.Dataset):
+        return source, "<dataset>"
+    if isinstance(source, list):
+        return source, "<list>"
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(f"cannot read data from a {type(source).__name__}: pass a file path, a list of dicts or a datasets.Dataset")
+    path = Path(source)
+    name = str(source)
+    if path.is_dir():
+        return _load_from_disk(path, name, split), name
+    if not path.exists():
+        raise DataError(f"{name}: no such file or directory")
+    suffixes = [s.lower() for s in path.suffixes]
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    kind = (suffixes[-2] if gz and len(suffixes) > 1 else suffixes[-1] if suffixes else "") if suffixes else ""
+    if kind not in FILE_SUFFIXES:
+        raise DataError(f"{name}: unsupported file type {''.join(path.suffixes) or '(none)'}; expected one of "
+                        f"{', '.join(FILE_SUFFIXES)} (optionally .gz) or a datasets save_to_disk directory")
+    raw = _read_bytes(path, name, gz)
+    if kind == ".jsonl":
+        return _parse_jsonl(raw, name), name
+    if kind == ".json":
+        return _parse_json(raw, name), name
+    if kind in (".csv", ".tsv"):
+        return _parse_csv(raw, name, "\t" if kind == ".tsv" else ","), name
+    return _read_arrow_like(raw, name, kind), name
+
+
+def _read_bytes(path: Path, name: str, gz: bool) -> bytes:
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{name}: cannot read {'gzip ' if gz else ''}file ({_one_line(e)})") from None
+
+
+def _decode_line(raw: bytes, name: str, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+
+
+def _parse_jsonl(raw: bytes, name: str) -> RowList:
+    rows, lines = [], []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not part of the JSON
+            line = line[3:]
+        text = _decode_line(line, name, lineno)
+        if not text.strip():
+            continue  # blank lines (and the file's final newline) carry no row
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{name}:{lineno}: expected a JSON object, got {_type_name(obj)}")
+        rows.append(obj)
+        lines.append(lineno)
+    return RowList(rows, lines)
+
+
+def _parse_json(raw: bytes, name: str) -> list[dict] | RowList:
+    """A ``.json`` file holds a JSON array of objects, or (as many Hub datasets do) one object per line."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _parse_jsonl(raw, name)  # JSON Lines under a .json name: a documented form, not a guess
+        raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, dict):
+        return _parse_jsonl(raw, name)  # a single object is a one-line JSON Lines file
+    if not isinstance(obj, list):
+        raise DataError(f"{name}: expected a JSON array of objects, got {_type_name(obj)}")
+    for i, item in enumerate(obj):
+        if not isinstance(item, dict):
+            raise DataError(f"{name} row {i + 1}: expected a JSON object, got {_type_name(item)}")
+    return obj
+
+
+def _parse_csv(raw: bytes, name: str, delimiter: str) -> list[dict]:
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    # The csv module refuses fields over 128 KiB by default; whole transcripts can be longer.
+    csv.field_size_limit(2**31 - 1)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = []
+    try:
+        for i, row in enumerate(reader):
+            if None in row:  # DictReader files surplus values under the key None
+                raise DataError(f"{name} row {i + 1}: {len(reader.fieldnames) + len(row[None])} values but the "
+                                f"header has {len(reader.fieldnames)} columns")
+            rows.append(row)
+    except csv.Error as e:
+        raise DataError(f"{name}:{reader.line_num}: invalid {'TSV' if delimiter == chr(9) else 'CSV'} ({_one_line(e)})") from None
+    if reader.fieldnames is None:
+        raise DataError(f"{name}: empty file (no header row)")
+    if len(set(reader.fieldnames)) != len(reader.fieldnames):
+        dup = next(c for c in reader.fieldnames if reader.fieldnames.count(c) > 1)
+        raise DataError(f"{name}: header has column {dup!r} twice")
+    return rows
+
+
+def _read_arrow_like(raw: bytes, name: str, kind: str):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.table import InMemoryTable
+
+    try:
+        if kind == ".parquet":
+            table = pq.read_table(pa.BufferReader(raw))
+        else:
+            # datasets writes Arrow *stream* files; pyarrow/feather write the random-access *file* format. Both are
+            # Arrow; read whichever this is (the file format starts with the magic "ARROW1").
+            reader = pa.ipc.open_file if raw[:6] == b"ARROW1" else pa.ipc.open_stream
+            table = reader(pa.BufferReader(raw)).read_all()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{name}: not a readable {kind[1:]} file ({_one_line(e)})") from None
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def _load_from_disk(path: Path, name: str, split: str):
+    import datasets
+
+    if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        raise DataError(f"{name}: a directory, but not one written by datasets' save_to_disk (no state.json or dataset_dict.json)")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises a variety of types for a damaged directory
+        raise DataError(f"{name}: cannot load the save_to_disk directory ({_one_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        return _pick_split(ds, split, name)
+    return ds
+
+
+def _pick_split(dd, split: str, name: str):
+    if split not in dd:
+        raise DataError(f"{name}: no split {split!r} (splits: {', '.join(dd.keys())})")
+    return dd[split]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HH transcripts
+# ---------------------------------------------------------------------------------------------------------------
+
+# A turn marker: "Human:" / "Assistant:" at the very start of the text or after a blank line. An inline "Human:"
+# (HH has a few replies that quote one) is part of the turn's text, as it is in the original data.
+_HH_MARKER = re.compile(r"(?:\A|\n\n)(Human|Assistant):")
+_HH_ROLE = {"Human": "user", "Assistant": "assistant"}
+
+
+def split_hh_transcript(text: str) -> tuple[str, str]:
+    """Split a raw HH transcript into ``(prompt, completion)`` text with ``prompt + completion == text``.
+
+    The prompt ends with the ``"\\n\\nAssistant:"`` marker that answers the LAST Human turn; the completion is all
+    text after it (normally the final assistant turn; in the few HH rows that end with two assistant turns in a row,
+    both). Raises ValueError (with a short reason) when `text` has no Human turn followed by an Assistant turn.
+    """
+    markers = list(_HH_MARKER.finditer(text))
+    if not markers or text[: markers[0].start()].strip():
+        raise ValueError("not an HH transcript (expected '\\n\\nHuman: ... \\n\\nAssistant: ...')")
+    humans = [i for i, m in enumerate(markers) if m.group(1) == "Human"]
+    if not humans:
+        raise ValueError("HH transcript has no 'Human:' turn")
+    answer = next((m for m in markers[humans[-1] + 1:] if m.group(1) == "Assistant"), None)
+    if answer is None:
+        raise ValueError("HH transcript does not end with an 'Assistant:' turn after its last 'Human:' turn")
+    return text[: answer.end()], text[answer.end():]
+
+
+def parse_hh_transcript(text: str) -> list[Message]:
+    """Parse a raw HH transcript into messages ``[{"role": "user"|"assistant", "content": str}, ...]``.
+
+    The content of a turn is the text between its marker and the next one, minus the single space that follows the
+    colon, so rendering ``"\\n\\nHuman: " + content`` / ``"\\n\\nAssistant: " + content`` turn by turn gives the
+    transcript back. Raises ValueError when `text` does not start with a turn marker.
+    """
+    markers = list(_HH_MARKER.finditer(text))
+    if not markers or text[: markers[0].start()].strip():
+        raise ValueError("not an HH transcript (expected '\\n\\nHuman: ... \\n\\nAssistant: ...')")
+    messages = []
+    for m, nxt in zip(markers, markers[1:] + [None]):
+        content = text[m.end(): nxt.start() if nxt is not None else len(text)]
+        if content.startswith(" "):
+            content = content[1:]
+        messages.append({"role": _HH_ROLE[m.group(1)], "content": content})
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row validation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _RowProblem(Exception):
+    """A malformed row; `field` is the column (or message path such as ``prompt[2].role``), or None for the row."""
+
+    def __init__(self, field_name: str | None, reason: str):
+        super().__init__(reason)
+        self.field = field_name
+        self.reason = reason
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_unicode(value: str, name: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # JSON can spell lone surrogates ("\ud800"); no tokenizer can encode them.
+        raise _RowProblem(name, f"invalid Unicode (lone surrogate U+{ord(value[e.start]):04X} at character {e.start + 1})") from None
+
+
+def _text(row: dict, name: str, *, allow_empty: bool = False) -> str:
+    value = row.get(name)
+    if value is None:
+        raise _RowProblem(name, "missing")
+    if not isinstance(value, str):
+        raise _RowProblem(name, f"expected a string, got {_type_name(value)}")
+    if value == "" and not allow_empty:
+        raise _RowProblem(name, "empty string")
+    _check_unicode(value, name)
+    return value
+
+
+def _optional_text(row: dict, name: str) -> str | None:
+    if row.get(name) is None or row.get(name) == "":
+        return None
+    return _text(row, name)
+
+
+def _messages(value: Any, name: str) -> list[Message]:
+    """Validate a message list (shape, roles, content types); returns plain ``{"role", "content"}`` dicts."""
+    if value is None:
+        raise _RowProblem(name, "missing")
+    if not isinstance(value, list):
+        raise _RowProblem(name, f"expected a list of messages, got {_type_name(value)}")
+    if not value:
+        raise _RowProblem(name, "empty list of messages")
+    out = []
+    for i, msg in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(msg, dict):
+            raise _RowProblem(where, f"expected a message object, got {_type_name(msg)}")
+        role, content = msg.get("role"), msg.get("content")
+        if role is None:
+            raise _RowProblem(f"{where}.role", "missing")
+        if role not in ROLES:
+            raise _RowProblem(f"{where}.role", f"unknown role {role!r} (expected {', '.join(ROLES)})")
+        if role == "system" and i != 0:
+            raise _RowProblem(f"{where}.role", "a system message must come first")
+        if content is None:
+            raise _RowProblem(f"{where}.content", "missing")
+        if not isinstance(content, str):
+            raise _RowProblem(f"{where}.content", f"expected a string, got {_type_name(content)}")
+        _check_unicode(content, f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompt_messages(messages: list[Message], name: str) -> list[Message]:
+    if all(m["role"] == "system" for m in messages):
+        raise _RowProblem(name, "no user message")
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise _RowProblem(f"{name}[{len(messages) - 1}].role",
+                          f"the prompt must end with a user (or tool) message, got {messages[-1]['role']!r}")
+    return messages
+
+
+def _assistant_messages(messages: list[Message], name: str) -> list[Message]:
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            raise _RowProblem(f"{name}[{i}].role", f"expected 'assistant', got {m['role']!r}")
+        if m["content"] == "":
+            raise _RowProblem(f"{name}[{i}].content", "empty string")
+    return messages
+
+
+def _with_system(row: dict, prompt: list[Message]) -> list[Message]:
+    """Fold an optional `system` column into a conversational prompt as its first message."""
+    system = _optional_text(row, "system")
+    if system is None:
+        return prompt
+    if prompt[0]["role"] == "system":
+        raise _RowProblem("system", "row has both a 'system' column and a system message in 'prompt'")
+    return [{"role": "system", "content": system}] + prompt
+
+
+def _split_conversation(messages: list[Message], name: str) -> tuple[list[Message], list[Message]]:
+    """Whole conversation -> (prompt = messages before the trailing assistant turn(s), those assistant messages)."""
+    k = len(messages)
+    while k > 0 and messages[k - 1]["role"] == "assistant":
+        k -= 1
+    if k == len(messages):
+        raise _RowProblem(f"{name}[{len(messages) - 1}].role",
+                          f"the conversation must end with an assistant message, got {messages[-1]['role']!r}")
+    if k == 0:
+        raise _RowProblem(name, "the conversation has no user message before the assistant reply")
+    return _prompt_messages(messages[:k], name), _assistant_messages(messages[k:], name)
+
+
+def _not_identical(chosen, rejected) -> None:
+    if chosen == rejected:
+        raise _RowProblem("rejected", "identical to 'chosen'")
+
+
+def _standard(row: dict, index: int) -> PreferenceExample:
+    prompt, chosen, rejected = _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
+    _not_identical(chosen, rejected)
+    return PreferenceExample(prompt, chosen, rejected, index, _optional_text(row, "system"))
+
+
+def _conversational(row: dict, index: int) -> PreferenceExample:
+    prompt = _with_system(row, _prompt_messages(_messages(row.get("prompt"), "prompt"), "prompt"))
+    chosen = _assistant_messages(_messages(row.get("chosen"), "chosen"), "chosen")
+    rejected = _assistant_messages(_messages(row.get("rejected"), "rejected"), "rejected")
+    _not_identical(chosen, rejected)
+    return PreferenceExample(prompt, chosen, rejected, index)
+
+
+def _implicit_conversational(row: dict, index: int) -> PreferenceExample:
+    prompt, chosen = _split_conversation(_messages(row.get("chosen"), "chosen"), "chosen")
+    prompt_r, rejected = _split_conversation(_messages(row.get("rejected"), "rejected"), "rejected")
+    if prompt != prompt_r:
+        at = next((i for i, (a, b) in enumerate(zip(prompt, prompt_r)) if a != b), min(len(prompt), len(prompt_r)))
+        raise _RowProblem("rejected", f"conversation differs from 'chosen' at message {at}, before the final assistant turn")
+    _not_identical(chosen, rejected)
+    return PreferenceExample(_with_system(row, prompt), chosen, rejected, index)
+
+
+def _implicit_hh(row: dict, index: int) -> PreferenceExample:
+    parts = {}
+    for name in ("chosen", "rejected"):
+        text = _text(row, name)
+        try:
+            parts[name] = split_hh_transcript(text)
+        except ValueError as e:
+            raise _RowProblem(name, str(e)) from None
+    (prompt, chosen), (prompt_r, rejected) = parts["chosen"], parts["rejected"]
+    if prompt != prompt_r:
+        at = next((i for i, (a, b) in enumerate(zip(prompt, prompt_r)) if a != b), min(len(prompt), len(prompt_r)))
+        raise _RowProblem("rejected", f"transcript differs from 'chosen' at character {at + 1}, before the final Assistant turn")
+    if chosen == "":
+        raise _RowProblem("chosen", "empty final Assistant turn")
+    if rejected == "":
+        raise _RowProblem("rejected", "empty final Assistant turn")
+    _not_identical(chosen, rejected)
+    return PreferenceExample(prompt, chosen, rejected, index)
+
+
+def _sft_prompt_completion(row: dict, index: int) -> SFTExample:
+    return SFTExample(_text(row, "prompt"), _text(row, "completion"), index, _optional_text(row, "system"))
+
+
+def _sft_conversational_prompt_completion(row: dict, index: int) -> SFTExample:
+    prompt = _with_system(row, _prompt_messages(_messages(row.get("prompt"), "prompt"), "prompt"))
+    completion = _assistant_messages(_messages(row.get("completion"), "completion"), "completion")
+    return SFTExample(prompt, completion, index)
+
+
+def _sft_messages(row: dict, index: int) -> SFTExample:
+    messages = _messages(row.get("messages"), "messages")
+    last = len(messages) - 1
+    if messages[last]["role"] != "assistant":
+        raise _RowProblem(f"messages[{last}].role", f"the last message must be from the assistant, got {messages[last]['role']!r}")
+    if last == 0:
+        raise _RowProblem("messages", "no user message before the assistant reply")
+    prompt = _prompt_messages(messages[:last], "messages")
+    completion = _assistant_messages(messages[last:], "messages")
+    return SFTExample(_with_system(row, prompt), completion, index)
+
+
+def _sft_text(row: dict, index: int) -> SFTExample:
+    return SFTExample("", _text(row, "text"), index)
+
+
+_PREFERENCE_PARSERS: dict[str, Callable[[dict, int], PreferenceExample]] = {
+    "standard": _standard,
+    "conversational": _conversational,
+    "implicit_conversational": _implicit_conversational,
+    "implicit_hh": _implicit_hh,
+}
+_SFT_PARSERS: dict[str, Callable[[dict, int], SFTExample]] = {
+    "prompt_completion": _sft_prompt_completion,
+    "conversational_prompt_completion": _sft_conversational_prompt_completion,
+    "messages": _sft_messages,
+    "text": _sft_text,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Format detection and the row loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _columns(rows) -> list[str]:
+    """Column names: a Dataset's features, or the keys seen in a list of dicts (in first-seen order)."""
+    if hasattr(rows, "column_names"):
+        return list(rows.column_names)
+    seen: dict[str, None] = {}
+    for row in rows:
+        if isinstance(row, dict):
+            seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _first_value(rows, name: str):
+    """The first string or list found in column `name` (decides text vs. conversational)."""
+    for row in rows:
+        value = row.get(name) if isinstance(row, dict) else None
+        if isinstance(value, (str, list)):
+            return value
+    return None
+
+
+def detect_preference_format(rows, source_name: str) -> str:
+    """Name of the preference format of `rows` (already column-mapped), from its columns and first values."""
+    cols = set(_columns(rows))
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "conversational" if isinstance(_first_value(rows, "prompt"), list) else "standard"
+    if {"chosen", "rejected"} <= cols:
+        return "implicit_conversational" if isinstance(_first_value(rows, "chosen"), list) else "implicit_hh"
+    raise DataError(f"{source_name}: cannot detect a preference format from columns [{', '.join(sorted(cols))}]; "
+                    f"expected prompt+chosen+rejected or chosen+rejected (rename columns with column_map)")
+
+
+def detect_sft_format(rows, source_name: str) -> str:
+    """Name of the SFT format of `rows` (already column-mapped), from its columns and first values."""
+    cols = set(_columns(rows))
+    if "messages" in cols:
+        return "messages"
+    if {"prompt", "completion"} <= cols:
+        return "conversational_prompt_completion" if isinstance(_first_value(rows, "prompt"), list) else "prompt_completion"
+    if "text" in cols:
+        return "text"
+    raise DataError(f"{source_name}: cannot detect an SFT format from columns [{', '.join(sorted(cols))}]; "
+                    f"expected messages, prompt+completion or text (rename columns with column_map)")
+
+
+def _apply_column_map(rows, column_map: dict | None, source_name: str):
+    """Rename columns per `column_map` ({source column: canonical name}); returns rows of the same kind."""
+    if not column_map:
+        return rows
+    if not isinstance(column_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in column_map.items()):
+        raise ConfigError(f"column_map must map column names to column names, got {column_map!r}")
+    cols = _columns(rows)
+    for old, new in column_map.items():
+        if old not in cols:
+            raise DataError(f"{source_name}: column_map names column {old!r}, which is not in the data (columns: {', '.join(cols)})")
+        if new in cols and new not in column_map:
+            raise DataError(f"{source_name}: column_map renames {old!r} to {new!r}, but the data already has a {new!r} column")
+    if hasattr(rows, "rename_columns"):
+        return rows.rename_columns(column_map)
+    renamed = [{column_map.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row for row in rows]
+    line_numbers = getattr(rows, "line_numbers", None)
+    return RowList(renamed, line_numbers) if line_numbers is not None else renamed
+
+
+def _check_options(dataset_format: str, known: tuple[str, ...], on_bad_rows: str) -> None:
+    if dataset_format != "auto" and dataset_format not in known:
+        raise ConfigError(f"dataset_format {dataset_format!r} is not one of: auto, {', '.join(known)}")
+    if on_bad_rows not in ON_BAD_ROWS:
+        raise ConfigError(f"on_bad_rows {on_bad_rows!r} is not one of: {', '.join(ON_BAD_ROWS)}")
+
+
+def _run_parser(rows, source_name: str, fmt: str, parse: Callable, on_bad_rows: str):
+    """Parse every row; collect problems; raise (on_bad_rows="error") or skip and record them."""
+    line_numbers = getattr(rows, "line_numbers", None)
+    report = DataReport(read=0, kept=0, skipped=0, format=fmt, source=source_name, line_numbers=line_numbers)
+    examples, problems, n_problems = [], [], 0
+    for index, row in enumerate(rows):
+        report.read += 1
+        try:
+            if not isinstance(row, dict):
+                raise _RowProblem(None, f"expected a row object, got {_type_name(row)}")
+            example = parse(row, index)
+        except _RowProblem as p:
+            where = _where(source_name, line_numbers, index)
+            message = f"{where}: field '{p.field}': {p.reason}" if p.field else f"{where}: {p.reason}"
+            n_problems += 1
+            if on_bad_rows == "skip":
+                report.skipped_rows.append({"row": index, "reason": message})
+            elif len(problems) < MAX_LISTED_PROBLEMS:
+                problems.append(message)
+            continue
+        examples.append(example)
+    if problems:
+        more = f" (+{n_problems - 1} more)" if n_problems > 1 else ""
+        err = DataError(problems[0] + more)
+        err.problems = problems
+        raise err
+    report.skipped = len(report.skipped_rows)
+    report.kept = len(examples)
+    if report.read == 0:
+        raise DataError(f"{source_name}: no rows")
+    if not examples:
+        raise DataError(f"{source_name}: all {report.read} rows are malformed; first: {report.skipped_rows[0]['reason']}")
+    return examples, report
+
+
+def preference_examples(rows, source_name: str, *, dataset_format: str = "auto", column_map: dict | None = None,
+                        on_bad_rows: str = "error", chat_template_available: bool | None = None
+                        ) -> tuple[list[PreferenceExample], DataReport]:
+    """Validate `rows` as preference pairs; returns ``(examples, report)``.
+
+    `dataset_format` is ``auto`` or one of `PREFERENCE_FORMATS`; `column_map` renames columns first. With
+    ``chat_template_available=False`` conversational data is refused up front (it needs the tokenizer's chat
+    template); None skips that check. Raises `DataError` for bad rows (``on_bad_rows="error"``) or when no row is
+    left, `ConfigError` for an unknown option value.
+    """
+    _check_options(dataset_format, PREFERENCE_FORMATS, on_bad_rows)
+    rows = _apply_column_map(rows, column_map, source_name)
+    fmt = detect_preference_format(rows, source_name) if dataset_format == "auto" else dataset_format
+    if chat_template_available is False and fmt in ("conversational", "implicit_conversational"):
+        raise DataError(f"{source_name}: {fmt} data needs a chat template, but the tokenizer has none; set chat_template "
+                        f"(a Jinja string or file) or use text data")
+    return _run_parser(rows, source_name, fmt, _PREFERENCE_PARSERS[fmt], on_bad_rows)
+
+
+def sft_examples(rows, source_name: str, *, dataset_format: str = "auto", column_map: dict | None = None,
+                 on_bad_rows: str = "error") -> tuple[list[SFTExample], DataReport]:
+    """Validate `rows` as SFT examples; returns ``(examples, report)``. Options as in `preference_examples`."""
+    _check_options(dataset_format, SFT_FORMATS, on_bad_rows)
+    rows = _apply_column_map(rows, column_map, source_name)
+    fmt = detect_sft_format(rows, source_name) if dataset_format == "auto" else dataset_format
+    return _run_parser(rows, source_name, fmt, _SFT_PARSERS[fmt], on_bad_rows)

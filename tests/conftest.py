@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models built from config (no downloads) and the read-only ../shared folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+LLAMA2_TOKENIZER = SHARED / "tokenizers" / "llama2"
+HH_FILE = SHARED / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+
+
+def tiny_llama(vocab_size: int = 128, seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+@pytest.fixture
+def llama2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)

@@ -1,0 +1,223 @@
+"""The DPO/SFT trainers: hand-computed loss, the four reference modes, LoRA, in-memory models, config errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import LLAMA2_TOKENIZER, tiny_llama
+from dpokit import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from dpokit.errors import ConfigError
+
+PAIRS = [
+    {"prompt": "The weather today is", "chosen": " sunny and warm.", "rejected": " cold, grey and wet."},
+    {"prompt": "My favourite food is", "chosen": " fresh bread.", "rejected": " nothing at all."},
+    {"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " 5, probably"},
+    {"prompt": "Say hello.", "chosen": "\nHello!", "rejected": "\nGo away."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
+
+
+def model(seed=0):
+    return tiny_llama(vocab_size=32000, seed=seed)
+
+
+def cfg(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, learning_rate=1e-3, max_steps=2,
+                logging_steps=1, save_steps=0, disable_tqdm=True, seed=0, beta=0.1)
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+def seq_logp(m, tok, prompt, completion):
+    """Plain full-logits log p(completion | prompt) with the tokenization rule written out by hand."""
+    p = tok(prompt).input_ids
+    full = tok(prompt + completion).input_ids
+    assert full[: len(p)] == p
+    ids = torch.tensor([full + [tok.eos_token_id]])
+    logits = m(input_ids=ids).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+    return lp[len(p) - 1:].sum()
+
+
+def test_first_loss_equals_hand_computed_dpo(tmp_path, tok):
+    policy, ref = model(0), model(1)
+    trainer = DPOTrainer(policy, ref_model=ref, args=cfg(tmp_path), train_dataset=PAIRS[:2], processing_class=tok)
+    batch = trainer.collate(trainer.train_examples)
+    loss_sum, weight, metrics = trainer.loss_and_metrics(batch, train=True)
+    want = []
+    with torch.no_grad():
+        for row in PAIRS[:2]:
+            pc, pr = seq_logp(policy, tok, row["prompt"], row["chosen"]), seq_logp(policy, tok, row["prompt"], row["rejected"])
+            rc, rr = seq_logp(ref, tok, row["prompt"], row["chosen"]), seq_logp(ref, tok, row["prompt"], row["rejected"])
+            want.append(-F.logsigmoid(0.1 * ((pc - rc) - (pr - rr))))
+    want = torch.stack(want)
+    assert weight == 2
+    torch.testing.assert_close(loss_sum.detach() / weight, want.mean(), rtol=1e-5, atol=1e-6)
+    assert metrics["loss"] == pytest.approx(float(want.mean()), rel=1e-5)
+
+
+def first_losses(tmp_path, tok, name, **kw):
+    trainer = DPOTrainer(model(0), args=cfg(tmp_path / name, **kw), train_dataset=PAIRS, processing_class=tok)
+    batch = trainer.collate(trainer.train_examples[:2])
+    with torch.no_grad():
+        _, _, metrics = trainer.loss_and_metrics(batch, train=True)
+    return trainer, metrics
+
+
+def test_reference_modes_give_the_same_first_step_loss(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("DPOKIT_CACHE_DIR", str(tmp_path / "cache"))
+    # Starting from the same weights, the policy equals its reference: every mode must see a zero margin, ln 2.
+    results = {}
+    for name, kw in {"copy": {}, "precomputed": {"precompute_ref_log_probs": True}}.items():
+        results[name] = first_losses(tmp_path, tok, name, **kw)[1]["loss"]
+    trainer = DPOTrainer(model(0), ref_model=model(0), args=cfg(tmp_path / "sep"), train_dataset=PAIRS,
+                         processing_class=tok)
+    with torch.no_grad():
+        results["separate"] = trainer.loss_and_metrics(trainer.collate(trainer.train_examples[:2]), True)[2]["loss"]
+    lora_trainer, m = first_losses(tmp_path, tok, "lora", use_peft=True, lora_r=4)
+    results["adapter_off"] = m["loss"]
+    for name, value in results.items():
+        assert value == pytest.approx(math.log(2), abs=1e-6), name
+    # And after a training step, the modes agree with each other on a *non-trivial* loss.
+    assert type(lora_trainer.reference).__name__ == "AdapterOffReference"
+
+
+def test_reference_modes_agree_after_training(tmp_path, tok, monkeypatch):
+    """Train two steps with a frozen copy, then score the same batch with each reference mode."""
+    monkeypatch.setenv("DPOKIT_CACHE_DIR", str(tmp_path / "cache"))
+    t = DPOTrainer(model(0), args=cfg(tmp_path / "a"), train_dataset=PAIRS, processing_class=tok)
+    t.train()
+    batch = t.collate(t.train_examples)
+    with torch.no_grad():
+        copy_loss = t.loss_and_metrics(batch, True)[2]["loss"]
+        t2 = DPOTrainer(t.model, ref_model=model(0), args=cfg(tmp_path / "b"), train_dataset=PAIRS,
+                        processing_class=tok)
+        sep_loss = t2.loss_and_metrics(batch, True)[2]["loss"]
+        t3 = DPOTrainer(t.model, ref_model=model(0), args=cfg(tmp_path / "c", precompute_ref_log_probs=True),
+                        train_dataset=PAIRS, processing_class=tok)
+        pre_loss = t3.loss_and_metrics(batch, True)[2]["loss"]
+    assert copy_loss < math.log(2) - 1e-4  # training moved the policy away from its reference
+    assert sep_loss == pytest.approx(copy_loss, rel=1e-5)
+    assert pre_loss == pytest.approx(copy_loss, rel=1e-5)
+
+
+def test_precomputed_reference_is_cached_and_frees_the_model(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("DPOKIT_CACHE_DIR", str(tmp_path / "cache"))
+    t = DPOTrainer(model(0), args=cfg(tmp_path / "a", precompute_ref_log_probs=True), train_dataset=PAIRS,
+                   processing_class=tok)
+    assert t._ref_module is None  # the reference copy is gone after precomputing
+    files = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 1
+    # Same model and data: the cache is hit (a poisoned entry proves it is read, not recomputed).
+    from safetensors.torch import load_file, save_file
+
+    table = load_file(str(files[0]))["ref_logps"]
+    save_file({"ref_logps": table + 1.0}, str(files[0]))
+    t2 = DPOTrainer(model(0), args=cfg(tmp_path / "b", precompute_ref_log_probs=True), train_dataset=PAIRS,
+                    processing_class=tok)
+    torch.testing.assert_close(t2.reference["train"].table, table + 1.0)
+    # Other weights: another key, another file.
+    DPOTrainer(model(3), args=cfg(tmp_path / "c", precompute_ref_log_probs=True), train_dataset=PAIRS,
+               processing_class=tok)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+
+
+def test_lora_trains_only_adapters_and_adapter_off_equals_base(tmp_path, tok):
+    base = model(0)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    t = DPOTrainer(base, args=cfg(tmp_path, use_peft=True, lora_r=4, learning_rate=1e-2), train_dataset=PAIRS,
+                   processing_class=tok)
+    t.train()
+    changed_lora = 0
+    for name, p in t.model.named_parameters():
+        if "lora_" in name:
+            changed_lora += int(p.requires_grad)
+        else:
+            clean = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p.detach(), before[clean]), name
+    assert changed_lora > 0
+    # The adapter-off reference is exactly the frozen starting model.
+    batch = t.collate(t.train_examples)
+    from dpokit.logps import completion_logps
+
+    with torch.no_grad():
+        off = t.reference.logps(batch)
+        fresh = completion_logps(model(0), batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).logps
+        on = completion_logps(t.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).logps
+    torch.testing.assert_close(off, fresh)
+    assert not torch.allclose(on, fresh)
+    t.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_in_memory_model_trains_and_saves_loadable_model(tmp_path, tok):
+    t = DPOTrainer(model(0), args=cfg(tmp_path, max_steps=3), train_dataset=PAIRS, eval_dataset=PAIRS[:2],
+                   processing_class=tok)
+    metrics = t.train()
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    ev = t.evaluate()
+    assert "eval/loss" in ev and "eval/rewards/accuracies" in ev
+    out = t.save_model()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    for (n, a), b in zip(t.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # steps 1, 2, 3 and the final eval
+
+
+def test_gradient_accumulation_equals_big_batch(tmp_path, tok):
+    # A large Adam epsilon makes the first update proportional to the gradient (plain Adam's first step is
+    # sign(g), which flips on rounding noise in near-zero gradients and would hide what we compare).
+    common = dict(max_steps=1, adam_epsilon=1.0, learning_rate=1.0)
+    a = DPOTrainer(model(0), args=cfg(tmp_path / "a", per_device_train_batch_size=4, **common),
+                   train_dataset=PAIRS, processing_class=tok)
+    a.train()
+    b = DPOTrainer(model(0), args=cfg(tmp_path / "b", per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                                      **common), train_dataset=PAIRS, processing_class=tok)
+    b.train()
+    for (n, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_sft_trainer_reduces_nll(tmp_path, tok):
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in PAIRS]
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, learning_rate=5e-3,
+                     max_steps=8, logging_steps=1, save_steps=0, disable_tqdm=True)
+    t = SFTTrainer(model(0), args=args, train_dataset=rows, processing_class=tok)
+    t.train()
+    import json
+
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_unknown_config_key_names_the_closest():
+    from dpokit.config import build_config
+
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        build_config(DPOConfig, overrides={"learnin_rate": "1e-4"})
+    with pytest.raises(ConfigError, match="loss_type: unknown 'sigmod'.*'sigmoid'"):
+        build_config(DPOConfig, overrides={"loss_type": "sigmod"})
+    with pytest.raises(ConfigError, match="per_device_train_batch_size: expected an integer"):
+        build_config(DPOConfig, overrides={"per_device_train_batch_size": "eight"})
+
+
+def test_output_dir_with_a_run_is_refused(tmp_path, tok):
+    t = DPOTrainer(model(0), args=cfg(tmp_path, max_steps=1), train_dataset=PAIRS, processing_class=tok)
+    t.train()
+    t2 = DPOTrainer(model(0), args=cfg(tmp_path, max_steps=1), train_dataset=PAIRS, processing_class=tok)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        t2.train()
