@@ -138,6 +138,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
+    # dpokit prints its own progress; transformers' per-load bars would bury a one-line error.
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "eval": _eval,
                 "export": _export, "data": _data, "demo": _demo}
     if command not in handlers:

@@ -214,8 +214,8 @@ class DPOConfig(TrainConfig):
     """DiscoPOP temperature tau."""
     f_divergence_type: str = "reverse_kl"
     """f-divergence of the reference regulariser: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
-    f_alpha_divergence_coef: float = 1.0
-    """alpha of the alpha-divergence."""
+    f_alpha_divergence_coef: float = 0.5
+    """alpha of the alpha-divergence, TRL's convention: f(u) = (u^(alpha-1) - 1) / (alpha - 1) (alpha -> 1 is reverse KL)."""
     use_weighting: bool = False
     """Weight each pair by its policy likelihood (WPO, arXiv 2406.11827)."""
     ld_alpha: Optional[float] = None
@@ -304,8 +304,16 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
             return None
         errors = []
-        # Try the non-string types first so "3" becomes 3 for Union[int, str].
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
+        # Order matters for text from the command line: "3" is an int before a str, "[a, b]" a list before a str,
+        # but a plain "ipo" stays a str rather than becoming the one-element list a comma split would make.
+        flow = isinstance(value, str) and value.strip()[:1] in ("[", "{")
+
+        def rank(a):
+            if a in (list, dict) or typing.get_origin(a) in (list, dict):
+                return 1 if flow else 3
+            return 2 if a is str else 0
+
+        for arg in sorted((a for a in args if a is not type(None)), key=rank):
             try:
                 return _coerce(name, value, arg)
             except ConfigError as exc:

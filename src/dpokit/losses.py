@@ -361,7 +361,7 @@ def _sigmoid_norm(p: _Pairs, h: _Params) -> Tensor:
 
     ``ℓ = −log σ(β·(s_c/|y_c| − s_r/|y_r|))``.
 
-    Paper: the length normalisation of SimPO, Meng et al., arXiv 2405.14734 (Eq. 4), applied to DPO's
+    Paper: the length normalisation of SimPO, Meng et al., arXiv 2405.14734, applied to DPO's
     reference-normalised reward. Same as TRL 1.16 ``sigmoid_norm``. Shapes: ``[B] -> [B]``.
     """
     margin = _per_token(p.chosen_scores, p.chosen_lengths) - _per_token(p.rejected_scores, p.rejected_lengths)
@@ -496,7 +496,9 @@ def ld_aggregate(token_logps: Tensor, mask: Tensor, public_lengths: Tensor, ld_a
     tail = mask & (position > public_lengths.unsqueeze(1))
     zero = token_logps.new_zeros(())
     # torch.where (not multiplication) so that -inf/nan outside the mask cannot leak in.
-    return torch.where(shared, token_logps, zero).sum(dim=1) + ld_alpha * torch.where(tail, token_logps, zero).sum(dim=1)
+    shared_sum = torch.where(shared, token_logps, zero).sum(dim=1)
+    tail_sum = torch.where(tail, token_logps, zero).sum(dim=1)
+    return shared_sum + ld_alpha * tail_sum
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -745,7 +747,8 @@ def preference_loss(
             losses built on the chosen−rejected score difference.
         use_weighting: WPO (Zhou et al., arXiv 2406.11827, Eq. 2): multiply each pair's loss by the detached
             ``exp(w_c/|y_c|)·exp(w_r/|y_r|)``, with ``chosen_weight_logps``/``rejected_weight_logps`` ``[B]`` =
-            ``Σ_t (log p_t − log Σ_v p_v²)`` over completion tokens (the sampled-alignment weight TRL 1.16 uses).
+            ``Σ_t (log p_t − log Σ_v p_v²)`` over completion tokens (the weight-alignment form TRL 1.16 uses; like
+            TRL 1.16 and unlike some TRL 0.x releases, the weight is not clamped at 1).
         **more: extra parameters, passed only to user callables.
 
     A user callable is called as ``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -765,7 +768,8 @@ def preference_loss(
     spec = _needs(terms, reference_free, rpo_alpha, use_weighting)
     described = _describe(loss_type)
 
-    _check_vector("policy_chosen_logps", policy_chosen_logps, policy_chosen_logps.shape)
+    if not isinstance(policy_chosen_logps, Tensor) or not policy_chosen_logps.is_floating_point():
+        raise TypeError("policy_chosen_logps must be a floating-point torch.Tensor of shape [B]")
     if policy_chosen_logps.dim() != 1:
         raise ValueError(f"policy_chosen_logps has shape {tuple(policy_chosen_logps.shape)}, expected [B]")
     batch_shape = policy_chosen_logps.shape

@@ -50,12 +50,22 @@ def set_seed(seed: int) -> None:
 # Setup helpers
 
 
+def check_source(source: Any, what: str) -> None:
+    """A source that is clearly a local path (absolute, ./, ../, ~, or more than one '/') must exist; a hub id
+    ("org/name") is left to transformers, which fails offline with its own message."""
+    text = str(source)
+    local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+    if local and not Path(text).expanduser().exists():
+        raise DpokitError(f"cannot load {what} {text!r}: no such file or directory")
+
+
 def load_model(model: Any, cfg: TrainConfig, what: str = "model") -> nn.Module:
     """A path / hub id (loaded with from_pretrained) or an in-memory PreTrainedModel (used as is)."""
     if isinstance(model, nn.Module):
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise ConfigError(f"{what} must be a path, a hub id or a PreTrainedModel, got {type(model).__name__}")
+    check_source(model, what)
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(cfg.model_init_kwargs or {})
@@ -76,6 +86,7 @@ def load_tokenizer(processing_class: Any, model_source: Any, cfg: TrainConfig):
         if source is None:
             raise ConfigError("no tokenizer: pass processing_class= or set tokenizer_name_or_path "
                               "(an in-memory model carries none)")
+        check_source(source, "model" if source is model_source else "tokenizer")
         from transformers import AutoTokenizer
 
         try:
@@ -199,7 +210,16 @@ class Trainer:
             raise ConfigError("fp16 needs a CUDA GPU; on CPU use bf16 or neither")
         self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
         self.tokenizer = load_tokenizer(processing_class, model, cfg)
+        # Data before the model: a bad row should fail in seconds, not after loading billions of weights.
+        train_source = train_dataset if train_dataset is not None else cfg.train_file
+        eval_source = eval_dataset if eval_dataset is not None else cfg.eval_file
+        self.train_examples = self.prepare_data(train_source, "train") if train_source is not None else None
+        self.eval_examples = self.prepare_data(eval_source, "eval") if eval_source is not None else None
         self.model = load_model(model, cfg)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        for split, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
+            if examples is not None:
+                check_vocab(examples, vocab, self.data_sources[split])
         if cfg.disable_dropout:
             disable_dropout(self.model)
         self.use_peft = cfg.use_peft or peft_config is not None
@@ -211,11 +231,6 @@ class Trainer:
             if hasattr(self.model, "enable_input_require_grads"):
                 self.model.enable_input_require_grads()  # so checkpointed blocks see a grad path under LoRA
         self.model.train()
-
-        train_source = train_dataset if train_dataset is not None else cfg.train_file
-        eval_source = eval_dataset if eval_dataset is not None else cfg.eval_file
-        self.train_examples = self.prepare_data(train_source, "train") if train_source is not None else None
-        self.eval_examples = self.prepare_data(eval_source, "eval") if eval_source is not None else None
         self.setup_reference()
 
         self.model = self.model.to(self.accelerator.device)
@@ -614,6 +629,8 @@ def _finish_data(trainer: Trainer, tokenized, report, name: str, split: str):
     log(report.summary())
     trainer.data_reports = getattr(trainer, "data_reports", {})
     trainer.data_reports[split] = report
+    trainer.data_sources = getattr(trainer, "data_sources", {})
+    trainer.data_sources[split] = name
     if report.skipped_rows and trainer.accelerator.is_main_process:
         trainer.output_dir.mkdir(parents=True, exist_ok=True)
         with (trainer.output_dir / "skipped_rows.jsonl").open("a" if split != "train" else "w") as f:
@@ -621,8 +638,6 @@ def _finish_data(trainer: Trainer, tokenized, report, name: str, split: str):
                 f.write(json.dumps({"split": split, "source": name, **item}) + "\n")
     if not tokenized:
         raise DpokitError(f"{name}: no usable {split} rows left after validation and truncation ({report.summary()})")
-    vocab = trainer.model.get_input_embeddings().num_embeddings
-    check_vocab(tokenized, vocab, name)
     return tokenized
 
 

@@ -16,6 +16,16 @@ Preference formats (`dataset_format=`; `auto` detects them from the columns and 
   the ``"\\n\\nAssistant:"`` marker that answers the last Human turn, the completions are the text after it (see
   `split_hh_transcript`). `parse_hh_transcript` turns a transcript into messages when a chat template is wanted.
 
+- ``scored``: ``prompt`` plus ``completions``, a list of ``{"text": ..., "score": number}`` (UltraFeedback-style
+  ``{"response": ..., "overall_score": ...}`` also works). Pairs are formed per `pair_strategy`: ``best_vs_worst``
+  (one pair per row), ``best_vs_rest`` (the best against each other completion) or ``all_pairs`` (every two
+  completions, higher score chosen); a pair needs ``score_chosen - score_rejected >= min_score_gap`` AND a strictly
+  higher chosen score, so ties never become pairs. Among equal scores the first completion listed is used.
+
+An ``input`` (or ``context``) column, as in Alpaca-style data, is folded into the prompt of the standard, scored
+and (SFT) prompt_completion formats as ``prompt + "\n\n" + input`` (for a message prompt: appended the same way to
+the last prompt message); an empty input adds nothing.
+
 SFT formats: ``prompt_completion`` (``prompt`` / ``completion`` strings), ``conversational_prompt_completion``
 (message lists), ``messages`` (one conversation; the last message is the completion, which must be an assistant
 message) and ``text`` (one string; empty prompt, everything is trained on).
@@ -48,7 +58,11 @@ from typing import Any, Callable, Iterable
 
 from dpokit.errors import ConfigError, DataError
 
-PREFERENCE_FORMATS = ("standard", "conversational", "implicit_conversational", "implicit_hh")
+PREFERENCE_FORMATS = ("standard", "conversational", "implicit_conversational", "implicit_hh", "scored")
+PAIR_STRATEGIES = ("best_vs_worst", "best_vs_rest", "all_pairs")
+INPUT_COLUMNS = ("input", "context")  # Alpaca-style extra material, folded into the prompt (see `_fold_input`)
+SCORED_TEXT_KEYS = ("text", "response")  # where a scored completion keeps its text, in this order of preference
+SCORED_SCORE_KEYS = ("score", "overall_score")  # UltraFeedback calls its rating "overall_score"
 SFT_FORMATS = ("prompt_completion", "conversational_prompt_completion", "messages", "text")
 ROLES = ("system", "user", "assistant", "tool")
 ON_BAD_ROWS = ("error", "skip")
@@ -98,10 +112,12 @@ class SFTExample:
 class DataReport:
     """What happened to the rows of one source; counts are rows (pairs), not tokens.
 
-    ``read = kept + skipped + deduplicated + dropped`` always holds: `skipped` rows were malformed (listed with their
-    reason in `skipped_rows`, ``{"row": 0-based index, "reason": one-line message}``), `deduplicated` rows repeated an
-    earlier row, `dropped` rows lost a whole completion to truncation during tokenization. `truncated_prompt` /
-    `truncated_completion` count kept rows whose prompt / a completion was cut.
+    ``read = kept + skipped + deduplicated + dropped`` holds for every format but ``scored``: `skipped` rows were
+    malformed (listed with their reason in `skipped_rows`, ``{"row": 0-based index, "reason": one-line message}``),
+    `deduplicated` rows repeated an earlier row exactly, `dropped` rows lost a whole completion to truncation during
+    tokenization. `truncated_prompt` / `truncated_completion` count kept rows whose prompt / a completion was cut.
+    For ``scored`` data `kept` counts the pairs formed (a row can give several) and `unpaired` the valid rows that
+    gave none (all scores tied or closer than ``min_score_gap``).
     """
 
     read: int
@@ -114,6 +130,7 @@ class DataReport:
     skipped_rows: list[dict] = field(default_factory=list)
     format: str = ""
     source: str = ""
+    unpaired: int = 0
     line_numbers: list[int] | None = field(default=None, repr=False)
 
     def where(self, row: int) -> str:
@@ -126,6 +143,7 @@ class DataReport:
             f"{self.source or '<data>'} ({self.format}): {self.read} read, {self.kept} kept, {self.skipped} skipped, "
             f"{self.deduplicated} deduplicated, {self.dropped} dropped by truncation, "
             f"{self.truncated_prompt} prompts truncated, {self.truncated_completion} with a completion truncated"
+            + (f", {self.unpaired} rows without a scored pair" if self.format == "scored" else "")
         )
 
 
@@ -486,19 +504,33 @@ def _split_conversation(messages: list[Message], name: str) -> tuple[list[Messag
     return _prompt_messages(messages[:k], name), _assistant_messages(messages[k:], name)
 
 
+def _fold_input(row: dict, prompt):
+    """Append an ``input``/``context`` column to the prompt: ``prompt + "\n\n" + input`` (message prompts: to the last
+    message's content). Alpaca-style rows keep the material the instruction refers to there."""
+    present = [n for n in INPUT_COLUMNS if row.get(n) not in (None, "")]
+    if not present:
+        return prompt
+    if len(present) > 1:
+        raise _RowProblem("context", "row has both an 'input' and a 'context' column; keep one")
+    extra = _text(row, present[0])
+    if isinstance(prompt, str):
+        return f"{prompt}\n\n{extra}"
+    return prompt[:-1] + [{**prompt[-1], "content": f"{prompt[-1]['content']}\n\n{extra}"}]
+
+
 def _not_identical(chosen, rejected) -> None:
     if chosen == rejected:
         raise _RowProblem("rejected", "identical to 'chosen'")
 
 
 def _standard(row: dict, index: int) -> PreferenceExample:
-    prompt, chosen, rejected = _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
+    prompt, chosen, rejected = _fold_input(row, _text(row, "prompt")), _text(row, "chosen"), _text(row, "rejected")
     _not_identical(chosen, rejected)
     return PreferenceExample(prompt, chosen, rejected, index, _optional_text(row, "system"))
 
 
 def _conversational(row: dict, index: int) -> PreferenceExample:
-    prompt = _with_system(row, _prompt_messages(_messages(row.get("prompt"), "prompt"), "prompt"))
+    prompt = _fold_input(row, _with_system(row, _prompt_messages(_messages(row.get("prompt"), "prompt"), "prompt")))
     chosen = _assistant_messages(_messages(row.get("chosen"), "chosen"), "chosen")
     rejected = _assistant_messages(_messages(row.get("rejected"), "rejected"), "rejected")
     _not_identical(chosen, rejected)
@@ -535,12 +567,76 @@ def _implicit_hh(row: dict, index: int) -> PreferenceExample:
     return PreferenceExample(prompt, chosen, rejected, index)
 
 
+def _score(item: dict, name: str) -> float:
+    key = next((k for k in SCORED_SCORE_KEYS if item.get(k) is not None), None)
+    if key is None:
+        raise _RowProblem(f"{name}.score", "missing")
+    value = item[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _RowProblem(f"{name}.{key}", f"expected a number, got {_type_name(value)}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _RowProblem(f"{name}.{key}", f"expected a finite number, got {value}")
+    return float(value)
+
+
+def _scored_completion(item: Any, name: str, conversational: bool):
+    if not isinstance(item, dict):
+        raise _RowProblem(name, f"expected an object with text and score, got {_type_name(item)}")
+    key = next((k for k in SCORED_TEXT_KEYS if item.get(k) is not None), "text")
+    value, field_name = item.get(key), f"{name}.{key}"
+    if conversational:
+        if isinstance(value, str):
+            value = [{"role": "assistant", "content": value}]  # a plain reply to a message prompt is one assistant turn
+        return _assistant_messages(_messages(value, field_name), field_name)
+    return _text({field_name: value}, field_name)
+
+
+def scored_pairs(scores: list[float], strategy: str, min_score_gap: float) -> list[tuple[int, int]]:
+    """(chosen index, rejected index) pairs from completion scores.
+
+    A pair needs ``scores[c] > scores[r]`` and ``scores[c] - scores[r] >= min_score_gap``. ``best_vs_worst``: the
+    first best against the first worst; ``best_vs_rest``: the first best against every other; ``all_pairs``: every
+    two completions. Pairs come in the order of the completions.
+    """
+    def ok(c, r):
+        return scores[c] > scores[r] and scores[c] - scores[r] >= min_score_gap
+
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    if strategy == "best_vs_worst":
+        worst = min(range(len(scores)), key=lambda i: (scores[i], i))
+        return [(best, worst)] if ok(best, worst) else []
+    if strategy == "best_vs_rest":
+        return [(best, r) for r in range(len(scores)) if ok(best, r)]
+    return [(c, r) if scores[c] > scores[r] else (r, c)
+            for c in range(len(scores)) for r in range(c + 1, len(scores)) if ok(c, r) or ok(r, c)]
+
+
+def _scored(row: dict, index: int, strategy: str, min_score_gap: float) -> list[PreferenceExample]:
+    raw_prompt = row.get("prompt")
+    if isinstance(raw_prompt, list):
+        prompt = _fold_input(row, _with_system(row, _prompt_messages(_messages(raw_prompt, "prompt"), "prompt")))
+        system = None
+    else:
+        prompt, system = _fold_input(row, _text(row, "prompt")), _optional_text(row, "system")
+    items = row.get("completions")
+    if items is None:
+        raise _RowProblem("completions", "missing")
+    if not isinstance(items, list):
+        raise _RowProblem("completions", f"expected a list of {{text, score}} objects, got {_type_name(items)}")
+    if len(items) < 2:
+        raise _RowProblem("completions", f"need at least 2 completions to form a pair, got {len(items)}")
+    texts = [_scored_completion(item, f"completions[{i}]", isinstance(prompt, list)) for i, item in enumerate(items)]
+    scores = [_score(item, f"completions[{i}]") for i, item in enumerate(items)]
+    return [PreferenceExample(prompt, texts[c], texts[r], index, system)
+            for c, r in scored_pairs(scores, strategy, min_score_gap) if texts[c] != texts[r]]
+
+
 def _sft_prompt_completion(row: dict, index: int) -> SFTExample:
-    return SFTExample(_text(row, "prompt"), _text(row, "completion"), index, _optional_text(row, "system"))
+    return SFTExample(_fold_input(row, _text(row, "prompt")), _text(row, "completion"), index, _optional_text(row, "system"))
 
 
 def _sft_conversational_prompt_completion(row: dict, index: int) -> SFTExample:
-    prompt = _with_system(row, _prompt_messages(_messages(row.get("prompt"), "prompt"), "prompt"))
+    prompt = _fold_input(row, _with_system(row, _prompt_messages(_messages(row.get("prompt"), "prompt"), "prompt")))
     completion = _assistant_messages(_messages(row.get("completion"), "completion"), "completion")
     return SFTExample(prompt, completion, index)
 
@@ -603,12 +699,14 @@ def _first_value(rows, name: str):
 def detect_preference_format(rows, source_name: str) -> str:
     """Name of the preference format of `rows` (already column-mapped), from its columns and first values."""
     cols = set(_columns(rows))
+    if {"prompt", "completions"} <= cols:
+        return "scored"
     if {"prompt", "chosen", "rejected"} <= cols:
         return "conversational" if isinstance(_first_value(rows, "prompt"), list) else "standard"
     if {"chosen", "rejected"} <= cols:
         return "implicit_conversational" if isinstance(_first_value(rows, "chosen"), list) else "implicit_hh"
     raise DataError(f"{source_name}: cannot detect a preference format from columns [{', '.join(sorted(cols))}]; "
-                    f"expected prompt+chosen+rejected or chosen+rejected (rename columns with column_map)")
+                    f"expected prompt+chosen+rejected, chosen+rejected or prompt+completions (rename columns with column_map)")
 
 
 def detect_sft_format(rows, source_name: str) -> str:
@@ -650,11 +748,18 @@ def _check_options(dataset_format: str, known: tuple[str, ...], on_bad_rows: str
         raise ConfigError(f"on_bad_rows {on_bad_rows!r} is not one of: {', '.join(ON_BAD_ROWS)}")
 
 
-def _run_parser(rows, source_name: str, fmt: str, parse: Callable, on_bad_rows: str):
-    """Parse every row; collect problems; raise (on_bad_rows="error") or skip and record them."""
+def example_key(example) -> str:
+    """A text key equal for exactly-equal examples (prompt, completions, system); used for deduplication."""
+    fields = {k: v for k, v in vars(example).items() if k != "row"}
+    return json.dumps(fields, sort_keys=True, ensure_ascii=False)
+
+
+def _run_parser(rows, source_name: str, fmt: str, parse: Callable, on_bad_rows: str, deduplicate: bool = False):
+    """Parse every row; collect problems; raise (on_bad_rows="error") or skip and record them; optionally drop exact
+    duplicates of an earlier example (counted in `deduplicated`)."""
     line_numbers = getattr(rows, "line_numbers", None)
     report = DataReport(read=0, kept=0, skipped=0, format=fmt, source=source_name, line_numbers=line_numbers)
-    examples, problems, n_problems = [], [], 0
+    examples, problems, n_problems, seen = [], [], 0, set()
     for index, row in enumerate(rows):
         report.read += 1
         try:
@@ -670,7 +775,17 @@ def _run_parser(rows, source_name: str, fmt: str, parse: Callable, on_bad_rows: 
             elif len(problems) < MAX_LISTED_PROBLEMS:
                 problems.append(message)
             continue
-        examples.append(example)
+        produced = example if isinstance(example, list) else [example]
+        if not produced:
+            report.unpaired += 1
+        for ex in produced:
+            if deduplicate:
+                key = example_key(ex)
+                if key in seen:
+                    report.deduplicated += 1
+                    continue
+                seen.add(key)
+            examples.append(ex)
     if problems:
         more = f" (+{n_problems - 1} more)" if n_problems > 1 else ""
         err = DataError(problems[0] + more)
@@ -680,34 +795,48 @@ def _run_parser(rows, source_name: str, fmt: str, parse: Callable, on_bad_rows: 
     report.kept = len(examples)
     if report.read == 0:
         raise DataError(f"{source_name}: no rows")
+    if not examples and report.skipped_rows:
+        raise DataError(f"{source_name}: all {report.read} rows are malformed or unusable; first: {report.skipped_rows[0]['reason']}")
     if not examples:
-        raise DataError(f"{source_name}: all {report.read} rows are malformed; first: {report.skipped_rows[0]['reason']}")
+        raise DataError(f"{source_name}: no usable rows ({report.unpaired} scored rows gave no pair: scores tied or closer than min_score_gap)")
     return examples, report
 
 
 def preference_examples(rows, source_name: str, *, dataset_format: str = "auto", column_map: dict | None = None,
-                        on_bad_rows: str = "error", chat_template_available: bool | None = None
+                        on_bad_rows: str = "error", chat_template_available: bool | None = None,
+                        pair_strategy: str = "best_vs_worst", min_score_gap: float = 0.0, deduplicate: bool = False
                         ) -> tuple[list[PreferenceExample], DataReport]:
     """Validate `rows` as preference pairs; returns ``(examples, report)``.
 
     `dataset_format` is ``auto`` or one of `PREFERENCE_FORMATS`; `column_map` renames columns first. With
     ``chat_template_available=False`` conversational data is refused up front (it needs the tokenizer's chat
-    template); None skips that check. Raises `DataError` for bad rows (``on_bad_rows="error"``) or when no row is
-    left, `ConfigError` for an unknown option value.
+    template); None skips that check. `pair_strategy` / `min_score_gap` turn ``scored`` rows into pairs (module
+    docstring). ``deduplicate=True`` keeps only the first of exactly-equal examples and counts the rest.
+    Raises `DataError` for bad rows (``on_bad_rows="error"``) or when no row is left, `ConfigError` for an unknown
+    option value.
     """
     _check_options(dataset_format, PREFERENCE_FORMATS, on_bad_rows)
+    if pair_strategy not in PAIR_STRATEGIES:
+        raise ConfigError(f"pair_strategy {pair_strategy!r} is not one of: {', '.join(PAIR_STRATEGIES)}")
+    if isinstance(min_score_gap, bool) or not isinstance(min_score_gap, (int, float)) or not min_score_gap >= 0:
+        raise ConfigError(f"min_score_gap must be a number >= 0, got {min_score_gap!r}")
     rows = _apply_column_map(rows, column_map, source_name)
     fmt = detect_preference_format(rows, source_name) if dataset_format == "auto" else dataset_format
     if chat_template_available is False and fmt in ("conversational", "implicit_conversational"):
         raise DataError(f"{source_name}: {fmt} data needs a chat template, but the tokenizer has none; set chat_template "
                         f"(a Jinja string or file) or use text data")
-    return _run_parser(rows, source_name, fmt, _PREFERENCE_PARSERS[fmt], on_bad_rows)
+    if fmt == "scored":
+        def parse(row, index):
+            return _scored(row, index, pair_strategy, float(min_score_gap))
+    else:
+        parse = _PREFERENCE_PARSERS[fmt]
+    return _run_parser(rows, source_name, fmt, parse, on_bad_rows, deduplicate)
 
 
 def sft_examples(rows, source_name: str, *, dataset_format: str = "auto", column_map: dict | None = None,
-                 on_bad_rows: str = "error") -> tuple[list[SFTExample], DataReport]:
+                 on_bad_rows: str = "error", deduplicate: bool = False) -> tuple[list[SFTExample], DataReport]:
     """Validate `rows` as SFT examples; returns ``(examples, report)``. Options as in `preference_examples`."""
     _check_options(dataset_format, SFT_FORMATS, on_bad_rows)
     rows = _apply_column_map(rows, column_map, source_name)
     fmt = detect_sft_format(rows, source_name) if dataset_format == "auto" else dataset_format
-    return _run_parser(rows, source_name, fmt, _SFT_PARSERS[fmt], on_bad_rows)
+    return _run_parser(rows, source_name, fmt, _SFT_PARSERS[fmt], on_bad_rows, deduplicate)

@@ -1,0 +1,387 @@
+"""The ``dpokit data`` commands: check, convert, filter, split.
+
+Each ``<command>_main(argv) -> int`` takes the arguments after ``dpokit data <command>`` and returns the exit code;
+`main(argv)` dispatches on ``argv[0]``. A `DpokitError` (unreadable file, undetectable format, no usable row, bad
+option) prints one line to stderr and returns 2.
+
+- ``check FILE [--tokenizer T] [--max_length N] [--max_prompt_length N] [--max_completion_length N] [--eval FILE]``:
+  rows, detected format, malformed rows, exact / near duplicates, share of pairs whose chosen is longer than the
+  rejected, with a tokenizer token-length percentiles and what each truncation setting would cut or drop, and
+  prompts found in both FILE and the eval file. Exit 0: clean; 1: problems found (malformed rows, exact
+  duplicates, prompts shared with the eval file); 2: unusable input.
+- ``convert IN OUT``: canonical JSON Lines (see `canonical_row`), bad rows skipped and reported.
+- ``filter IN OUT [--dedup] [--tokenizer T --max_length N [--drop_truncated]]``: canonical rows that are valid,
+  optionally not exact duplicates and not dropped (or, with ``--drop_truncated``, not cut) by truncation.
+- ``split IN --eval_fraction F --train_out A --eval_out B [--seed S]``: all rows sharing a prompt go to the same side.
+
+Common options: ``--kind preference|sft`` (default preference), ``--format NAME``, ``--column_map JSON``,
+``--pair_strategy``, ``--min_score_gap`` (scored data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import random
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpokit.data.formats import (
+    PAIR_STRATEGIES,
+    DataReport,
+    PreferenceExample,
+    SFTExample,
+    example_key,
+    load_rows,
+    preference_examples,
+    sft_examples,
+)
+from dpokit.errors import ConfigError, DataError, DpokitError
+
+DEFAULT_CHECK_LENGTHS = (512, 1024, 2048)
+PERCENTILES = (50, 90, 99)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, exit 2 via the caller) instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise ConfigError(f"dpokit data {self.prog}: {message}")
+
+
+def _parser(prog: str, description: str) -> _Parser:
+    p = _Parser(prog=prog, description=description)
+    p.add_argument("--kind", choices=("preference", "sft"), default="preference", help="what the rows hold")
+    p.add_argument("--format", default="auto", help="dataset format name (default: detect)")
+    p.add_argument("--column_map", type=json.loads, default=None, help='JSON, e.g. \'{"question": "prompt"}\'')
+    p.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict")
+    p.add_argument("--pair_strategy", choices=PAIR_STRATEGIES, default="best_vs_worst", help="scored data only")
+    p.add_argument("--min_score_gap", type=float, default=0.0, help="scored data only")
+    return p
+
+
+def _examples(path: str, args, *, on_bad_rows: str = "skip", deduplicate: bool = False):
+    rows, name = load_rows(path, split=args.split)
+    if args.kind == "sft":
+        return sft_examples(rows, name, dataset_format=args.format, column_map=args.column_map,
+                            on_bad_rows=on_bad_rows, deduplicate=deduplicate)
+    return preference_examples(rows, name, dataset_format=args.format, column_map=args.column_map,
+                               on_bad_rows=on_bad_rows, pair_strategy=args.pair_strategy,
+                               min_score_gap=args.min_score_gap, deduplicate=deduplicate)
+
+
+def _run(body, argv) -> int:
+    try:
+        return body(argv)
+    except DpokitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------------------------- canonical rows
+
+
+def canonical_row(example: PreferenceExample | SFTExample) -> dict:
+    """The canonical JSON object for an example; reading it back gives the same example.
+
+    Preference: ``{"prompt", "chosen", "rejected"}`` (+ ``"system"`` when set) with strings (standard) or message
+    lists (conversational; a system prompt is the first prompt message). SFT: ``{"prompt", "completion"}``, or
+    ``{"text"}`` for an example with an empty prompt.
+    """
+    if isinstance(example, PreferenceExample):
+        row = {"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected}
+    elif example.prompt == "":
+        row = {"text": example.completion}
+    else:
+        row = {"prompt": example.prompt, "completion": example.completion}
+    if example.system is not None:
+        row["system"] = example.system
+    return row
+
+
+def write_jsonl(rows, path: str) -> None:
+    """Write rows as UTF-8 JSON Lines (gzip when the name ends in .gz)."""
+    if not (path.endswith(".jsonl") or path.endswith(".jsonl.gz")):
+        raise ConfigError(f"{path}: output must be a .jsonl or .jsonl.gz file")
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if path.endswith(".gz"):
+            with gzip.open(path, "wt", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+# --------------------------------------------------------------------------------------------- check
+
+
+def _text_of(value) -> str:
+    """A field as plain text (message lists joined), for duplicate and length comparisons."""
+    if isinstance(value, str):
+        return value
+    return "\n".join(f"{m['role']}: {m['content']}" for m in value)
+
+
+def _near_key(example) -> str:
+    """Key equal for examples that differ only in case, whitespace and punctuation."""
+    fields = [example.prompt, example.chosen, example.rejected] if isinstance(example, PreferenceExample) \
+        else [example.prompt, example.completion]
+    return "\x00".join(re.sub(r"[\W_]+", " ", _text_of(f).lower()).strip() for f in fields)
+
+
+def _prompt_key(example) -> str:
+    return json.dumps([example.system, example.prompt], ensure_ascii=False)
+
+
+@dataclass
+class _Duplicates:
+    exact: list[tuple[int, int]]  # (row, row of its first copy)
+    near: list[tuple[int, int]]
+
+
+def find_duplicates(examples) -> _Duplicates:
+    """Exact duplicates (equal prompt, completions, system) and near duplicates (equal after `_near_key`)."""
+    exact, near, first_exact, first_near = [], [], {}, {}
+    for ex in examples:
+        key, nkey = example_key(ex), _near_key(ex)
+        if key in first_exact:
+            exact.append((ex.row, first_exact[key]))
+        elif nkey in first_near:
+            near.append((ex.row, first_near[nkey]))
+        first_exact.setdefault(key, ex.row)
+        first_near.setdefault(nkey, ex.row)
+    return _Duplicates(exact, near)
+
+
+def _percentiles(values: list[int]) -> str:
+    ordered = sorted(values)
+    picks = [ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)] for p in PERCENTILES]
+    return " ".join(f"p{p}={v}" for p, v in zip(PERCENTILES, picks)) + f" max={ordered[-1]}"
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # OSError, ValueError, ... for a missing or broken tokenizer
+        raise ConfigError(f"cannot load tokenizer {name!r} ({' '.join(str(e).split())[:200]})") from None
+
+
+def _token_report(examples, report: DataReport, tokenizer, args, out) -> None:
+    from dpokit.data.tokenize import _Limits, _truncate, tokenize_preference, tokenize_sft
+
+    if args.kind == "sft":
+        toks = tokenize_sft(examples, tokenizer, report=None)
+        parts = [(t.prompt_ids, [t.completion_ids]) for t in toks]
+        names = ("prompt", "completion")
+    else:
+        toks = tokenize_preference(examples, tokenizer, report=None)
+        parts = [(t.prompt_ids, [t.chosen_ids, t.rejected_ids]) for t in toks]
+        names = ("prompt", "chosen", "rejected")
+    print(f"token lengths ({getattr(tokenizer, 'name_or_path', '')}):", file=out)
+    columns = [[len(p) for p, _ in parts]] + [[len(c[k]) for _, c in parts] for k in range(len(names) - 1)]
+    columns.append([len(p) + max(len(x) for x in c) for p, c in parts])
+    for name, values in zip(names + ("total",), columns):
+        print(f"  {name}: {_percentiles(values)}", file=out)
+    if args.kind == "preference":
+        longer = sum(len(c[0]) > len(c[1]) for _, c in parts)
+        print(f"chosen longer than rejected (tokens): {100 * longer / len(parts):.1f}% of pairs", file=out)
+    lengths = [args.max_length] if args.max_length else list(DEFAULT_CHECK_LENGTHS)
+    for max_length in lengths:
+        for mode in ("keep_start", "keep_end"):
+            limits = _Limits(max_length, args.max_prompt_length, args.max_completion_length, mode)
+            cut_p = cut_c = dropped = 0
+            for prompt, comps in parts:
+                r = _truncate(list(prompt), [list(c) for c in comps], limits, tokenizer.bos_token_id)
+                if r is None:
+                    dropped += 1
+                else:
+                    cut_p += r[2]
+                    cut_c += r[3]
+            print(f"truncation max_length={max_length} max_prompt_length={args.max_prompt_length} "
+                  f"max_completion_length={args.max_completion_length} {mode}: {cut_p} prompts cut, "
+                  f"{cut_c} rows with a completion cut, {dropped} rows dropped", file=out)
+
+
+def _check(argv) -> int:
+    p = _parser("check", "Report on a dataset's health; exit 0 clean, 1 problems found, 2 unusable.")
+    p.add_argument("file")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id, for token lengths and truncation")
+    p.add_argument("--max_length", type=int)
+    p.add_argument("--max_prompt_length", type=int)
+    p.add_argument("--max_completion_length", type=int)
+    p.add_argument("--eval", help="held-out file: prompts it shares with FILE are reported")
+    p.add_argument("--show", type=int, default=5, help="how many bad or duplicate rows to list")
+    args = p.parse_args(argv)
+    out = sys.stdout
+    examples, report = _examples(args.file, args)
+    problems = []
+    print(f"{report.source}: {report.read} rows, format {report.format}, {report.kept} "
+          f"{'pairs' if report.format == 'scored' else 'usable'}", file=out)
+    if report.format == "scored":
+        print(f"scored rows without a pair: {report.unpaired}", file=out)
+    print(f"malformed rows: {report.skipped}", file=out)
+    for s in report.skipped_rows[: args.show]:
+        print(f"  {s['reason']}", file=out)
+    if report.skipped:
+        problems.append(f"{report.skipped} malformed rows")
+    dups = find_duplicates(examples)
+    print(f"exact duplicates: {len(dups.exact)}", file=out)
+    for row, first in dups.exact[: args.show]:
+        print(f"  {report.where(row)} repeats {report.where(first)}", file=out)
+    if dups.exact:
+        problems.append(f"{len(dups.exact)} exact duplicates")
+    print(f"near duplicates (same text up to case, spaces, punctuation): {len(dups.near)}", file=out)
+    for row, first in dups.near[: args.show]:
+        print(f"  {report.where(row)} ~ {report.where(first)}", file=out)
+    if args.kind == "preference":
+        longer = sum(len(_text_of(e.chosen)) > len(_text_of(e.rejected)) for e in examples)
+        print(f"chosen longer than rejected (characters): {100 * longer / len(examples):.1f}% of pairs", file=out)
+    if args.tokenizer:
+        _token_report(examples, report, _load_tokenizer(args.tokenizer), args, out)
+    elif args.max_length:
+        raise ConfigError("--max_length needs --tokenizer (lengths are counted in tokens)")
+    if args.eval:
+        eval_examples, eval_report = _examples(args.eval, args)
+        eval_prompts = {_prompt_key(e) for e in eval_examples}
+        shared = {_prompt_key(e) for e in examples} & eval_prompts
+        print(f"prompts also in {eval_report.source}: {len(shared)}", file=out)
+        if shared:
+            problems.append(f"{len(shared)} prompts shared with {eval_report.source}")
+    print(f"result: {'; '.join(problems) if problems else 'clean'}", file=out)
+    return 1 if problems else 0
+
+
+def check_main(argv) -> int:
+    """``dpokit data check`` (module docstring); returns 0 clean, 1 problems found, 2 unusable input."""
+    return _run(_check, argv)
+
+
+# --------------------------------------------------------------------------------------------- convert / filter
+
+
+def _convert(argv) -> int:
+    p = _parser("convert", "Write a dataset as canonical JSON Lines.")
+    p.add_argument("input")
+    p.add_argument("output")
+    args = p.parse_args(argv)
+    examples, report = _examples(args.input, args)
+    write_jsonl([canonical_row(e) for e in examples], args.output)
+    print(f"{args.output}: wrote {len(examples)} rows; {report.summary()}")
+    return 0
+
+
+def convert_main(argv) -> int:
+    """``dpokit data convert IN OUT``: canonical JSONL; returns 0, or 2 for unusable input."""
+    return _run(_convert, argv)
+
+
+def _filter(argv) -> int:
+    p = _parser("filter", "Keep the valid (and optionally unique, untruncated) rows, as canonical JSON Lines.")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicates of an earlier row")
+    p.add_argument("--tokenizer")
+    p.add_argument("--max_length", type=int)
+    p.add_argument("--max_prompt_length", type=int)
+    p.add_argument("--max_completion_length", type=int)
+    p.add_argument("--truncation_mode", default="keep_start")
+    p.add_argument("--drop_truncated", action="store_true", help="also drop rows that truncation would cut")
+    args = p.parse_args(argv)
+    examples, report = _examples(args.input, args, deduplicate=args.dedup)
+    limited = any(v is not None for v in (args.max_length, args.max_prompt_length, args.max_completion_length))
+    if limited:
+        if not args.tokenizer:
+            raise ConfigError("length limits need --tokenizer (lengths are counted in tokens)")
+        examples = _within_limits(examples, _load_tokenizer(args.tokenizer), args, report)
+    write_jsonl([canonical_row(e) for e in examples], args.output)
+    print(f"{args.output}: wrote {len(examples)} rows; {report.summary()}")
+    return 0
+
+
+def _within_limits(examples, tokenizer, args, report: DataReport):
+    from dpokit.data.tokenize import _Limits, _truncate, tokenize_preference, tokenize_sft
+
+    limits = _Limits(args.max_length, args.max_prompt_length, args.max_completion_length, args.truncation_mode)
+    if args.kind == "sft":
+        parts = [(t.prompt_ids, [t.completion_ids]) for t in tokenize_sft(examples, tokenizer)]
+    else:
+        parts = [(t.prompt_ids, [t.chosen_ids, t.rejected_ids]) for t in tokenize_preference(examples, tokenizer)]
+    kept = []
+    for ex, (prompt, comps) in zip(examples, parts):
+        r = _truncate(list(prompt), [list(c) for c in comps], limits, tokenizer.bos_token_id)
+        if r is None or (args.drop_truncated and (r[2] or r[3])):
+            report.dropped += 1
+            report.kept -= 1
+            continue
+        kept.append(ex)
+    if not kept:
+        raise DataError(f"{report.source}: every row would be dropped by these length limits")
+    return kept
+
+
+def filter_main(argv) -> int:
+    """``dpokit data filter IN OUT``; returns 0, or 2 for unusable input."""
+    return _run(_filter, argv)
+
+
+# --------------------------------------------------------------------------------------------- split
+
+
+def split_by_prompt(examples, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Split examples so that all examples sharing a prompt land on the same side.
+
+    The distinct prompts are shuffled with `seed`; the first ``ceil(eval_fraction * n_prompts)`` go to eval.
+    Order within each side follows the input.
+    """
+    prompts = list(dict.fromkeys(_prompt_key(e) for e in examples))
+    random.Random(seed).shuffle(prompts)
+    eval_prompts = set(prompts[: math.ceil(eval_fraction * len(prompts))])
+    train = [e for e in examples if _prompt_key(e) not in eval_prompts]
+    held = [e for e in examples if _prompt_key(e) in eval_prompts]
+    return train, held
+
+
+def _split(argv) -> int:
+    p = _parser("split", "Split into train and eval by prompt (no prompt on both sides).")
+    p.add_argument("input")
+    p.add_argument("--eval_fraction", type=float, required=True)
+    p.add_argument("--train_out", required=True)
+    p.add_argument("--eval_out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not 0 < args.eval_fraction < 1:
+        raise ConfigError(f"--eval_fraction must be between 0 and 1, got {args.eval_fraction}")
+    examples, report = _examples(args.input, args)
+    train, held = split_by_prompt(examples, args.eval_fraction, args.seed)
+    if not train:
+        raise DataError(f"{report.source}: only {len({_prompt_key(e) for e in examples})} distinct prompts; "
+                        f"--eval_fraction {args.eval_fraction} leaves none for training")
+    write_jsonl([canonical_row(e) for e in train], args.train_out)
+    write_jsonl([canonical_row(e) for e in held], args.eval_out)
+    print(f"{args.train_out}: {len(train)} rows; {args.eval_out}: {len(held)} rows; {report.summary()}")
+    return 0
+
+
+def split_main(argv) -> int:
+    """``dpokit data split IN --eval_fraction F --train_out A --eval_out B``; returns 0, or 2 for unusable input."""
+    return _run(_split, argv)
+
+
+COMMANDS = {"check": check_main, "convert": convert_main, "filter": filter_main, "split": split_main}
+
+
+def main(argv) -> int:
+    """Dispatch ``dpokit data <command> ...`` (argv starts with the command name)."""
+    if not argv or argv[0] not in COMMANDS:
+        print(f"error: dpokit data needs a command: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
