@@ -115,13 +115,12 @@ def _eval(argv: list[str]) -> int:
 
 
 def _data(argv: list[str]) -> int:
-    from dpokit.data import tools
+    from dpokit.data.tools import main as data_main
 
-    subs = {name[: -len("_main")]: getattr(tools, name) for name in dir(tools) if name.endswith("_main")}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in subs:
-        print(f"usage: dpokit data {{{','.join(sorted(subs))}}} ...", file=sys.stderr if argv else sys.stdout)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return subs[argv[0]](argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: dpokit data {check,convert,filter,split} ...  (dpokit data <command> --help for its options)")
+        return 0
+    return data_main(argv)
 
 
 def _demo(argv: list[str]) -> int:

@@ -19,7 +19,7 @@ from dpokit.data import (
 )
 from dpokit.errors import ConfigError, DataError
 
-from .conftest import HH_FILE, HH_TEMPLATE
+from .conftest import HH_TEMPLATE
 
 PAIRS = [
     {"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5"},

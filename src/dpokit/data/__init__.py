@@ -7,6 +7,7 @@
 """
 
 from dpokit.data.formats import (
+    PAIR_STRATEGIES,
     PREFERENCE_FORMATS,
     SFT_FORMATS,
     DataReport,
@@ -17,12 +18,14 @@ from dpokit.data.formats import (
     load_rows,
     parse_hh_transcript,
     preference_examples,
+    scored_pairs,
     sft_examples,
     split_hh_transcript,
 )
 from dpokit.data.tokenize import TRUNCATION_MODES, TokenizedPair, TokenizedSFT, tokenize_preference, tokenize_sft
 
 __all__ = [
+    "PAIR_STRATEGIES",
     "PREFERENCE_FORMATS",
     "SFT_FORMATS",
     "TRUNCATION_MODES",
@@ -36,6 +39,7 @@ __all__ = [
     "load_rows",
     "parse_hh_transcript",
     "preference_examples",
+    "scored_pairs",
     "sft_examples",
     "split_hh_transcript",
     "tokenize_preference",

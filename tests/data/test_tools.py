@@ -1,0 +1,290 @@
+"""`dpokit data` commands (check, convert, filter, split), scored/input formats, and round-trip properties."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpokit.data import load_rows, preference_examples, sft_examples
+from dpokit.data.formats import scored_pairs
+from dpokit.data.tools import canonical_row, check_main, convert_main, filter_main, split_main, write_jsonl
+from dpokit.errors import ConfigError, DataError
+
+from .conftest import HH_FILE, LLAMA2
+
+BAD = Path(__file__).parent / "fixtures" / "bad"
+
+# file -> the one line check_main prints after "error: " ({p} is the path as given)
+ROW = "{p}: all 1 rows are malformed or unusable; first: {p}:1: "
+BAD_FILES = {
+    "invalid_json.jsonl": "{p}:2: invalid JSON (Expecting value at column 12)",
+    "not_an_object.jsonl": "{p}:1: expected a JSON object, got list",
+    "invalid_utf8.jsonl": "{p}:1: invalid UTF-8 (byte 0xe9 at column 16)",
+    "truncated_gzip.jsonl.gz": "{p}: cannot read gzip file (Compressed file ended before the end-of-stream marker was reached)",
+    "not_gzip.jsonl.gz": "{p}: cannot read gzip file (Not a gzipped file (b'{\"'))",
+    "empty.jsonl": "{p}: cannot detect a preference format from columns []; expected prompt+chosen+rejected, "
+                   "chosen+rejected or prompt+completions (rename columns with column_map)",
+    "unknown_columns.jsonl": "{p}: cannot detect a preference format from columns [answer, question]; expected "
+                             "prompt+chosen+rejected, chosen+rejected or prompt+completions (rename columns with column_map)",
+    "empty_chosen.jsonl": ROW + "field 'chosen': empty string",
+    "null_rejected.jsonl": ROW + "field 'rejected': missing",
+    "chosen_not_string.jsonl": ROW + "field 'chosen': expected a string, got integer",
+    "chosen_equals_rejected.jsonl": ROW + "field 'rejected': identical to 'chosen'",
+    "lone_surrogate.jsonl": ROW + "field 'chosen': invalid Unicode (lone surrogate U+D800 at character 2)",
+    "unknown_role.jsonl": ROW + "field 'prompt[0].role': unknown role 'bot' (expected system, user, assistant, tool)",
+    "system_not_first.jsonl": ROW + "field 'prompt[1].role': a system message must come first",
+    "prompt_ends_with_assistant.jsonl": ROW + "field 'prompt[1].role': the prompt must end with a user (or tool) message, got 'assistant'",
+    "chosen_user_role.jsonl": ROW + "field 'chosen[0].role': expected 'assistant', got 'user'",
+    "content_not_string.jsonl": ROW + "field 'prompt[0].content': expected a string, got list",
+    "chosen_not_a_list.jsonl": ROW + "field 'chosen': expected a list of messages, got string",
+    "empty_prompt_messages.jsonl": ROW + "field 'prompt': empty list of messages",
+    "implicit_prompts_differ.jsonl": ROW + "field 'rejected': conversation differs from 'chosen' at message 0, before the final assistant turn",
+    "implicit_no_assistant_reply.jsonl": ROW + "field 'rejected[0].role': the conversation must end with an assistant message, got 'user'",
+    "hh_not_a_transcript.jsonl": ROW + "field 'chosen': not an HH transcript (expected '\\n\\nHuman: ... \\n\\nAssistant: ...')",
+    "hh_prefixes_differ.jsonl": ROW + "field 'rejected': transcript differs from 'chosen' at character 11, before the final Assistant turn",
+    "hh_no_assistant_turn.jsonl": ROW + "field 'rejected': HH transcript does not end with an 'Assistant:' turn after its last 'Human:' turn",
+    "scored_one_completion.jsonl": ROW + "field 'completions': need at least 2 completions to form a pair, got 1",
+    "scored_score_not_number.jsonl": ROW + "field 'completions[1].score': expected a number, got string",
+    "scored_nan_score.jsonl": ROW + "field 'completions[1].score': expected a finite number, got nan",
+    "scored_all_tied.jsonl": "{p}: no usable rows (1 scored rows gave no pair: scores tied or closer than min_score_gap)",
+    "extra_values.csv": "{p} row 1: 4 values but the header has 3 columns",
+    "duplicate_header.tsv": "{p}: header has column 'prompt' twice",
+    "not_an_array.json": "{p}: expected a JSON array of objects, got string",
+    "garbage.parquet": "{p}: not a readable parquet file (Could not open Parquet input source '<Buffer>': Parquet file "
+                       "size is 29 bytes, smaller than the size reported by footer's (544499061bytes))",
+    "notes.txt": "{p}: unsupported file type .txt; expected one of .jsonl, .json, .csv, .tsv, .parquet, .arrow "
+                 "(optionally .gz) or a datasets save_to_disk directory",
+}
+
+
+def test_the_bad_corpus_is_complete():
+    assert sorted(p.name for p in BAD.iterdir()) == sorted(BAD_FILES) and len(BAD_FILES) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_every_bad_file_gives_its_one_line_error_and_exit_2(name, capsys):
+    path = str(BAD / name)
+    assert check_main([path]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: " + BAD_FILES[name].replace("{p}", path) + "\n"
+    assert captured.out == ""
+
+
+# ------------------------------------------------------------------------------------------------- check
+
+
+def _write(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_check_clean_file_with_tokenizer(tmp_path, hh_rows, capsys):
+    rows, _ = hh_rows
+    path = _write(tmp_path, "hh.jsonl", rows[:200])
+    assert check_main([path, "--tokenizer", str(LLAMA2), "--max_length", "256"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: 200 rows, format implicit_hh, 200 usable" in out
+    assert "malformed rows: 0" in out and "exact duplicates: 0" in out
+    assert "chosen longer than rejected (characters): " in out and "  prompt: p50=" in out
+    assert "truncation max_length=256 max_prompt_length=None max_completion_length=None keep_start: " in out
+    assert out.endswith("result: clean\n")
+
+
+def test_check_reports_problems_with_exit_1(tmp_path, capsys):
+    good = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(4)]
+    rows = good + [good[0], {"prompt": "Q0", "chosen": "Yes!", "rejected": "no"}, {"prompt": "x", "chosen": "", "rejected": "y"}]
+    train = _write(tmp_path, "train.jsonl", rows)
+    held = _write(tmp_path, "eval.jsonl", [good[1], {"prompt": "new", "chosen": "a", "rejected": "b"}])
+    assert check_main([train, "--eval", held]) == 1
+    out = capsys.readouterr().out
+    assert f"  {train}:7: field 'chosen': empty string" in out
+    assert f"  {train}:5 repeats {train}:1" in out
+    assert f"  {train}:6 ~ {train}:1" in out
+    assert f"prompts also in {held}: 1" in out
+    assert out.endswith(f"result: 1 malformed rows; 1 exact duplicates; 1 prompts shared with {held}\n")
+
+
+def test_check_option_errors(tmp_path, capsys):
+    path = _write(tmp_path, "t.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    assert check_main([path, "--max_length", "10"]) == 2
+    assert capsys.readouterr().err == "error: --max_length needs --tokenizer (lengths are counted in tokens)\n"
+    assert check_main([path, "--tokenizer", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot load tokenizer ")
+    assert check_main([path, "--kind", "rlhf"]) == 2
+    assert "argument --kind: invalid choice" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- convert / filter / split
+
+
+def test_convert_writes_canonical_rows(tmp_path):
+    src = _write(tmp_path, "in.jsonl", [
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}])
+    out = str(tmp_path / "out.jsonl")
+    assert convert_main([src, out]) == 0
+    assert [json.loads(line) for line in open(out)] == [
+        {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " go away"}]
+    assert convert_main([src, str(tmp_path / "out.csv")]) == 2
+
+
+def test_filter_dedup_and_length(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2 + [{"prompt": "long " * 50, "chosen": "a", "rejected": "b"}]
+    src, out = _write(tmp_path, "in.jsonl", rows), str(tmp_path / "out.jsonl")
+    assert filter_main([src, out, "--dedup", "--tokenizer", str(LLAMA2), "--max_length", "20"]) == 0
+    assert [json.loads(line) for line in open(out)] == [rows[0]]
+    assert filter_main([src, out, "--max_length", "20"]) == 2
+
+
+def test_split_keeps_each_prompt_on_one_side(tmp_path):
+    rows = [{"prompt": f"q{i % 10}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(40)]
+    src = _write(tmp_path, "in.jsonl", rows)
+    train, held = str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
+    assert split_main([src, "--eval_fraction", "0.2", "--train_out", train, "--eval_out", held, "--seed", "3"]) == 0
+    train_rows = [json.loads(line) for line in open(train)]
+    held_rows = [json.loads(line) for line in open(held)]
+    assert len(train_rows) == 32 and len(held_rows) == 8
+    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in held_rows}
+    assert sorted(map(json.dumps, train_rows + held_rows)) == sorted(map(json.dumps, rows))
+    assert split_main([src, "--eval_fraction", "1.5", "--train_out", train, "--eval_out", held]) == 2
+
+
+# ------------------------------------------------------------------------------------- scored, input, dedup
+
+
+def test_scored_strategies_and_ties():
+    assert scored_pairs([1, 3, 3, 0], "best_vs_worst", 0) == [(1, 3)]
+    assert scored_pairs([1, 3, 3, 0], "best_vs_rest", 0) == [(1, 0), (1, 3)]  # the tied 3 is never rejected
+    assert scored_pairs([1, 3, 3, 0], "all_pairs", 0) == [(1, 0), (2, 0), (0, 3), (1, 3), (2, 3)]
+    assert scored_pairs([1, 3, 3, 0], "all_pairs", 1.5) == [(1, 0), (2, 0), (1, 3), (2, 3)]
+    assert scored_pairs([2, 2, 2], "all_pairs", 0) == []
+    assert scored_pairs([1, 2], "best_vs_worst", 1.5) == []
+
+
+def test_scored_rows_ultrafeedback_style_and_messages():
+    rows = [{"prompt": "q", "completions": [{"response": "ok", "overall_score": 6.5}, {"response": "bad", "overall_score": 2},
+                                            {"response": "meh", "overall_score": 4}]},
+            {"prompt": "q2", "completions": [{"text": "x", "score": 1}, {"text": "y", "score": 1}]}]
+    examples, report = preference_examples(rows, "<list>", pair_strategy="best_vs_rest")
+    assert [(e.chosen, e.rejected, e.row) for e in examples] == [("ok", "bad", 0), ("ok", "meh", 0)]
+    assert (report.format, report.read, report.kept, report.unpaired) == ("scored", 2, 2, 1)
+    assert "1 rows without a scored pair" in report.summary()
+    conv = [{"prompt": [{"role": "user", "content": "q"}], "completions": [{"text": "a", "score": 1}, {"text": "b", "score": 2}]}]
+    (ex,), _ = preference_examples(conv, "<list>")
+    assert (ex.chosen, ex.rejected) == ([{"role": "assistant", "content": "b"}], [{"role": "assistant", "content": "a"}])
+    with pytest.raises(ConfigError, match="pair_strategy 'best' is not one of"):
+        preference_examples(rows, "<list>", pair_strategy="best")
+    with pytest.raises(ConfigError, match="min_score_gap must be a number >= 0"):
+        preference_examples(rows, "<list>", min_score_gap=-1)
+
+
+def test_input_column_is_folded_into_the_prompt():
+    (ex,), _ = preference_examples([{"prompt": "Summarize:", "input": "long text", "chosen": "a", "rejected": "b"}], "<list>")
+    assert ex.prompt == "Summarize:\n\nlong text"
+    (ex,), _ = sft_examples([{"prompt": [{"role": "user", "content": "Summarize:"}], "context": "t",
+                              "completion": [{"role": "assistant", "content": "s"}]}], "<list>")
+    assert ex.prompt == [{"role": "user", "content": "Summarize:\n\nt"}]
+    (ex,), _ = sft_examples([{"prompt": "p", "input": "", "completion": "c"}], "<list>")
+    assert ex.prompt == "p"
+    with pytest.raises(DataError, match="field 'context': row has both an 'input' and a 'context' column; keep one"):
+        preference_examples([{"prompt": "p", "input": "i", "context": "c", "chosen": "a", "rejected": "b"}], "<list>")
+
+
+def test_deduplicate_counts():
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "q", "chosen": "a", "rejected": "c"}]
+    examples, report = preference_examples(rows, "<list>", deduplicate=True)
+    assert [e.row for e in examples] == [0, 3] and (report.read, report.kept, report.deduplicated) == (4, 2, 2)
+    assert len(preference_examples(rows, "<list>")[0]) == 4
+
+
+# ------------------------------------------------------------------------------------- round-trip properties
+
+# Text without surrogates (JSON could carry them, tokenizers cannot) and without ":" so that generated text never
+# contains an HH turn marker by accident.
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters=":"), min_size=1, max_size=20)
+
+
+def _messages(roles):
+    return st.tuples(*[TEXT for _ in roles]).map(lambda cs: [{"role": r, "content": c} for r, c in zip(roles, cs)])
+
+
+PROMPT_MESSAGES = st.one_of(_messages(["user"]), _messages(["system", "user"]), _messages(["user", "assistant", "user"]))
+REPLY = _messages(["assistant"])
+
+
+def _round_trip(rows, parse, *, one_example_per_row=True):
+    """rows -> examples -> canonical JSONL file -> examples again; both example lists must be equal (row indices
+    too, except for scored data, whose rows expand into several pairs)."""
+    first, _ = parse(rows, "<list>")
+    with tempfile.TemporaryDirectory() as d:
+        write_jsonl([canonical_row(e) for e in first], f"{d}/c.jsonl")
+        again, _ = parse(*load_rows(f"{d}/c.jsonl"))
+    if one_example_per_row:
+        assert again == first
+    else:
+        assert [canonical_row(e) for e in again] == [canonical_row(e) for e in first]
+
+
+PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPS
+@given(TEXT, TEXT, TEXT, st.none() | TEXT)
+def test_round_trip_standard(prompt, chosen, rejected, system):
+    if chosen != rejected:
+        _round_trip([{"prompt": prompt, "chosen": chosen, "rejected": rejected, "system": system}], preference_examples)
+
+
+@PROPS
+@given(PROMPT_MESSAGES, REPLY, REPLY)
+def test_round_trip_conversational(prompt, chosen, rejected):
+    if chosen != rejected:
+        _round_trip([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], preference_examples)
+
+
+@PROPS
+@given(PROMPT_MESSAGES, REPLY, REPLY)
+def test_round_trip_implicit_conversational(prompt, chosen, rejected):
+    if chosen != rejected:
+        _round_trip([{"chosen": prompt + chosen, "rejected": prompt + rejected}], preference_examples)
+
+
+@PROPS
+@given(st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3), TEXT, TEXT, TEXT)
+def test_round_trip_implicit_hh(history, question, chosen, rejected):
+    if chosen != rejected:
+        head = "".join(f"\n\nHuman: {h}\n\nAssistant: {a}" for h, a in history) + f"\n\nHuman: {question}\n\nAssistant:"
+        _round_trip([{"chosen": head + " " + chosen, "rejected": head + " " + rejected}], preference_examples)
+
+
+@PROPS
+@given(TEXT, st.lists(st.tuples(TEXT, st.integers(-5, 5)), min_size=2, max_size=4),
+       st.sampled_from(["best_vs_worst", "best_vs_rest", "all_pairs"]))
+def test_round_trip_scored(prompt, completions, strategy):
+    rows = [{"prompt": prompt, "completions": [{"text": t, "score": s} for t, s in completions]}]
+    try:
+        pairs, _ = preference_examples(rows, "<list>", pair_strategy=strategy)
+    except DataError:
+        return  # every score tied (or texts equal): no pair, nothing to round-trip
+    assert all(p.chosen != p.rejected for p in pairs)
+    _round_trip(rows, lambda r, n: preference_examples(r, n, pair_strategy=strategy), one_example_per_row=False)
+
+
+@PROPS
+@given(st.sampled_from(["prompt_completion", "conversational_prompt_completion", "messages", "text"]), TEXT, TEXT,
+       PROMPT_MESSAGES, REPLY)
+def test_round_trip_sft(fmt, prompt, completion, prompt_messages, reply):
+    row = {"prompt_completion": {"prompt": prompt, "completion": completion},
+           "conversational_prompt_completion": {"prompt": prompt_messages, "completion": reply},
+           "messages": {"messages": prompt_messages + reply},
+           "text": {"text": completion}}[fmt]
+    _round_trip([row], sft_examples)
+
+
+def test_round_trip_whole_hh_file():
+    _round_trip(load_rows(HH_FILE)[0], preference_examples)
