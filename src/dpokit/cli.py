@@ -77,10 +77,26 @@ def _train(command: str, argv: list[str]) -> int:
         print(_config_help(command, cls))
         return 0
     config_file, rest = _split_config_arg(argv)
-    resume = "--resume" in rest
-    if resume:
-        raise DpokitError("--resume is not supported yet: exact resume from checkpoints is not implemented")
-    cfg = build_config(cls, config_file, parse_overrides(rest))
+    # --resume: continue the run in output_dir from its newest checkpoint; --resume PATH / --resume=PATH: from that
+    # checkpoint. A token after a bare --resume is the path unless it is another option or a key=value override.
+    resume, args, i = None, [], 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok == "--resume":
+            nxt = rest[i + 1] if i + 1 < len(rest) else ""
+            takes_path = nxt and not nxt.startswith("--") and "=" not in nxt
+            resume = nxt if takes_path else "latest"
+            i += 2 if takes_path else 1
+            continue
+        if tok.startswith("--resume="):
+            resume = tok.split("=", 1)[1] or "latest"
+        else:
+            args.append(tok)
+        i += 1
+    overrides = parse_overrides(args)
+    if resume is not None:
+        overrides["resume_from_checkpoint"] = resume
+    cfg = build_config(cls, config_file, overrides)
     if cfg.train_file is None:
         raise DpokitError(f"dpokit {command}: set train_file (in --config or as train_file=PATH)")
     from dpokit.trainer import DPOTrainer, SFTTrainer

@@ -114,6 +114,17 @@ class TrainConfig:
     """Write a checkpoint every this many optimizer steps (0: none)."""
     save_total_limit: Optional[int] = None
     """Keep at most this many checkpoints, deleting the oldest once a new one is complete."""
+    resume_from_checkpoint: Optional[str] = None
+    """Continue a stopped run exactly: `latest` (the newest complete checkpoint in `output_dir`; a fresh start if none
+    was written yet) or a `checkpoint-N` directory. The later losses and final weights equal those of a run that was
+    never stopped; the config must match the checkpoint's (only output, logging, eval and save settings may change).
+    Command line: `--resume` (latest) or `--resume PATH`."""
+    on_nonfinite: str = "stop"
+    """What a NaN/Inf loss or gradient does, detected before the optimizer step: `stop` (the run ends naming the step
+    and the batch's rows; the last checkpoint stays intact) or `skip` (that step makes no update but still counts toward `max_steps` and the schedule; logged as
+    `nonfinite_steps`)."""
+    max_nonfinite_steps: int = 10
+    """With `on_nonfinite: skip`, the most steps that may be skipped; one more stops the run as `stop` would."""
     report_to: Union[str, list] = "none"
     """Metric sinks besides metrics.jsonl: `none`, `tensorboard` or `all`."""
     disable_tqdm: bool = False
@@ -151,6 +162,11 @@ class TrainConfig:
             raise ConfigError(f"learning_rate must be >= 0 (got {self.learning_rate})")
         if not 0 <= self.warmup_ratio <= 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1] (got {self.warmup_ratio})")
+        _check_choice(self, "on_nonfinite", ("stop", "skip"))
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"max_nonfinite_steps must be >= 0 (got {self.max_nonfinite_steps})")
+        if self.resume_from_checkpoint is not None and self.overwrite_output_dir:
+            raise ConfigError("resume_from_checkpoint and overwrite_output_dir are both set; choose one")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set; choose one")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

@@ -15,14 +15,17 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dpokit import checkpoint as C
 from dpokit import data as D
 from dpokit import losses
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
@@ -33,6 +36,22 @@ from dpokit.reference import (AdapterOffReference, ModelReference, data_fingerpr
                               model_fingerprint, precompute)
 
 RUN_MARKER = "dpokit_config.yaml"  # its presence marks an output_dir holding a run
+
+# Config keys that may differ between a checkpoint and the run resuming from it: they change what is written and where,
+# never the numbers. Any other difference is refused (it would silently turn the resume into a different run).
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "eval_file",
+    "per_device_eval_batch_size", "save_steps", "save_total_limit", "report_to", "disable_tqdm", "on_nonfinite",
+    "max_nonfinite_steps",
+})
+
+
+class NonFiniteError(DpokitError):
+    """A NaN/Inf loss or gradient stopped the run before the optimizer step."""
+
+
+class OutOfMemory(DpokitError):
+    """A batch that does not fit in memory; the message names the settings that shrink it."""
 
 
 def log(msg: str) -> None:
@@ -130,31 +149,43 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, peft_config: Any = None) -> n
         raise ConfigError(f"LoRA: {str(exc).splitlines()[0]}") from exc
 
 
-def check_vocab(examples, vocab_size: int, source: str) -> None:
-    """Token ids beyond the embedding table would index out of range deep in the model: name the row instead."""
+def check_vocab(examples, vocab_size: int, where) -> None:
+    """Token ids beyond the embedding table would index out of range deep in the model: name the row instead
+    (`where(row)` gives its position as data errors do: `file.jsonl:LINE` or `source row N`)."""
     for ex in examples:
         for field_name, ids in vars(ex).items():
             if isinstance(ids, np.ndarray) and len(ids) and int(ids.max()) >= vocab_size:
-                raise DpokitError(f"{source}: row {ex.row}: field {field_name!r} has token id {int(ids.max())} "
+                raise DpokitError(f"{where(ex.row)}: field {field_name!r} has token id {int(ids.max())} "
                                   f">= the model's vocabulary size {vocab_size} (tokenizer and model do not match)")
 
 
 class MetricsSink:
-    """metrics.jsonl (always) and TensorBoard (report_to) — one record per logging step."""
+    """metrics.jsonl (always) and TensorBoard (report_to) — one record per logging step.
 
-    def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool):
+    `history` holds every record written so far; checkpoints store it, and a resumed run starts by rewriting
+    metrics.jsonl from the checkpoint's history, so the file has no step twice and none missing whatever was appended
+    between that checkpoint and the kill."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool, history: Optional[list] = None,
+                 resume_step: Optional[int] = None):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
+        self.history = list(history or [])
         self.tb = None
+        if enabled:
+            C.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            # purge_step hides the events a killed run logged after the checkpoint it is resumed from.
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        self.history.append(record)
         if not self.enabled:
             return
-        record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -183,6 +214,15 @@ class MeanMeter:
     def means(self) -> dict:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "weights": dict(self.weights)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "MeanMeter":
+        meter = cls()
+        meter.sums, meter.weights = dict(state["sums"]), dict(state["weights"])
+        return meter
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # The shared loop
@@ -205,6 +245,9 @@ class Trainer:
         if model is None:
             raise ConfigError("no model: pass a model or set model_name_or_path")
         self.output_dir = Path(cfg.output_dir)
+        if cfg.resume_from_checkpoint is not None:
+            C.resolve(cfg.resume_from_checkpoint, self.output_dir)  # a mistyped path fails now, not after loading
+        self.ref_cache_keys: dict[str, str] = {}  # split -> key of the precomputed reference log-probs
         set_seed(cfg.seed)
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("fp16 needs a CUDA GPU; on CPU use bf16 or neither")
@@ -219,7 +262,7 @@ class Trainer:
         vocab = self.model.get_input_embeddings().num_embeddings
         for split, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
             if examples is not None:
-                check_vocab(examples, vocab, self.data_sources[split])
+                check_vocab(examples, vocab, self.data_reports[split].where)
         if cfg.disable_dropout:
             disable_dropout(self.model)
         self.use_peft = cfg.use_peft or peft_config is not None
@@ -257,23 +300,28 @@ class Trainer:
     def autocast(self):
         return self.accelerator.autocast()
 
-    def _train_loader(self, epoch: int) -> DataLoader:
-        # A fresh generator per epoch, seeded by (seed, epoch): the data order is a pure function of the config.
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The example indices of each micro-batch of `epoch`. A fresh generator per epoch, seeded by (seed, epoch),
+        and nothing else: the data order is a pure function of the config, so resuming at (epoch, micro-batch) needs
+        no sampler state beyond those two numbers, and draws nothing from the global RNGs that dropout uses."""
         g = torch.Generator().manual_seed(self.args.seed + epoch)
-        return DataLoader(self.train_examples, batch_size=self.args.per_device_train_batch_size, shuffle=True,
-                          generator=g, collate_fn=self.collate, drop_last=False)
+        order = torch.randperm(len(self.train_examples), generator=g).tolist()
+        size = self.args.per_device_train_batch_size
+        return [order[i:i + size] for i in range(0, len(order), size)]
 
     def _eval_loader(self) -> DataLoader:
+        # Its own generator: a DataLoader draws a seed when iterated, which must not come from the global RNG that
+        # dropout uses (evaluating would shift the training randomness, and eval_steps may change on resume).
         return DataLoader(self.eval_examples, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
-                          collate_fn=self.collate)
+                          collate_fn=self.collate, generator=torch.Generator())
 
-    def _micro_batches(self):
-        """Endless (epoch, batch) stream over the training data."""
-        epoch = 0
+    def _micro_batches(self, epoch: int = 0, start: int = 0):
+        """Endless (epoch, index in epoch, batch) stream over the training data, from micro-batch `start` of `epoch`."""
         while True:
-            for batch in self._train_loader(epoch):
-                yield epoch, batch
-            epoch += 1
+            batches = self._epoch_batches(epoch)
+            for i in range(start, len(batches)):
+                yield epoch, i, self.collate([self.train_examples[j] for j in batches[i]])
+            epoch, start = epoch + 1, 0
 
     def _total_steps(self) -> int:
         cfg = self.args
@@ -297,103 +345,215 @@ class Trainer:
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=total_steps)
 
-    def _check_output_dir(self) -> None:
+    def _check_output_dir(self, resume: Optional[str]) -> Optional[Path]:
+        """Refuse to write into another run; on resume, find the checkpoint (None: there is nothing to resume yet)."""
         cfg = self.args
-        if (self.output_dir / RUN_MARKER).exists() and not cfg.overwrite_output_dir:
-            raise ConfigError(f"output_dir {str(self.output_dir)!r} already holds a run; "
-                              "set overwrite_output_dir=true or choose another output_dir")
-        if cfg.overwrite_output_dir and (self.output_dir / "metrics.jsonl").exists():
-            (self.output_dir / "metrics.jsonl").unlink()
+        marker = self.output_dir / RUN_MARKER
+        if resume is not None:
+            if cfg.overwrite_output_dir:
+                raise ConfigError("resume_from_checkpoint and overwrite_output_dir are both set; choose one")
+            ckpt = C.resolve(str(resume), self.output_dir)
+            if ckpt is None:
+                # A job script that passes --resume on every restart: its first start, or a kill before the first
+                # checkpoint, has nothing to resume, and starting over *is* then the exact resume — of the same run.
+                if marker.exists():
+                    self._check_same_run(yaml.safe_load(marker.read_text()) or {}, f"the run in {self.output_dir}")
+                log(f"resume_from_checkpoint=latest: no checkpoint in {self.output_dir} yet; starting at step 0")
+            return ckpt
+        if marker.exists() and not cfg.overwrite_output_dir:
+            raise ConfigError(f"output_dir {str(self.output_dir)!r} already holds a run; resume it with "
+                              "resume_from_checkpoint=latest (--resume), set overwrite_output_dir=true, "
+                              "or choose another output_dir")
+        if cfg.overwrite_output_dir and self.accelerator.is_main_process:
+            # Left in place, the old run's checkpoints and `latest` would be taken for this run's by a later resume.
+            old = C.list_checkpoints(self.output_dir)
+            for _, path in old:
+                shutil.rmtree(path)
+            (self.output_dir / C.LATEST).unlink(missing_ok=True)
+            if old:
+                log(f"overwrite_output_dir: removed {len(old)} checkpoint(s) of the previous run")
+        return None
+
+    def _check_same_run(self, saved_config: dict, what: str) -> None:
+        diffs = C.config_differences(saved_config, self.args.to_dict(), RESUME_MAY_CHANGE)
+        if diffs:
+            raise C.CheckpointError(f"cannot resume {what}: the config differs in {', '.join(diffs)}; resume with "
+                                    "the run's settings, or start a new run in another output_dir")
+
+    def _train_fingerprint(self) -> str:
+        if getattr(self, "_train_fp", None) is None:
+            self._train_fp = C.examples_fingerprint(self.train_examples)
+        return self._train_fp
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ----- the loop -----
-    def train(self) -> dict:
-        """Run the optimisation; returns the last logged training metrics."""
+    def train(self, resume_from_checkpoint: Optional[str | bool] = None) -> dict:
+        """Run the optimisation; returns the last logged training metrics. `resume_from_checkpoint` (else the config
+        field): `latest` (or True) or a checkpoint directory, to continue a stopped run exactly."""
         cfg, acc = self.args, self.accelerator
         if self.train_examples is None:
             raise ConfigError("no training data: pass train_dataset= or set train_file")
-        self._check_output_dir()
+        resume = cfg.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
+        resume = C.LATEST if resume is True else None if resume is False else resume
+        ckpt = self._check_output_dir(resume)
+        saved = C.load_state(ckpt) if ckpt is not None else None
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            removed = C.remove_partial_saves(self.output_dir)
+            if removed:
+                log(f"removed {len(removed)} partial save(s) of an interrupted run: {', '.join(removed)}")
             cfg.save(self.output_dir / RUN_MARKER)
         total_steps = self._total_steps()
         self._make_optimizer(total_steps)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        sink = MetricsSink(self.output_dir, cfg.report_to_tensorboard, acc.is_main_process)
-        meter, last = MeanMeter(), {}
-        stream = self._micro_batches()
+        self.global_step, self.nonfinite_steps = 0, 0
+        self._position = (0, 0)  # (epoch, index of the next micro-batch in it)
+        self._meter = MeanMeter()  # metrics of the steps since the last log
+        if saved is not None:
+            self._restore(ckpt, *saved, total_steps)
+            if acc.is_main_process:
+                C.write_latest(self.output_dir, ckpt)  # resuming an older checkpoint makes it the newest again
+        self._sink = sink = MetricsSink(self.output_dir, cfg.report_to_tensorboard, acc.is_main_process,
+                                        history=saved[1]["metrics"] if saved else None,
+                                        resume_step=self.global_step if saved else None)
+        last: dict = {}
+        stream = self._micro_batches(*self._position)
         bar = None
         if not cfg.disable_tqdm and acc.is_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total_steps, desc=type(self).__name__, dynamic_ncols=True)
+            bar = tqdm(total=total_steps, initial=self.global_step, desc=type(self).__name__, dynamic_ncols=True)
         self.model.train()
-        while self.global_step < total_steps:
-            t0 = time.perf_counter()
-            epoch = 0
-            micro = []
-            for _ in range(cfg.gradient_accumulation_steps):
-                epoch, batch = next(stream)
-                micro.append(self._to_device(batch))
-            total_weight = float(sum(self.batch_weight(b) for b in micro))
-            step_metrics = MeanMeter()
-            tokens = 0
+        if saved is not None:
+            # Last, so that nothing between here and the first step draws from the restored generators.
+            C.restore_rng(saved[0]["rng"])
+        try:
+            while self.global_step < total_steps:
+                t0 = time.perf_counter()
+                micro, epoch, index = [], 0, 0
+                for _ in range(cfg.gradient_accumulation_steps):
+                    epoch, index, batch = next(stream)
+                    micro.append(self._to_device(batch))
+                self._position = (epoch, index + 1)
+                record, tokens = self._optimizer_step(micro)
+                self.global_step += 1
+                record.update(learning_rate=self.scheduler.get_last_lr()[0],
+                              tokens_per_second=tokens / max(time.perf_counter() - t0, 1e-9))
+                self._meter.add(record)
+                if bar is not None:
+                    bar.update(1)
+                    if "loss" in record:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if self.global_step % cfg.logging_steps == 0 or self.global_step == total_steps:
+                    last = {**self._meter.means(), "epoch": epoch}
+                    if cfg.on_nonfinite == "skip":
+                        last["nonfinite_steps"] = self.nonfinite_steps
+                    sink.write(self.global_step, last)
+                    self._meter = MeanMeter()
+                if self.eval_examples is not None and cfg.eval_steps and self.global_step % cfg.eval_steps == 0 \
+                        and self.global_step < total_steps:
+                    sink.write(self.global_step, self.evaluate())
+                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < total_steps:
+                    self._save_checkpoint()
+            if self.eval_examples is not None:
+                sink.write(self.global_step, self.evaluate())
+        finally:
+            if bar is not None:
+                bar.close()
+            sink.close()
+        return last
+
+    def batch_weight(self, batch: dict) -> float:
+        raise NotImplementedError
+
+    def _optimizer_step(self, micro: list) -> tuple[dict, int]:
+        """Forward and backward over the micro-batches of one optimizer step, then the update — unless a loss or the
+        gradient is non-finite (checked before the update), which stops the run or skips the update per
+        `on_nonfinite`. Returns the step's mean metrics (none when skipped) and its token count."""
+        acc = self.accelerator
+        total_weight = float(sum(self.batch_weight(b) for b in micro))
+        step_metrics, tokens, problem, grad_norm = MeanMeter(), 0, None, float("nan")
+        with self._out_of_memory_hint("train"):
             for i, batch in enumerate(micro):
                 sync = i == len(micro) - 1
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
                 with ctx:
                     with self.autocast():
                         loss_sum, weight, metrics = self.loss_and_metrics(batch, train=True)
+                    if not bool(torch.isfinite(loss_sum.detach()).all()):
+                        # The first bad micro-batch is the one to name; the rest of the step is never run.
+                        problem = (f"loss ({float(loss_sum.detach().float().sum())})", [batch])
+                        break
                     acc.backward(loss_sum / total_weight)
                 step_metrics.add(metrics, weight)
                 tokens += int(batch["attention_mask"].sum())
-            grad_norm = self._clip_and_check(micro)
-            self.optimizer.step()
+            if problem is None:
+                grad_norm, problem = self._clip_and_check(micro)
+            if problem is None:
+                self.optimizer.step()
+        if problem is not None:
+            self._nonfinite(*problem)  # raises, unless on_nonfinite=skip allows one more skipped step
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (so it stays aligned with max_steps); torch warns when a
+            # scheduler steps before the optimizer ever has, which is just what skipping the first step does.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.global_step += 1
-            elapsed = time.perf_counter() - t0
-            record = step_metrics.means()
-            record.update(grad_norm=grad_norm, learning_rate=self.scheduler.get_last_lr()[0],
-                          tokens_per_second=tokens / max(elapsed, 1e-9))
-            meter.add(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if self.global_step % cfg.logging_steps == 0 or self.global_step == total_steps:
-                last = {**meter.means(), "epoch": epoch}
-                sink.write(self.global_step, last)
-                meter = MeanMeter()
-            if self.eval_examples is not None and cfg.eval_steps and self.global_step % cfg.eval_steps == 0 \
-                    and self.global_step < total_steps:
-                sink.write(self.global_step, self.evaluate())
-            if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < total_steps:
-                self._save_checkpoint()
-        if bar is not None:
-            bar.close()
-        if self.eval_examples is not None:
-            sink.write(self.global_step, self.evaluate())
-        sink.close()
-        return last
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {} if problem is not None else {**step_metrics.means(), "grad_norm": grad_norm}
+        return record, tokens
 
-    def batch_weight(self, batch: dict) -> float:
-        raise NotImplementedError
-
-    def _clip_and_check(self, micro: list) -> float:
-        """Clip the gradient norm; a non-finite norm stops the run naming the step and the rows (never trains on it)."""
+    def _clip_and_check(self, micro: list) -> tuple[float, Optional[tuple]]:
+        """Clip the gradient norm; returns it and, when it is non-finite, the problem to report (never trained on)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         norm = float(norm)
-        if not math.isfinite(norm):
-            rows = sorted(int(r) for b in micro for r in b["row"].tolist())
-            raise DpokitError(f"non-finite gradient norm at step {self.global_step + 1} (rows {rows}); "
-                              "stopped before the optimizer step")
-        return norm
+        if math.isfinite(norm) or self.accelerator.scaler is not None:
+            # Under fp16 an infinite gradient is the gradient scaler's overflow signal: the scaler skips that update
+            # and lowers the scale itself. (A non-finite *loss* is still caught above.)
+            return norm, None
+        return norm, (f"gradient norm ({norm})", micro)
+
+    def _nonfinite(self, what: str, batches: list) -> None:
+        cfg = self.args
+        step = self.global_step + 1
+        rows = sorted(int(r) for b in batches for r in b["row"].tolist())
+        report = getattr(self, "data_reports", {}).get("train")
+        where = f": {', '.join(report.where(r) for r in rows[:8])}{', ...' if len(rows) > 8 else ''}" if report else ""
+        if cfg.on_nonfinite == "skip" and self.nonfinite_steps < cfg.max_nonfinite_steps:
+            self.nonfinite_steps += 1
+            log(f"non-finite {what} at step {step} (rows {rows}{where}); no update for this step "
+                f"({self.nonfinite_steps} skipped of max_nonfinite_steps={cfg.max_nonfinite_steps})")
+            return
+        latest = C.read_latest(self.output_dir)
+        kept = f"last good checkpoint: {latest}" if latest else "no checkpoint had been written"
+        why = "" if cfg.on_nonfinite == "stop" else \
+            f" ({self.nonfinite_steps} steps skipped already, max_nonfinite_steps={cfg.max_nonfinite_steps})"
+        raise NonFiniteError(f"non-finite {what} at step {step} (rows {rows}{where}); stopped before the optimizer "
+                             f"step{why}; {kept}")
+
+    @contextlib.contextmanager
+    def _out_of_memory_hint(self, phase: str):
+        """An out-of-memory error becomes a one-line DpokitError naming the settings that make a step smaller."""
+        try:
+            yield
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError too
+            if not _is_out_of_memory(exc):
+                raise
+            cfg = self.args
+            if phase == "eval":
+                raise OutOfMemory(f"out of memory during evaluation (per_device_eval_batch_size="
+                                  f"{cfg.per_device_eval_batch_size}, max_length={cfg.max_length}): lower "
+                                  "per_device_eval_batch_size or max_length") from exc
+            raise OutOfMemory(f"out of memory in training step {self.global_step + 1} (per_device_train_batch_size="
+                              f"{cfg.per_device_train_batch_size}, max_length={cfg.max_length}, gradient_checkpointing="
+                              f"{cfg.gradient_checkpointing}): lower per_device_train_batch_size and raise "
+                              "gradient_accumulation_steps to keep the effective batch, lower max_length, or set "
+                              "gradient_checkpointing=true") from exc
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -403,18 +563,25 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         meter = MeanMeter()
-        for batch in self._eval_loader():
-            batch = self._to_device(batch)
-            with self.autocast():
-                _, weight, metrics = self.loss_and_metrics(batch, train=False)
-            meter.add(metrics, weight)
+        with self._out_of_memory_hint("eval"):
+            for batch in self._eval_loader():
+                batch = self._to_device(batch)
+                with self.autocast():
+                    _, weight, metrics = self.loss_and_metrics(batch, train=False)
+                meter.add(metrics, weight)
         if was_training:
             self.model.train()
         return {f"eval/{k}": v for k, v in meter.means().items()}
 
-    # ----- saving -----
+    # ----- saving and resuming -----
     def _unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def _write_model(self, directory: Path) -> None:
+        """The model (or LoRA adapter) in Hugging Face format, the tokenizer and the run's config."""
+        self._unwrapped().save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+        self.args.save(directory / RUN_MARKER)
 
     def save_model(self, output_dir: Optional[str] = None) -> Path:
         """The model (or LoRA adapter) in Hugging Face format plus the tokenizer, written atomically into `output_dir`:
@@ -426,36 +593,92 @@ class Trainer:
         tmp = out / f".tmp-save-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        self._unwrapped().save_pretrained(str(tmp), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(tmp))
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
+        self._write_model(tmp)
+        C.fsync_tree(tmp)
+        # The final model shares output_dir with the checkpoints and metrics, so it cannot arrive by one directory
+        # rename: each file is renamed into place (atomic per file), the weights last, so a kill never leaves a
+        # half-written file, and a model whose weights are there is complete.
+        for item in sorted(tmp.iterdir(), key=lambda p: C.is_weights_file(p.name)):
+            target = out / item.name
+            if item.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        C.fsync_dir(out)
         tmp.rmdir()
-        if not (out / RUN_MARKER).exists():
-            self.args.save(out / RUN_MARKER)
         return out
 
-    def _save_checkpoint(self) -> None:
-        ckpt = self.output_dir / f"checkpoint-{self.global_step}"
-        tmp = self.output_dir / f".tmp-checkpoint-{self.global_step}"
-        if self.accelerator.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self.save_model(str(tmp))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "global_step": self.global_step}, tmp / "trainer_state.pt")
-            if ckpt.exists():
-                shutil.rmtree(ckpt)
-            os.replace(tmp, ckpt)
-            self._rotate_checkpoints()
+    def _save_checkpoint(self) -> Path:
+        """checkpoint-N: model, tokenizer and trainer state, written to a temporary directory, fsynced and renamed
+        into place; then `latest` moves to it; only then are checkpoints beyond save_total_limit deleted."""
+        name = f"checkpoint-{self.global_step}"
+        ckpt, tmp = self.output_dir / name, self.output_dir / f".tmp-{name}"
+        if not self.accelerator.is_main_process:
+            return ckpt
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self._write_model(tmp)
+        scaler = self.accelerator.scaler
+        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "scaler": scaler.state_dict() if scaler is not None else None, "rng": C.capture_rng()}
+        info = {
+            "global_step": self.global_step, "total_steps": self._total_steps(),
+            # Checkpoints fall between optimizer steps, so no micro-batch of the next step has been consumed yet: the
+            # micro-step within accumulation is always 0 and (epoch, next micro-batch) is the whole data position.
+            "position": list(self._position), "micro_step": 0, "nonfinite_steps": self.nonfinite_steps,
+            "meter": self._meter.state(), "metrics": self._sink.history,
+            "data": {"train_rows": len(self.train_examples), "train_fingerprint": self._train_fingerprint()},
+            "ref_cache_keys": self.ref_cache_keys, "config": C.plain(self.args.to_dict()),
+        }
+        C.save_state(tmp, tensors, info)
+        C.pause_for_tests()
+        C.fsync_tree(tmp)
+        C.replace_dir(tmp, ckpt)
+        C.write_latest(self.output_dir, ckpt)
+        self._rotate_checkpoints()
+        return ckpt
 
     def _rotate_checkpoints(self) -> None:
         limit = self.args.save_total_limit
         if not limit:
             return
-        ckpts = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in ckpts[:-limit]:
+        # Only this run's past counts: a checkpoint-M with M > global_step is left from a continuation abandoned by
+        # resuming an earlier checkpoint, and is replaced when this run reaches step M.
+        done = [path for step, path in C.list_checkpoints(self.output_dir) if step <= self.global_step]
+        for old in done[:-limit]:
             shutil.rmtree(old)
+
+    def _restore(self, ckpt: Path, tensors: dict, info: dict, total_steps: int) -> None:
+        """Put weights, optimizer, scheduler, scaler, data position and counters back where `ckpt` left them, after
+        checking it is this run's (the RNG states are restored by `train`, right before the first step)."""
+        self._check_same_run(info["config"], f"from {ckpt}")
+        if info["data"]["train_fingerprint"] != self._train_fingerprint():
+            raise C.CheckpointError(f"cannot resume from {ckpt}: the training data differs from the checkpoint's "
+                                    f"({info['data']['train_rows']} rows then, {len(self.train_examples)} now, or "
+                                    "other token ids)")
+        # Only the train split's: eval_file may change on resume.
+        if info["ref_cache_keys"].get("train") != self.ref_cache_keys.get("train"):
+            raise C.CheckpointError(f"cannot resume from {ckpt}: the precomputed reference log-probs differ from the "
+                                    "checkpoint's (another reference model or precision)")
+        if info["total_steps"] != total_steps or info["micro_step"] != 0:
+            raise C.CheckpointError(f"cannot resume from {ckpt}: it was written for {info['total_steps']} steps, "
+                                    f"this run has {total_steps}")
+        C.load_weights(self._unwrapped(), ckpt, peft=self.use_peft)
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        if self.accelerator.scaler is not None and tensors["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(tensors["scaler"])
+        self.global_step = info["global_step"]
+        self._position = tuple(info["position"])
+        self.nonfinite_steps = info["nonfinite_steps"]
+        self._meter = MeanMeter.from_state(info["meter"])
+        log(f"resumed from {ckpt} at step {self.global_step} "
+            f"(epoch {self._position[0]}, micro-batch {self._position[1]})")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return (isinstance(exc, torch.cuda.OutOfMemoryError) or text.startswith("DefaultCPUAllocator: can't allocate")
+            or "out of memory" in text.lower())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -574,6 +797,7 @@ class DPOTrainer(Trainer):
             batches = (self._to_device(b) for b in loader)
             num_rows = max(int(p.row) for p in examples) + 1
             self.reference[split] = precompute(ref, batches, num_rows, cache_key=key)
+            self.ref_cache_keys[split] = key
             log(f"reference log-probs for {len(examples)} {split} pairs precomputed (cache key {key[:12]})")
         # Free the reference model: the whole point of precomputing is not to hold it during training.
         self._ref_module = None
