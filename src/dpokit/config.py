@@ -49,6 +49,8 @@ class TrainConfig:
     on_bad_rows: str = "error"
     """`error`: stop before training at a malformed row (naming file, row, field); `skip`: drop it, count it and
     write it with its reason to `output_dir/skipped_rows.jsonl`."""
+    deduplicate: bool = False
+    """Drop rows that repeat an earlier row exactly (counted as `deduplicated` in the data report)."""
     chat_template: Optional[str] = None
     """Jinja chat template (or a path to a file holding one) for conversational data when the tokenizer has none."""
     max_length: Optional[int] = 1024
@@ -208,6 +210,10 @@ class SFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """Preference optimisation (DPO and its family) on prompt/chosen/rejected pairs."""
 
+    pair_strategy: str = "best_vs_worst"
+    """How scored rows (several responses with scores) become pairs: best_vs_worst, best_vs_rest or all_pairs."""
+    min_score_gap: float = 0.0
+    """Scored rows: a pair needs chosen score - rejected score >= this (ties never become pairs)."""
     ref_model_name_or_path: Optional[str] = None
     """A separate reference model; default: a frozen copy of the starting policy (adapters off under LoRA)."""
     beta: float = 0.1
@@ -250,6 +256,9 @@ class DPOConfig(TrainConfig):
                                   f"valid: {', '.join(losses.LOSS_TYPES)}")
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
             raise ConfigError(f"loss_weights has {len(self.loss_weights)} values for {len(names)} loss types")
+        _check_choice(self, "pair_strategy", ("best_vs_worst", "best_vs_rest", "all_pairs"))
+        if self.min_score_gap < 0:
+            raise ConfigError(f"min_score_gap must be >= 0 (got {self.min_score_gap})")
         _check_choice(self, "f_divergence_type", ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0 (got {self.beta})")

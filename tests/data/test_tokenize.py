@@ -99,7 +99,8 @@ class PairTokenizer:
     def _encode(self, text):
         return [self.vocab.setdefault(text[i:i + 2], len(self.vocab)) for i in range(0, len(text), 2)]
 
-    def __call__(self, text, add_special_tokens=True, verbose=True):
+    def __call__(self, text, add_special_tokens=True, verbose=True, return_attention_mask=None,
+                 return_token_type_ids=None):  # the keywords of a transformers tokenizer that dpokit passes
         class Out(dict):
             input_ids = property(lambda self: self["input_ids"])
 

@@ -28,9 +28,9 @@ BAD_FILES = {
     "truncated_gzip.jsonl.gz": "{p}: cannot read gzip file (Compressed file ended before the end-of-stream marker was reached)",
     "not_gzip.jsonl.gz": "{p}: cannot read gzip file (Not a gzipped file (b'{\"'))",
     "empty.jsonl": "{p}: cannot detect a preference format from columns []; expected prompt+chosen+rejected, "
-                   "chosen+rejected or prompt+completions (rename columns with column_map)",
+                   "chosen+rejected, prompt+completions or prompt+responses+scores (rename columns with column_map)",
     "unknown_columns.jsonl": "{p}: cannot detect a preference format from columns [answer, question]; expected "
-                             "prompt+chosen+rejected, chosen+rejected or prompt+completions (rename columns with column_map)",
+                             "prompt+chosen+rejected, chosen+rejected, prompt+completions or prompt+responses+scores (rename columns with column_map)",
     "empty_chosen.jsonl": ROW + "field 'chosen': empty string",
     "null_rejected.jsonl": ROW + "field 'rejected': missing",
     "chosen_not_string.jsonl": ROW + "field 'chosen': expected a string, got integer",
@@ -288,3 +288,122 @@ def test_round_trip_sft(fmt, prompt, completion, prompt_messages, reply):
 
 def test_round_trip_whole_hh_file():
     _round_trip(load_rows(HH_FILE)[0], preference_examples)
+
+
+# ------------------------------------------------------------------------------------- chat templates, truncation
+
+
+def test_check_conversational_needs_a_template_and_takes_one_from_a_file(tmp_path, capsys):
+    from .conftest import INST_TEMPLATE
+
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": [{"role": "assistant", "content": "Yes."}],
+             "rejected": [{"role": "assistant", "content": "No."}]} for i in range(3)]
+    path = _write(tmp_path, "conv.jsonl", rows)
+    template = tmp_path / "inst.jinja"
+    template.write_text(INST_TEMPLATE)
+    # The plain Llama-2 tokenizer has no chat template: check cannot count tokens and says what to set.
+    assert check_main([path, "--tokenizer", str(LLAMA2)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: row 1: conversational row, but tokenizer ") and "has no chat template" in err
+    assert check_main([path, "--tokenizer", str(LLAMA2), "--chat_template", str(template), "--max_length", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: 3 rows, format conversational, 3 usable" in out and "  prompt: p50=" in out
+    assert out.endswith("result: clean\n")
+    assert check_main([path, "--chat_template", str(template)]) == 2
+    assert capsys.readouterr().err == "error: --chat_template needs --tokenizer (the template renders for that tokenizer)\n"
+    assert check_main([path, "--tokenizer", str(LLAMA2), "--chat_template", str(tmp_path / "none.jinja")]) == 2
+    assert capsys.readouterr().err == (f"error: --chat_template {tmp_path / 'none.jinja'}: cannot read "
+                                       f"(No such file or directory)\n")
+
+
+def test_filter_drop_truncated_removes_rows_that_truncation_would_cut(tmp_path):
+    short = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    long_prompt = {"prompt": "word " * 40, "chosen": "a", "rejected": "b"}  # cut (prompt) but kept by max_length=20
+    long_reply = {"prompt": "q", "chosen": "yes " * 40, "rejected": "b"}  # chosen cut, still kept
+    hopeless = {"prompt": "word " * 40, "chosen": "a " * 40, "rejected": "b"}
+    src, out = _write(tmp_path, "in.jsonl", [short, long_prompt, long_reply]), str(tmp_path / "out.jsonl")
+    limits = ["--tokenizer", str(LLAMA2), "--max_length", "20", "--truncation_mode", "keep_end"]
+    # Without --drop_truncated only rows that would lose a whole completion go; the cut ones stay.
+    assert filter_main([src, out, *limits]) == 0
+    assert [json.loads(line) for line in open(out)] == [short, long_prompt, long_reply]
+    assert filter_main([src, out, *limits, "--drop_truncated"]) == 0
+    assert [json.loads(line) for line in open(out)] == [short]
+    src2 = _write(tmp_path, "in2.jsonl", [short, hopeless])
+    assert filter_main([src2, out, "--tokenizer", str(LLAMA2), "--max_length", "20"]) == 0
+    assert [json.loads(line) for line in open(out)] == [short]
+    assert filter_main([_write(tmp_path, "in3.jsonl", [long_reply]), out, *limits, "--drop_truncated"]) == 2
+
+
+# ------------------------------------------------------------------------------------- scored: more layouts
+
+
+def _pairs(rows, **kwargs):
+    examples, report = preference_examples(rows, "<list>", **kwargs)
+    return [(e.chosen, e.rejected) for e in examples], report
+
+
+def test_scored_parallel_responses_and_scores_columns():
+    rows = [{"prompt": "q", "responses": ["ok", "bad", "meh"], "scores": [3, 1, 2]},
+            {"prompt": "q2", "responses": ["x", "y"], "scores": [2.0, 2.0]}]  # a tie: no pair
+    pairs, report = _pairs(rows, pair_strategy="all_pairs")
+    assert pairs == [("ok", "bad"), ("ok", "meh"), ("meh", "bad")]
+    assert (report.format, report.kept, report.unpaired) == ("scored", 3, 1)
+    conv = [{"prompt": [{"role": "user", "content": "q"}], "responses": ["a", [{"role": "assistant", "content": "b"}]],
+             "scores": [0, 1]}]
+    assert _pairs(conv)[0] == [([{"role": "assistant", "content": "b"}], [{"role": "assistant", "content": "a"}])]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "q", "responses": ["a", "b"], "scores": [1]}, "field 'scores': 1 scores for 2 responses"),
+    ({"prompt": "q", "responses": ["a", "b"], "scores": [1, "2"]}, "field 'scores[1]': expected a number, got string"),
+    ({"prompt": "q", "responses": "a", "scores": [1]}, "field 'responses': expected a list of completions, got string"),
+    ({"prompt": "q", "responses": ["a"], "scores": [1]}, "field 'responses': need at least 2 completions to form a pair, got 1"),
+    ({"prompt": "q", "responses": ["a", "b"]}, "field 'scores': missing"),
+    ({"prompt": "q", "responses": ["a", ""], "scores": [1, 2]}, "field 'responses[1]': empty string"),
+    ({"prompt": "q", "completions": [{"text": "a", "score": 1}, {"text": "b", "overall_score": 2}]},
+     "field 'completions[1].overall_score': scored by 'overall_score' but completions[0] by 'score'; use one score key per row"),
+    ({"prompt": "q", "completions": [{"text": "a", "annotations": {"honesty": {"Rating": "N/A"}}},
+                                     {"text": "b", "annotations": {"honesty": {"Rating": "2"}}}]},
+     "field 'completions[0].annotations': no numeric Rating in any aspect"),
+    ({"prompt": "q", "completions": [{"text": "a", "annotations": {"honesty": "5"}}, {"text": "b", "score": 1}]},
+     "field 'completions[1].score': scored by 'score' but completions[0] by 'annotations'; use one score key per row"),
+    ({"prompt": "q", "completions": [{"text": "a", "annotations": {"honesty": "5"}}, {"text": "b", "annotations": {}}]},
+     "field 'completions[0].annotations.honesty': expected an object with a 'Rating'"),
+])
+def test_scored_row_errors(row, message):
+    with pytest.raises(DataError) as info:
+        preference_examples([row], "<list>", dataset_format="scored")  # a row lacking "scores" is not detectable
+    assert str(info.value) == "<list> row 1: " + message
+
+
+def test_scored_ultrafeedback_rows():
+    def completion(text, ratings, overall=None, fine=None):
+        item = {"response": text, "annotations": {aspect: {"Rating": r, "Rationale": "..."} for aspect, r in ratings.items()}}
+        if overall is not None:
+            item["overall_score"] = overall
+        if fine is not None:
+            item["fine-grained_score"] = fine
+        return item
+
+    aspects = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+    # Only annotations: the score is the mean of the numeric ratings; "N/A" is left out (b: mean(4, 4) = 4 > 3.5).
+    row = {"instruction": "Name a fruit.", "completions": [
+        completion("apple", dict(zip(aspects, ["5", "4", "3", "2"]))),     # 3.5
+        completion("banana", dict(zip(aspects, ["4", "N/A", "4", "4"]))),  # 4.0
+        completion("rock", dict(zip(aspects, ["1", "1", "1", "1"]))),      # 1.0
+        completion("pear", dict(zip(aspects, [4, 4, 4, "4"]))),            # 4.0: ties with banana, never a pair
+    ]}
+    pairs, report = _pairs([row], column_map={"instruction": "prompt"}, pair_strategy="all_pairs")
+    assert pairs == [("banana", "apple"), ("apple", "rock"), ("pear", "apple"), ("banana", "rock"), ("pear", "rock")]
+    assert report.format == "scored"
+    assert _pairs([row], column_map={"instruction": "prompt"})[0] == [("banana", "rock")]  # first of the tied best
+    # overall_score wins over fine-grained_score and annotations when present (on every completion of the row).
+    row2 = {"prompt": "q", "completions": [completion("a", {"honesty": "1"}, overall=8.0, fine=1.0),
+                                           completion("b", {"honesty": "5"}, overall=6.5, fine=5.0)]}
+    assert _pairs([row2])[0] == [("a", "b")]
+    row3 = {"prompt": "q", "completions": [completion("a", {"honesty": "1"}, fine=1.5),
+                                           completion("b", {"honesty": "5"}, fine=4.75)]}
+    assert _pairs([row3])[0] == [("b", "a")]
+    tied = {"prompt": "q", "completions": [completion("a", {"honesty": "3"}), completion("b", {"honesty": "3.0"})]}
+    with pytest.raises(DataError, match=r"no usable rows \(1 scored rows gave no pair"):
+        preference_examples([tied], "<list>")

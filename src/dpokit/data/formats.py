@@ -16,8 +16,13 @@ Preference formats (`dataset_format=`; `auto` detects them from the columns and 
   the ``"\\n\\nAssistant:"`` marker that answers the last Human turn, the completions are the text after it (see
   `split_hh_transcript`). `parse_hh_transcript` turns a transcript into messages when a chat template is wanted.
 
-- ``scored``: ``prompt`` plus ``completions``, a list of ``{"text": ..., "score": number}`` (UltraFeedback-style
-  ``{"response": ..., "overall_score": ...}`` also works). Pairs are formed per `pair_strategy`: ``best_vs_worst``
+- ``scored``: ``prompt`` plus several rated completions, as ``completions``, a list of ``{"text": ..., "score":
+  number}``, or as two parallel lists ``responses`` (texts) and ``scores`` (numbers). UltraFeedback rows work as they
+  are: a completion's text may be under ``response``, its score under ``overall_score`` or ``fine-grained_score``, or
+  come from ``annotations: {aspect: {"Rating": "4", ...}}`` as the MEAN of the numeric ratings (numeric strings count,
+  "N/A" is left out). A completion's score is read from the first of ``score``, ``overall_score``,
+  ``fine-grained_score``, ``annotations`` it has, and every completion of a row must use the same one (a 1-10
+  overall score is not comparable to a 1-5 rating). Pairs are formed per `pair_strategy`: ``best_vs_worst``
   (one pair per row), ``best_vs_rest`` (the best against each other completion) or ``all_pairs`` (every two
   completions, higher score chosen); a pair needs ``score_chosen - score_rejected >= min_score_gap`` AND a strictly
   higher chosen score, so ties never become pairs. Among equal scores the first completion listed is used.
@@ -47,14 +52,16 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import os
 import re
 import zlib
-from dataclasses import dataclass, field
+from array import array
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from dpokit.errors import ConfigError, DataError
 
@@ -62,7 +69,9 @@ PREFERENCE_FORMATS = ("standard", "conversational", "implicit_conversational", "
 PAIR_STRATEGIES = ("best_vs_worst", "best_vs_rest", "all_pairs")
 INPUT_COLUMNS = ("input", "context")  # Alpaca-style extra material, folded into the prompt (see `_fold_input`)
 SCORED_TEXT_KEYS = ("text", "response")  # where a scored completion keeps its text, in this order of preference
-SCORED_SCORE_KEYS = ("score", "overall_score")  # UltraFeedback calls its rating "overall_score"
+# Where a scored completion keeps its score, in this order of preference; "annotations" (UltraFeedback's per-aspect
+# ratings) is used last, as the mean of its numeric ratings (see `_annotation_score`).
+SCORED_SCORE_KEYS = ("score", "overall_score", "fine-grained_score", "annotations")
 SFT_FORMATS = ("prompt_completion", "conversational_prompt_completion", "messages", "text")
 ROLES = ("system", "user", "assistant", "tool")
 ON_BAD_ROWS = ("error", "skip")
@@ -77,7 +86,7 @@ Message = dict  # {"role": str, "content": str}
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class PreferenceExample:
     """One preference pair in canonical form.
 
@@ -94,7 +103,7 @@ class PreferenceExample:
     system: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class SFTExample:
     """One supervised example: the model learns `completion` given `prompt` (both text, or both message lists).
 
@@ -131,7 +140,7 @@ class DataReport:
     format: str = ""
     source: str = ""
     unpaired: int = 0
-    line_numbers: list[int] | None = field(default=None, repr=False)
+    line_numbers: Sequence[int] | None = field(default=None, repr=False)
 
     def where(self, row: int) -> str:
         """Human position of 0-based row `row`: ``file.jsonl:LINE`` for JSON Lines, else ``source row N`` (1-based)."""
@@ -150,12 +159,12 @@ class DataReport:
 class RowList(list):
     """A list of row dicts read from a JSON Lines file that remembers each row's 1-based line number."""
 
-    def __init__(self, rows: Iterable[dict], line_numbers: list[int]):
+    def __init__(self, rows: Iterable[dict], line_numbers: Sequence[int]):
         super().__init__(rows)
         self.line_numbers = line_numbers
 
 
-def _where(source: str, line_numbers: list[int] | None, row: int) -> str:
+def _where(source: str, line_numbers: Sequence[int] | None, row: int) -> str:
     if line_numbers is not None:
         return f"{source}:{line_numbers[row]}"
     return f"{source} row {row + 1}"
@@ -203,9 +212,9 @@ def load_rows(source: Any, *, split: str = "train") -> tuple[list[dict] | Any, s
     if kind not in FILE_SUFFIXES:
         raise DataError(f"{name}: unsupported file type {''.join(path.suffixes) or '(none)'}; expected one of "
                         f"{', '.join(FILE_SUFFIXES)} (optionally .gz) or a datasets save_to_disk directory")
-    raw = _read_bytes(path, name, gz)
     if kind == ".jsonl":
-        return _parse_jsonl(raw, name), name
+        return _stream_jsonl(path, name, gz), name
+    raw = _read_bytes(path, name, gz)
     if kind == ".json":
         return _parse_json(raw, name), name
     if kind in (".csv", ".tsv"):
@@ -230,23 +239,36 @@ def _decode_line(raw: bytes, name: str, lineno: int) -> str:
         raise DataError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
 
 
-def _parse_jsonl(raw: bytes, name: str) -> RowList:
-    rows, lines = [], []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+def _stream_jsonl(path: Path, name: str, gz: bool) -> RowList:
+    """Read a JSON Lines file one line at a time, so that only the parsed rows are held, never the file's bytes too
+    (a million-pair file would otherwise sit in memory as bytes, as a list of lines and as rows at once)."""
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            return _parse_jsonl(f, name)
+    except (OSError, EOFError, zlib.error) as e:  # a gzip stream can turn out broken half-way through
+        raise DataError(f"{name}: cannot read {'gzip ' if gz else ''}file ({_one_line(e)})") from None
+
+
+def _parse_jsonl(lines: Iterable[bytes], name: str) -> RowList:
+    """Rows from an iterable of byte lines (a binary file, which splits on b"\\n" only, as JSON Lines does)."""
+    rows, numbers = [], array("q")  # 8 bytes per line number instead of a list entry plus an int object
+    keys: dict[str, str] = {}
+    for lineno, line in enumerate(lines, start=1):
         if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not part of the JSON
             line = line[3:]
-        text = _decode_line(line, name, lineno)
+        text = _decode_line(line[:-1] if line.endswith(b"\n") else line, name, lineno)
         if not text.strip():
-            continue  # blank lines (and the file's final newline) carry no row
+            continue  # blank lines carry no row
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{name}:{lineno}: expected a JSON object, got {_type_name(obj)}")
-        rows.append(obj)
-        lines.append(lineno)
-    return RowList(rows, lines)
+        # json makes fresh key strings for every line; share one per column name (saves ~50 bytes per key per row).
+        rows.append({keys.setdefault(k, k): v for k, v in obj.items()})
+        numbers.append(lineno)
+    return RowList(rows, numbers)
 
 
 def _parse_json(raw: bytes, name: str) -> list[dict] | RowList:
@@ -262,10 +284,10 @@ def _parse_json(raw: bytes, name: str) -> list[dict] | RowList:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _parse_jsonl(raw, name)  # JSON Lines under a .json name: a documented form, not a guess
+            return _parse_jsonl(io.BytesIO(raw), name)  # JSON Lines under a .json name: a documented form
         raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(obj, dict):
-        return _parse_jsonl(raw, name)  # a single object is a one-line JSON Lines file
+        return _parse_jsonl(io.BytesIO(raw), name)  # a single object is a one-line JSON Lines file
     if not isinstance(obj, list):
         raise DataError(f"{name}: expected a JSON array of objects, got {_type_name(obj)}")
     for i, item in enumerate(obj):
@@ -567,28 +589,64 @@ def _implicit_hh(row: dict, index: int) -> PreferenceExample:
     return PreferenceExample(prompt, chosen, rejected, index)
 
 
-def _score(item: dict, name: str) -> float:
-    key = next((k for k in SCORED_SCORE_KEYS if item.get(k) is not None), None)
-    if key is None:
-        raise _RowProblem(f"{name}.score", "missing")
-    value = item[key]
+def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _RowProblem(f"{name}.{key}", f"expected a number, got {_type_name(value)}")
+        raise _RowProblem(name, f"expected a number, got {_type_name(value)}")
     if value != value or value in (float("inf"), float("-inf")):
-        raise _RowProblem(f"{name}.{key}", f"expected a finite number, got {value}")
+        raise _RowProblem(name, f"expected a finite number, got {value}")
     return float(value)
+
+
+def _annotation_score(annotations: Any, name: str) -> float:
+    """UltraFeedback ``annotations``: ``{aspect: {"Rating": "4", "Rationale": ...}, ...}`` -> the mean of the
+    numeric ratings (numbers or numeric strings); non-numeric ratings such as "N/A" are left out of the mean."""
+    if not isinstance(annotations, dict) or not annotations:
+        raise _RowProblem(name, f"expected an object of aspect ratings, got {_type_name(annotations)}")
+    ratings = []
+    for aspect, value in annotations.items():
+        if not isinstance(value, dict) or "Rating" not in value:
+            raise _RowProblem(f"{name}.{aspect}", "expected an object with a 'Rating'")
+        rating = value["Rating"]
+        if isinstance(rating, str):
+            try:
+                rating = float(rating)
+            except ValueError:
+                continue  # "N/A": the annotator gave no rating for this aspect
+        if isinstance(rating, (int, float)) and not isinstance(rating, bool) and rating == rating \
+                and rating not in (float("inf"), float("-inf")):
+            ratings.append(float(rating))
+    if not ratings:
+        raise _RowProblem(name, "no numeric Rating in any aspect")
+    return sum(ratings) / len(ratings)
+
+
+def _scores(items: list[dict], name: str) -> list[float]:
+    """One score per completion, all read from the same key (module docstring): scores from different scales (a
+    1-10 overall_score against a 1-5 fine-grained mean) must not be compared."""
+    keys = [next((k for k in SCORED_SCORE_KEYS if item.get(k) is not None), None) for item in items]
+    for i, key in enumerate(keys):
+        if key is None:
+            raise _RowProblem(f"{name}[{i}].score", "missing")
+        if key != keys[0]:
+            raise _RowProblem(f"{name}[{i}].{key}", f"scored by {key!r} but {name}[0] by {keys[0]!r}; use one score key per row")
+    if keys[0] == "annotations":
+        return [_annotation_score(item["annotations"], f"{name}[{i}].annotations") for i, item in enumerate(items)]
+    return [_number(item[keys[0]], f"{name}[{i}].{keys[0]}") for i, item in enumerate(items)]
+
+
+def _scored_text(value: Any, name: str, conversational: bool):
+    if conversational:
+        if isinstance(value, str):
+            value = [{"role": "assistant", "content": value}]  # a plain reply to a message prompt is one assistant turn
+        return _assistant_messages(_messages(value, name), name)
+    return _text({name: value}, name)
 
 
 def _scored_completion(item: Any, name: str, conversational: bool):
     if not isinstance(item, dict):
         raise _RowProblem(name, f"expected an object with text and score, got {_type_name(item)}")
     key = next((k for k in SCORED_TEXT_KEYS if item.get(k) is not None), "text")
-    value, field_name = item.get(key), f"{name}.{key}"
-    if conversational:
-        if isinstance(value, str):
-            value = [{"role": "assistant", "content": value}]  # a plain reply to a message prompt is one assistant turn
-        return _assistant_messages(_messages(value, field_name), field_name)
-    return _text({field_name: value}, field_name)
+    return _scored_text(item.get(key), f"{name}.{key}", conversational)
 
 
 def scored_pairs(scores: list[float], strategy: str, min_score_gap: float) -> list[tuple[int, int]]:
@@ -611,6 +669,25 @@ def scored_pairs(scores: list[float], strategy: str, min_score_gap: float) -> li
             for c in range(len(scores)) for r in range(c + 1, len(scores)) if ok(c, r) or ok(r, c)]
 
 
+def _parallel_scored(row: dict, conversational: bool) -> tuple[list, list[float]]:
+    """``responses`` / ``scores``: two lists of the same length, the i-th score rating the i-th response."""
+    responses, scores = row.get("responses"), row.get("scores")
+    if responses is None:
+        raise _RowProblem("responses", "missing")
+    if not isinstance(responses, list):
+        raise _RowProblem("responses", f"expected a list of completions, got {_type_name(responses)}")
+    if scores is None:
+        raise _RowProblem("scores", "missing")
+    if not isinstance(scores, list):
+        raise _RowProblem("scores", f"expected a list of numbers, got {_type_name(scores)}")
+    if len(scores) != len(responses):
+        raise _RowProblem("scores", f"{len(scores)} scores for {len(responses)} responses")
+    if len(responses) < 2:
+        raise _RowProblem("responses", f"need at least 2 completions to form a pair, got {len(responses)}")
+    texts = [_scored_text(r, f"responses[{i}]", conversational) for i, r in enumerate(responses)]
+    return texts, [_number(v, f"scores[{i}]") for i, v in enumerate(scores)]
+
+
 def _scored(row: dict, index: int, strategy: str, min_score_gap: float) -> list[PreferenceExample]:
     raw_prompt = row.get("prompt")
     if isinstance(raw_prompt, list):
@@ -618,15 +695,19 @@ def _scored(row: dict, index: int, strategy: str, min_score_gap: float) -> list[
         system = None
     else:
         prompt, system = _fold_input(row, _text(row, "prompt")), _optional_text(row, "system")
-    items = row.get("completions")
-    if items is None:
-        raise _RowProblem("completions", "missing")
-    if not isinstance(items, list):
-        raise _RowProblem("completions", f"expected a list of {{text, score}} objects, got {_type_name(items)}")
-    if len(items) < 2:
-        raise _RowProblem("completions", f"need at least 2 completions to form a pair, got {len(items)}")
-    texts = [_scored_completion(item, f"completions[{i}]", isinstance(prompt, list)) for i, item in enumerate(items)]
-    scores = [_score(item, f"completions[{i}]") for i, item in enumerate(items)]
+    conversational = isinstance(prompt, list)
+    if "completions" not in row and ("responses" in row or "scores" in row):
+        texts, scores = _parallel_scored(row, conversational)
+    else:
+        items = row.get("completions")
+        if items is None:
+            raise _RowProblem("completions", "missing")
+        if not isinstance(items, list):
+            raise _RowProblem("completions", f"expected a list of {{text, score}} objects, got {_type_name(items)}")
+        if len(items) < 2:
+            raise _RowProblem("completions", f"need at least 2 completions to form a pair, got {len(items)}")
+        texts = [_scored_completion(item, f"completions[{i}]", conversational) for i, item in enumerate(items)]
+        scores = _scores(items, "completions")
     return [PreferenceExample(prompt, texts[c], texts[r], index, system)
             for c, r in scored_pairs(scores, strategy, min_score_gap) if texts[c] != texts[r]]
 
@@ -699,14 +780,14 @@ def _first_value(rows, name: str):
 def detect_preference_format(rows, source_name: str) -> str:
     """Name of the preference format of `rows` (already column-mapped), from its columns and first values."""
     cols = set(_columns(rows))
-    if {"prompt", "completions"} <= cols:
+    if {"prompt", "completions"} <= cols or {"prompt", "responses", "scores"} <= cols:
         return "scored"
     if {"prompt", "chosen", "rejected"} <= cols:
         return "conversational" if isinstance(_first_value(rows, "prompt"), list) else "standard"
     if {"chosen", "rejected"} <= cols:
         return "implicit_conversational" if isinstance(_first_value(rows, "chosen"), list) else "implicit_hh"
     raise DataError(f"{source_name}: cannot detect a preference format from columns [{', '.join(sorted(cols))}]; "
-                    f"expected prompt+chosen+rejected, chosen+rejected or prompt+completions (rename columns with column_map)")
+                    f"expected prompt+chosen+rejected, chosen+rejected, prompt+completions or prompt+responses+scores (rename columns with column_map)")
 
 
 def detect_sft_format(rows, source_name: str) -> str:
@@ -750,8 +831,14 @@ def _check_options(dataset_format: str, known: tuple[str, ...], on_bad_rows: str
 
 def example_key(example) -> str:
     """A text key equal for exactly-equal examples (prompt, completions, system); used for deduplication."""
-    fields = {k: v for k, v in vars(example).items() if k != "row"}
-    return json.dumps(fields, sort_keys=True, ensure_ascii=False)
+    values = {f.name: getattr(example, f.name) for f in fields(example) if f.name != "row"}
+    return json.dumps(values, sort_keys=True, ensure_ascii=False)
+
+
+def _example_digest(example) -> bytes:
+    """128-bit BLAKE2 digest of `example_key`: deduplicating a million pairs then remembers 16 bytes per pair, not a
+    second copy of all their text (a collision, ~2**-64 even at 2**32 pairs, is not a practical concern)."""
+    return hashlib.blake2b(example_key(example).encode("utf-8"), digest_size=16).digest()
 
 
 def _run_parser(rows, source_name: str, fmt: str, parse: Callable, on_bad_rows: str, deduplicate: bool = False):
@@ -780,7 +867,7 @@ def _run_parser(rows, source_name: str, fmt: str, parse: Callable, on_bad_rows: 
             report.unpaired += 1
         for ex in produced:
             if deduplicate:
-                key = example_key(ex)
+                key = _example_digest(ex)
                 if key in seen:
                     report.deduplicated += 1
                     continue

@@ -4,13 +4,14 @@ Each ``<command>_main(argv) -> int`` takes the arguments after ``dpokit data <co
 `main(argv)` dispatches on ``argv[0]``. A `DpokitError` (unreadable file, undetectable format, no usable row, bad
 option) prints one line to stderr and returns 2.
 
-- ``check FILE [--tokenizer T] [--max_length N] [--max_prompt_length N] [--max_completion_length N] [--eval FILE]``:
+- ``check FILE [--tokenizer T [--chat_template FILE]] [--max_length N] [--max_prompt_length N] [--max_completion_length N] [--eval FILE]``:
   rows, detected format, malformed rows, exact / near duplicates, share of pairs whose chosen is longer than the
   rejected, with a tokenizer token-length percentiles and what each truncation setting would cut or drop, and
-  prompts found in both FILE and the eval file. Exit 0: clean; 1: problems found (malformed rows, exact
+  prompts found in both FILE and the eval file. Conversational data needs a chat template: the tokenizer's, or
+  ``--chat_template FILE`` for a tokenizer without one. Exit 0: clean; 1: problems found (malformed rows, exact
   duplicates, prompts shared with the eval file); 2: unusable input.
 - ``convert IN OUT``: canonical JSON Lines (see `canonical_row`), bad rows skipped and reported.
-- ``filter IN OUT [--dedup] [--tokenizer T --max_length N [--drop_truncated]]``: canonical rows that are valid,
+- ``filter IN OUT [--dedup] [--tokenizer T [--chat_template FILE] --max_length N [--drop_truncated]]``: canonical rows that are valid,
   optionally not exact duplicates and not dropped (or, with ``--drop_truncated``, not cut) by truncation.
 - ``split IN --eval_fraction F --train_out A --eval_out B [--seed S]``: all rows sharing a prompt go to the same side.
 
@@ -166,13 +167,36 @@ def _percentiles(values: list[int]) -> str:
     return " ".join(f"p{p}={v}" for p, v in zip(PERCENTILES, picks)) + f" max={ordered[-1]}"
 
 
-def _load_tokenizer(name: str):
+def _load_tokenizer(name: str, chat_template: str | None = None):
+    """The tokenizer `name`; `chat_template` (a Jinja file) replaces its template, for conversational data whose
+    tokenizer has none (as the training option ``chat_template`` does)."""
     from transformers import AutoTokenizer
 
+    template = None
+    if chat_template is not None:
+        try:
+            template = Path(chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--chat_template {chat_template}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     try:
-        return AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as e:  # OSError, ValueError, ... for a missing or broken tokenizer
         raise ConfigError(f"cannot load tokenizer {name!r} ({' '.join(str(e).split())[:200]})") from None
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _tokenizer_option(p: _Parser) -> None:
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id, for token lengths and truncation")
+    p.add_argument("--chat_template", metavar="FILE",
+                   help="Jinja chat template file for conversational data (the tokenizer's own is replaced)")
+
+
+def _tokenizer_from(args):
+    if args.chat_template is not None and not args.tokenizer:
+        raise ConfigError("--chat_template needs --tokenizer (the template renders for that tokenizer)")
+    return _load_tokenizer(args.tokenizer, args.chat_template) if args.tokenizer else None
 
 
 def _token_report(examples, report: DataReport, tokenizer, args, out) -> None:
@@ -214,7 +238,7 @@ def _token_report(examples, report: DataReport, tokenizer, args, out) -> None:
 def _check(argv) -> int:
     p = _parser("check", "Report on a dataset's health; exit 0 clean, 1 problems found, 2 unusable.")
     p.add_argument("file")
-    p.add_argument("--tokenizer", help="tokenizer directory or hub id, for token lengths and truncation")
+    _tokenizer_option(p)
     p.add_argument("--max_length", type=int)
     p.add_argument("--max_prompt_length", type=int)
     p.add_argument("--max_completion_length", type=int)
@@ -245,8 +269,9 @@ def _check(argv) -> int:
     if args.kind == "preference":
         longer = sum(len(_text_of(e.chosen)) > len(_text_of(e.rejected)) for e in examples)
         print(f"chosen longer than rejected (characters): {100 * longer / len(examples):.1f}% of pairs", file=out)
-    if args.tokenizer:
-        _token_report(examples, report, _load_tokenizer(args.tokenizer), args, out)
+    tokenizer = _tokenizer_from(args)
+    if tokenizer is not None:
+        _token_report(examples, report, tokenizer, args, out)
     elif args.max_length:
         raise ConfigError("--max_length needs --tokenizer (lengths are counted in tokens)")
     if args.eval:
@@ -289,7 +314,7 @@ def _filter(argv) -> int:
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicates of an earlier row")
-    p.add_argument("--tokenizer")
+    _tokenizer_option(p)
     p.add_argument("--max_length", type=int)
     p.add_argument("--max_prompt_length", type=int)
     p.add_argument("--max_completion_length", type=int)
@@ -301,7 +326,7 @@ def _filter(argv) -> int:
     if limited:
         if not args.tokenizer:
             raise ConfigError("length limits need --tokenizer (lengths are counted in tokens)")
-        examples = _within_limits(examples, _load_tokenizer(args.tokenizer), args, report)
+        examples = _within_limits(examples, _tokenizer_from(args), args, report)
     write_jsonl([canonical_row(e) for e in examples], args.output)
     print(f"{args.output}: wrote {len(examples)} rows; {report.summary()}")
     return 0
