@@ -26,6 +26,7 @@ COMMANDS = {
     "eval": "preference accuracy, margins and log-probs of a model against its reference on held-out pairs",
     "export": "write a LoRA run as a merged full model (--merge)",
     "data": "check, convert, filter and split preference data",
+    "bench": "dpokit vs TRL speed, memory and loss on the same model and pairs (--preset cpu-tiny)",
     "demo": "the embedded default: SFT then DPO on a tiny sentiment task, no downloads (~2 min on 2 CPU cores)",
 }
 
@@ -139,6 +140,12 @@ def _data(argv: list[str]) -> int:
     return data_main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from dpokit.bench import main as bench_main
+
+    return bench_main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from dpokit.demo import main as demo_main
 
@@ -161,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     hf_logging.disable_progress_bar()
     handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "eval": _eval,
-                "export": _export, "data": _data, "demo": _demo}
+                "export": _export, "data": _data, "bench": _bench, "demo": _demo}
     if command not in handlers:
         import difflib
 

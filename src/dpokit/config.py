@@ -214,6 +214,15 @@ class DPOConfig(TrainConfig):
     """How scored rows (several responses with scores) become pairs: best_vs_worst, best_vs_rest or all_pairs."""
     min_score_gap: float = 0.0
     """Scored rows: a pair needs chosen score - rejected score >= this (ties never become pairs)."""
+    padding_free: bool = False
+    """Pack the pairs of a micro-batch into one row without padding (per-sequence positions, attention kept inside
+    each sequence); same log-probs as the padded path, fewer wasted tokens."""
+    share_prompt: bool = False
+    """With `padding_free`: one sequence prompt+chosen+rejected per pair, the prompt computed once (rejected never
+    attends to chosen and its positions restart after the prompt)."""
+    token_budget: Optional[int] = None
+    """With `padding_free`: split each optimizer step's pairs into micro-batches of at most this many tokens instead
+    of `per_device_train_batch_size` pairs each (the step's pairs and loss stay the same)."""
     ref_model_name_or_path: Optional[str] = None
     """A separate reference model; default: a frozen copy of the starting policy (adapters off under LoRA)."""
     beta: float = 0.1
@@ -256,6 +265,10 @@ class DPOConfig(TrainConfig):
                                   f"valid: {', '.join(losses.LOSS_TYPES)}")
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
             raise ConfigError(f"loss_weights has {len(self.loss_weights)} values for {len(names)} loss types")
+        if (self.share_prompt or self.token_budget is not None) and not self.padding_free:
+            raise ConfigError("share_prompt and token_budget need padding_free=true")
+        if self.token_budget is not None and self.token_budget < 2:
+            raise ConfigError(f"token_budget must be >= 2 (got {self.token_budget})")
         _check_choice(self, "pair_strategy", ("best_vs_worst", "best_vs_rest", "all_pairs"))
         if self.min_score_gap < 0:
             raise ConfigError(f"min_score_gap must be >= 0 (got {self.min_score_gap})")

@@ -1,0 +1,544 @@
+"""`dpokit bench`: dpokit against TRL on the same model shape, pairs, pairs per step and precision, in one run.
+
+    python -m dpokit.bench --preset cpu-tiny [--output result.json]
+
+What is compared. Both sides train the same random-weight model (built from a config with a fixed seed and saved to
+a temporary directory, which both load) on the same HH-RLHF pairs, tokenized once by dpokit with the Llama-2
+tokenizer, in the same order, with the same optimizer (AdamW, same learning rate, gradient clipping at 1.0, linear
+schedule) and the same number of pairs per optimizer step. TRL gets dpokit's token ids as-is (its own tokenization
+is bypassed, so the two cannot disagree on the data) and reads them in order instead of shuffling. TRL runs with each
+micro-batch size in the preset's `trl_micro_batches` (gradient accumulation making up the step) and the best
+throughput is reported; dpokit runs packed, with a token budget per micro-batch.
+
+Each side runs in its own subprocess, so peak memory is its own and neither warms caches for the other.
+
+dpokit side. dpokit's trainer does not yet take packed batches, so the dpokit side is the loop in `_run_dpokit`: the
+same steps as `dpokit.trainer.DPOTrainer` (micro-batches, reference log-probs, `dpokit.losses.preference_loss`,
+loss / pairs-per-step, clip, AdamW, scheduler), with `dpokit.packing` batches.
+
+Figures (per side): tokens_per_second counts the non-padding tokens of the padded chosen-then-rejected layout (prompt
+counted twice) for both sides, so a side that skips work (padding, a shared prompt) shows it as speed, not as fewer
+tokens; pairs_per_second; median_step_seconds over the timed steps (the first `warmup_steps` are not timed);
+peak_memory_bytes (CUDA: max allocated; CPU: the worker process's peak resident set, Python and torch included);
+mfu (policy training FLOPs, 6 x params x tokens plus the LM head on scored tokens, over the device's peak; null on CPU,
+which has no agreed peak, unless --peak-tflops is given); first_step_loss (the DPO loss of the first step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "llama2"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+
+# Peak dense bf16 tensor-core FLOP/s by device name (no sparsity), for MFU.
+PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+@dataclass
+class Preset:
+    model_type: str  # llama | qwen2
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    pairs_per_step: int
+    steps: int  # timed steps; warmup_steps more run first
+    max_length: int
+    token_budget: int  # dpokit's packed tokens per micro-batch
+    trl_micro_batches: tuple  # micro-batch sizes TRL is run with; the fastest is reported
+    precision: str = "fp32"  # fp32 | bf16 (autocast, float32 master weights, both sides)
+    warmup_steps: int = 1
+    tie_word_embeddings: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    seed: int = 0
+    description: str = ""
+
+
+PRESETS = {
+    "cpu-tiny": Preset("llama", 128, 344, 2, 4, 4, 32000, pairs_per_step=8, steps=3, max_length=512,
+                       token_budget=8192, trl_micro_batches=(4, 8), description="2-layer Llama, hidden 128, "
+                       "Llama-2 vocabulary; runs on 2 CPU cores in a few minutes"),
+    "llama-1b": Preset("llama", 2048, 8192, 16, 32, 8, 128256, pairs_per_step=32, steps=10, max_length=1024,
+                       token_budget=16384, trl_micro_batches=(4, 8, 16), precision="bf16", device="cuda",
+                       warmup_steps=2, description="Llama-3.2-1B shape"),
+    "tinyllama-1.1b": Preset("llama", 2048, 5632, 22, 32, 4, 32000, pairs_per_step=32, steps=10, max_length=1024,
+                             token_budget=16384, trl_micro_batches=(4, 8, 16), precision="bf16", device="cuda",
+                             warmup_steps=2, description="TinyLlama-1.1B shape"),
+    "qwen-0.5b": Preset("qwen2", 896, 4864, 24, 14, 2, 151936, pairs_per_step=32, steps=10, max_length=1024,
+                        token_budget=16384, trl_micro_batches=(4, 8, 16), precision="bf16", device="cuda",
+                        warmup_steps=2, tie_word_embeddings=True, description="Qwen2.5-0.5B shape"),
+}
+
+
+@dataclass
+class Job:
+    """Everything a worker subprocess needs (written as JSON next to the model)."""
+
+    preset: dict
+    model_dir: str
+    pairs_file: str
+    threads: int
+    shared_prompt: bool = True
+    precompute_ref: bool = False
+    trl_micro_batch: Optional[int] = None
+    peak_flops: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Setup (main process)
+
+
+def build_model(p: Preset):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+                  num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
+                  num_key_value_heads=p.num_key_value_heads, max_position_embeddings=max(2048, p.max_length),
+                  tie_word_embeddings=p.tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(p.seed)
+    if p.model_type == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    if p.model_type == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    raise ValueError(f"unknown model_type {p.model_type!r}")
+
+
+def load_pairs(p: Preset, tokenizer_path: Path, data_path: Path, n_pairs: int):
+    """`n_pairs` HH-RLHF pairs, tokenized by dpokit (max_length, keep_end), drawn in a seeded order."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from dpokit import data as D
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    rows, name = D.load_rows(str(data_path))
+    examples, report = D.preference_examples(rows, name)
+    order = np.random.default_rng(p.seed).permutation(len(examples))
+    picked = [examples[i] for i in order[: int(n_pairs * 1.1) + 8]]  # a few spare for rows dropped by truncation
+    pairs = D.tokenize_preference(picked, tok, max_length=p.max_length, truncation_mode="keep_end", report=report)
+    if len(pairs) < n_pairs:
+        raise ValueError(f"{data_path} gave only {len(pairs)} usable pairs; {n_pairs} needed")
+    return pairs[:n_pairs]
+
+
+def _save_pairs(pairs, path: Path) -> None:
+    path.write_text(json.dumps([{"row": int(p.row), "prompt_ids": p.prompt_ids.tolist(),
+                                 "chosen_ids": p.chosen_ids.tolist(), "rejected_ids": p.rejected_ids.tolist()}
+                                for p in pairs]))
+
+
+def _read_pairs(path: str):
+    import numpy as np
+
+    from dpokit.data.tokenize import TokenizedPair
+
+    return [TokenizedPair(np.asarray(d["prompt_ids"], np.int32), np.asarray(d["chosen_ids"], np.int32),
+                          np.asarray(d["rejected_ids"], np.int32), i) for i, d in enumerate(json.loads(Path(path).read_text()))]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Worker helpers
+
+
+def _setup_worker(job: Job):
+    import torch
+
+    torch.set_num_threads(job.threads)
+    p = Preset(**job.preset)
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"preset needs a CUDA GPU; none is available")
+    return p, torch.device(p.device)
+
+
+def _peak_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _policy_flops(model, tokens: int, scored: int) -> float:
+    """6 x (decoder parameters x tokens + LM head parameters x scored tokens): forward + backward of the policy."""
+    head = model.get_output_embeddings().weight.numel()
+    embed = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    body = total - embed - (head if model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+                            else 0)
+    return 6.0 * (body * tokens + head * scored)
+
+
+def _summary(step_times, step_tokens, step_pairs, flops, warmup: int, peak_flops, peak_mem, losses, chosen_logps,
+             extra) -> dict:
+    timed = slice(warmup, None)
+    seconds = sum(step_times[timed])
+    mfu = None
+    if peak_flops:
+        mfu = sum(flops[timed]) / seconds / peak_flops
+    return {"tokens_per_second": sum(step_tokens[timed]) / seconds, "pairs_per_second": sum(step_pairs[timed]) / seconds,
+            "median_step_seconds": statistics.median(step_times[timed]), "peak_memory_bytes": peak_mem, "mfu": mfu,
+            "first_step_loss": losses[0], "step_losses": losses, "first_step_chosen_logps": chosen_logps,
+            "step_seconds": step_times, **extra}
+
+
+def _device_peak_flops(device, given: Optional[float]) -> Optional[float]:
+    import torch
+
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dpokit worker
+
+
+def _run_dpokit(job: Job) -> dict:
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    from dpokit import losses
+    from dpokit.packing import collate_packed, pack_pairs, packed_completion_logps, padded_tokens
+    from dpokit.reference import frozen_copy
+
+    p, device = _setup_worker(job)
+    pairs = _read_pairs(job.pairs_file)
+    steps = p.warmup_steps + p.steps
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).to(device)
+    ref = frozen_copy(model)
+    if p.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if p.precision == "bf16" \
+        else contextlib.nullcontext
+    chunk = 1024
+
+    def to_device(batch):
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    step_pairs = [pairs[i * p.pairs_per_step:(i + 1) * p.pairs_per_step] for i in range(steps)]
+    precompute_seconds = None
+    ref_table = None
+    if job.precompute_ref:
+        # One pass over every pair before training (what DPOConfig.precompute_ref_log_probs does); the reference model
+        # is then freed, and its time is reported apart from the steps.
+        t0 = time.perf_counter()
+        ref_table = {}
+        with torch.no_grad(), autocast():
+            for group in pack_pairs(pairs, p.token_budget, job.shared_prompt):
+                out = packed_completion_logps(ref, to_device(collate_packed(group, job.shared_prompt)), chunk_size=chunk)
+                b = len(group)
+                for k, pair in enumerate(group):
+                    ref_table[pair.row] = (out.logps[k].item(), out.logps[b + k].item())
+        precompute_seconds = time.perf_counter() - t0
+        ref = None
+
+    decay = [w for n, w in model.named_parameters() if w.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [w for n, w in model.named_parameters() if not (w.ndim >= 2 and "norm" not in n.lower())]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=p.learning_rate, fused=True)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, tokens, npairs, flops, step_losses, micro_counts = [], [], [], [], [], []
+    first_chosen = None
+    for s in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        group = step_pairs[s]
+        micro = pack_pairs(group, p.token_budget, job.shared_prompt)
+        loss_total = torch.zeros((), device=device)
+        chosen_sum = 0.0
+        scored = 0
+        for mb in micro:
+            batch = to_device(collate_packed(mb, job.shared_prompt))
+            b = len(mb)
+            with autocast():
+                if ref_table is not None:
+                    values = torch.tensor([ref_table[q.row] for q in mb], device=device)
+                    ref_c, ref_r = values[:, 0], values[:, 1]
+                else:
+                    with torch.no_grad():
+                        r = packed_completion_logps(ref, batch, chunk_size=chunk).logps
+                    ref_c, ref_r = r[:b], r[b:]
+                out = packed_completion_logps(model, batch, chunk_size=chunk)
+                result = losses.preference_loss("sigmoid", out.logps[:b], out.logps[b:], ref_c, ref_r,
+                                                chosen_lengths=out.lengths[:b], rejected_lengths=out.lengths[b:],
+                                                beta=p.beta)
+            loss = result.losses.sum() / len(group)
+            loss.backward()
+            loss_total += loss.detach()
+            chosen_sum += float(out.logps[:b].detach().sum())
+            scored += int(out.lengths.sum())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_losses.append(float(loss_total))  # .item(): waits for the step to finish on a GPU
+        times.append(time.perf_counter() - t0)
+        tokens.append(padded_tokens(group))
+        npairs.append(len(group))
+        flops.append(_policy_flops(model, padded_tokens(group), scored))
+        micro_counts.append(len(micro))
+        if s == 0:
+            first_chosen = chosen_sum / len(group)
+    peak = _device_peak_flops(device, job.peak_flops)
+    extra = {"micro_batches_per_step": micro_counts, "token_budget": p.token_budget,
+             "shared_prompt": job.shared_prompt, "precompute_ref": job.precompute_ref,
+             "precompute_seconds": precompute_seconds}
+    return _summary(times, tokens, npairs, flops, p.warmup_steps, peak, _peak_memory(device), step_losses,
+                    first_chosen, extra)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TRL worker
+
+
+def _run_trl(job: Job) -> dict:
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dpokit.packing import padded_tokens
+
+    p, device = _setup_worker(job)
+    pairs = _read_pairs(job.pairs_file)
+    steps = p.warmup_steps + p.steps
+    mb = job.trl_micro_batch
+    if p.pairs_per_step % mb:
+        raise ValueError(f"TRL micro-batch {mb} does not divide pairs_per_step {p.pairs_per_step}")
+    data = Dataset.from_dict({"prompt_ids": [q.prompt_ids.tolist() for q in pairs],
+                              "chosen_ids": [q.chosen_ids.tolist() for q in pairs],
+                              "rejected_ids": [q.rejected_ids.tolist() for q in pairs]})
+
+    class BenchDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # dpokit's token ids, unchanged: both sides see exactly the same tokens
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)  # the pairs in dpokit's order
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.marks, self.logs = [], []
+
+        def _mark(self):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.marks.append(time.perf_counter())
+
+        def on_train_begin(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            self._mark()
+
+        def on_step_end(self, args, state, control, **kw):
+            self._mark()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.logs.append(dict(logs))
+
+    out_dir = tempfile.mkdtemp(prefix="dpokit-bench-trl-")
+    cfg = DPOConfig(output_dir=out_dir, per_device_train_batch_size=mb, gradient_accumulation_steps=p.pairs_per_step // mb,
+                    max_steps=steps, learning_rate=p.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
+                    weight_decay=0.0, max_grad_norm=1.0, beta=p.beta, loss_type=["sigmoid"], max_length=None,
+                    logging_steps=1, report_to="none", save_strategy="no", seed=p.seed, bf16=p.precision == "bf16",
+                    use_cpu=device.type == "cpu", gradient_checkpointing=p.gradient_checkpointing,
+                    precompute_ref_log_probs=job.precompute_ref, dataloader_num_workers=0, disable_tqdm=True,
+                    model_init_kwargs={"dtype": torch.float32})
+    tok = AutoTokenizer.from_pretrained(job.model_dir)
+    timer = Timer()
+    trainer = BenchDPOTrainer(model=job.model_dir, args=cfg, train_dataset=data, processing_class=tok,
+                              callbacks=[timer])
+    trainer.train()
+    times = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
+    if len(times) != steps or len(timer.logs) != steps:
+        raise RuntimeError(f"TRL ran {len(times)} steps and logged {len(timer.logs)}; expected {steps}")
+    groups = [pairs[i * p.pairs_per_step:(i + 1) * p.pairs_per_step] for i in range(steps)]
+    tokens = [padded_tokens(g) for g in groups]
+    model = trainer.model
+    scored = [sum(len(q.chosen_ids) + len(q.rejected_ids) for q in g) for g in groups]
+    flops = [_policy_flops(model, t, s) for t, s in zip(tokens, scored)]
+    peak = _device_peak_flops(device, job.peak_flops)
+    losses = [float(log["loss"]) for log in timer.logs]
+    return _summary(times, tokens, [len(g) for g in groups], flops, p.warmup_steps, peak, _peak_memory(device),
+                    losses, float(timer.logs[0]["logps/chosen"]),
+                    {"micro_batch": mb, "gradient_accumulation_steps": p.pairs_per_step // mb})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _spawn(side: str, job: Job, work: Path) -> dict:
+    """Run one side in a fresh interpreter; its result comes back as JSON."""
+    name = f"{side}-{job.trl_micro_batch or 'packed'}"
+    job_file, result_file = work / f"{name}.job.json", work / f"{name}.result.json"
+    job_file.write_text(json.dumps(dataclasses.asdict(job)))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS=str(job.threads))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src")] + [x for x in [env.get("PYTHONPATH")] if x])
+    cmd = [sys.executable, "-m", "dpokit.bench", "--_worker", side, str(job_file), str(result_file)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {side} worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(result_file.read_text())
+
+
+def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Optional[int] = None,
+        trl_micro_batches: Optional[list] = None, token_budget: Optional[int] = None, shared_prompt: bool = True,
+        precompute_ref: bool = False, threads: Optional[int] = None, skip_trl: bool = False,
+        tokenizer: Path = DEFAULT_TOKENIZER, data: Path = DEFAULT_DATA, peak_tflops: Optional[float] = None,
+        log=print) -> dict:
+    """Run the benchmark; returns {"preset": ..., "dpokit": {...}, "trl": {...}} (no "trl" with skip_trl)."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
+    p = dataclasses.replace(PRESETS[preset_name])
+    if steps is not None:
+        p.steps = steps
+    if pairs_per_step is not None:
+        p.pairs_per_step = pairs_per_step
+    if token_budget is not None:
+        p.token_budget = token_budget
+    if trl_micro_batches:
+        p.trl_micro_batches = tuple(trl_micro_batches)
+    bad = [m for m in p.trl_micro_batches if p.pairs_per_step % m]
+    if bad:
+        raise ValueError(f"TRL micro-batch sizes {bad} do not divide pairs_per_step={p.pairs_per_step}")
+    threads = threads or len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="dpokit-bench-") as tmp:
+        work = Path(tmp)
+        from transformers import AutoTokenizer
+
+        n_pairs = p.pairs_per_step * (p.steps + p.warmup_steps)
+        pairs = load_pairs(p, tokenizer, data, n_pairs)
+        _save_pairs(pairs, work / "pairs.json")
+        model_dir = work / "model"
+        build_model(p).save_pretrained(str(model_dir))
+        AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(model_dir))
+        base = Job(preset=dataclasses.asdict(p), model_dir=str(model_dir), pairs_file=str(work / "pairs.json"),
+                   threads=threads, shared_prompt=shared_prompt, precompute_ref=precompute_ref,
+                   peak_flops=peak_tflops * 1e12 if peak_tflops else None)
+        log(f"[bench] {preset_name}: {p.description}; {n_pairs} HH pairs, {p.pairs_per_step} per step, "
+            f"{p.warmup_steps}+{p.steps} steps, {p.precision}, {threads} threads")
+        result = {"preset": {"name": preset_name, **dataclasses.asdict(p)}}
+        log("[bench] dpokit ...")
+        result["dpokit"] = _spawn("dpokit", base, work)
+        if not skip_trl:
+            trials = []
+            for mb in p.trl_micro_batches:
+                log(f"[bench] TRL, micro-batch {mb} ...")
+                trials.append(_spawn("trl", dataclasses.replace(base, trl_micro_batch=mb), work))
+            best = max(trials, key=lambda r: r["tokens_per_second"])
+            result["trl"] = {**best, "micro_batch_trials": [
+                {"micro_batch": t["micro_batch"], "tokens_per_second": t["tokens_per_second"]} for t in trials]}
+    return result
+
+
+def format_table(result: dict) -> str:
+    sides = [s for s in ("dpokit", "trl") if s in result]
+    rows = [("tokens/s (non-padding)", "tokens_per_second", "{:,.0f}"), ("pairs/s", "pairs_per_second", "{:.2f}"),
+            ("median step (s)", "median_step_seconds", "{:.3f}"), ("peak memory (MiB)", "peak_memory_bytes", None),
+            ("MFU", "mfu", None), ("first-step loss", "first_step_loss", "{:.6f}"),
+            ("first-step logp(chosen)", "first_step_chosen_logps", "{:.4f}")]
+    lines = [f"{'':<26}" + "".join(f"{s:>16}" for s in sides)]
+    for label, key, fmt in rows:
+        cells = []
+        for s in sides:
+            v = result[s].get(key)
+            if v is None:
+                cells.append("n/a")
+            elif key == "peak_memory_bytes":
+                cells.append(f"{v / 2**20:,.0f}")
+            elif key == "mfu":
+                cells.append(f"{100 * v:.1f}%")
+            else:
+                cells.append(fmt.format(v))
+        lines.append(f"{label:<26}" + "".join(f"{c:>16}" for c in cells))
+    if len(sides) == 2:
+        d, t = result["dpokit"], result["trl"]
+        lines.append(f"dpokit / TRL: {d['tokens_per_second'] / t['tokens_per_second']:.2f}x tokens/s, "
+                     f"{d['peak_memory_bytes'] / t['peak_memory_bytes']:.2f}x peak memory, first-step loss "
+                     f"difference {abs(d['first_step_loss'] - t['first_step_loss']):.2e} "
+                     f"(TRL micro-batch {t['micro_batch']} x {t['gradient_accumulation_steps']} accumulation)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
+    parser.add_argument("--output", help="write the result as JSON to this file")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps (default: the preset's)")
+    parser.add_argument("--pairs-per-step", type=int, help="pairs per optimizer step (default: the preset's)")
+    parser.add_argument("--token-budget", type=int, help="dpokit's packed tokens per micro-batch")
+    parser.add_argument("--trl-micro-batches", type=int, nargs="+", help="TRL micro-batch sizes to try")
+    parser.add_argument("--no-shared-prompt", action="store_true", help="dpokit: pack prompt twice per pair")
+    parser.add_argument("--precompute-ref", action="store_true",
+                        help="both sides precompute the reference log-probs before training (not timed)")
+    parser.add_argument("--threads", type=int, help="CPU threads per side (default: all available)")
+    parser.add_argument("--skip-trl", action="store_true", help="run the dpokit side only")
+    parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs only)")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Llama-2 tokenizer directory")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HH-RLHF jsonl(.gz) file")
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--_worker"]:
+        side, job_file, result_file = argv[1:4]
+        job = Job(**json.loads(Path(job_file).read_text()))
+        result = (_run_dpokit if side == "dpokit" else _run_trl)(job)
+        Path(result_file).write_text(json.dumps(result))
+        return 0
+    parser = argparse.ArgumentParser(prog="dpokit bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args) -> int:
+    result = run(args.preset, steps=args.steps, pairs_per_step=args.pairs_per_step,
+                 trl_micro_batches=args.trl_micro_batches, token_budget=args.token_budget,
+                 shared_prompt=not args.no_shared_prompt, precompute_ref=args.precompute_ref, threads=args.threads,
+                 skip_trl=args.skip_trl, peak_tflops=args.peak_tflops, tokenizer=args.tokenizer, data=args.data)
+    print(format_table(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+        print(f"[bench] wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`dpokit bench` end to end, very small: the JSON schema, and dpokit and TRL agreeing on the first-step loss.
+
+Runs the cpu-tiny model shape with 2 pairs per step and 1 warmup + 1 timed step per side (both sides are
+subprocesses; about a minute on 2 cores). The speed figures of so short a run mean nothing; docs/performance.md has
+the real cpu-tiny numbers.
+"""
+
+import json
+
+import pytest
+
+from conftest import HH_FILE, LLAMA2_TOKENIZER
+from dpokit import bench
+
+KEYS = {"tokens_per_second", "pairs_per_second", "median_step_seconds", "peak_memory_bytes", "mfu", "first_step_loss"}
+
+
+def test_bench_json_schema_and_first_step_loss_agree(tmp_path, capsys):
+    pytest.importorskip("trl")
+    out = tmp_path / "bench.json"
+    code = bench.main(["--preset", "cpu-tiny", "--steps", "1", "--pairs-per-step", "2", "--trl-micro-batches", "2",
+                       "--tokenizer", str(LLAMA2_TOKENIZER), "--data", str(HH_FILE), "--threads", "1",
+                       "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert {"dpokit", "trl"} <= result.keys()
+    for side in ("dpokit", "trl"):
+        r = result[side]
+        assert KEYS <= r.keys(), side
+        assert r["tokens_per_second"] > 0 and r["pairs_per_second"] > 0 and r["median_step_seconds"] > 0
+        assert isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] > 0
+        assert r["mfu"] is None  # CPU: no agreed peak FLOP/s unless --peak-tflops is given
+        assert len(r["step_losses"]) == 2
+    d, t = result["dpokit"], result["trl"]
+    # Same model, same pairs: the first step's loss (log 2: the policy starts as the reference) and policy log-probs
+    # agree; the second step (after one identical AdamW update) agrees to float32 accuracy.
+    assert d["first_step_loss"] == pytest.approx(t["first_step_loss"], abs=1e-5)
+    assert d["first_step_chosen_logps"] == pytest.approx(t["first_step_chosen_logps"], rel=1e-4)
+    assert d["step_losses"][1] == pytest.approx(t["step_losses"][1], abs=1e-4)
+    printed = capsys.readouterr().out
+    assert "tokens/s (non-padding)" in printed and "dpokit / TRL" in printed
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="unknown preset"):
+        bench.run("gpt-9")
+
+
+def test_trl_micro_batch_must_divide_the_step():
+    with pytest.raises(ValueError, match="do not divide"):
+        bench.run("cpu-tiny", pairs_per_step=8, trl_micro_batches=[3])
