@@ -56,19 +56,28 @@ class ModelReference:
 
 
 class AdapterOffReference:
-    """The LoRA policy with its adapters disabled: exactly the frozen base model, without a second copy."""
+    """The LoRA policy with its adapters disabled: exactly the frozen base model, without a second copy.
+
+    `call(fn, *args)` runs `fn(policy, *args)`; the trainer points it at the engine-wrapped policy once the engine is
+    set up (`dpokit.distributed.PolicyCall`), so that under FSDP the sharded base weights are gathered for the pass."""
 
     def __init__(self, policy: nn.Module, aggregate: Aggregate, chunk_size: int, autocast: Callable):
         if not hasattr(policy, "disable_adapter"):
             raise TypeError("adapter-off reference needs a peft model")
         self.policy, self.aggregate, self.chunk_size, self.autocast = policy, aggregate, chunk_size, autocast
+        self.call: Callable = lambda fn, *args, **kw: fn(policy, *args, **kw)
 
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
-        with self.policy.disable_adapter(), self.autocast():
-            out = completion_logps(self.policy, batch["input_ids"], batch["attention_mask"],
-                                   batch["completion_mask"], chunk_size=self.chunk_size)
+        with self.autocast():
+            out = self.call(_adapter_off_logps, batch["input_ids"], batch["attention_mask"],
+                            batch["completion_mask"], chunk_size=self.chunk_size)
         return self.aggregate(out)
+
+
+def _adapter_off_logps(policy: nn.Module, *args, **kwargs) -> CompletionLogps:
+    with policy.disable_adapter():
+        return completion_logps(policy, *args, **kwargs)
 
 
 class PrecomputedReference:
@@ -116,12 +125,22 @@ def cache_dir() -> Path:
 
 
 def precompute(reference, batches, num_rows: int, cache_key: Optional[str] = None,
-               progress: Callable = lambda it: it) -> PrecomputedReference:
-    """Run `reference.logps` over every batch once; load from / store to the cache when `cache_key` is given."""
+               progress: Callable = lambda it: it, accelerator=None) -> PrecomputedReference:
+    """Run `reference.logps` over every batch once; load from / store to the cache when `cache_key` is given.
+
+    With an `accelerator` over several processes, `batches` are this rank's share of the rows: each rank fills its
+    rows, the tables are gathered (every rank ends with all rows, in dataset order) and each node's first process
+    writes the cache. The cache is read only when every rank finds it, so all ranks take the same branch (nodes
+    without a shared filesystem may differ)."""
     from safetensors.torch import load_file, save_file
 
+    from dpokit import distributed as dist
+
     path = cache_dir() / f"{cache_key}.safetensors" if cache_key else None
-    if path is not None and path.is_file():
+    hit = path is not None and path.is_file()
+    if accelerator is not None and accelerator.num_processes > 1:
+        hit = dist.all_reduce_sum(accelerator, [float(hit)])[0] == accelerator.num_processes
+    if hit:
         return PrecomputedReference(load_file(str(path))["ref_logps"])
     table = torch.full((num_rows, 2), float("nan"), dtype=torch.float32)
     for batch in progress(batches):
@@ -129,7 +148,10 @@ def precompute(reference, batches, num_rows: int, cache_key: Optional[str] = Non
         b = len(batch["row"])
         table[batch["row"].cpu(), 0] = values[:b]
         table[batch["row"].cpu(), 1] = values[b:]
-    if path is not None:
+    if accelerator is not None:
+        table = dist.gather_rows(accelerator, table)
+    writer = accelerator is None or accelerator.is_local_main_process
+    if path is not None and writer:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"ref_logps": table}, str(tmp))

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from dpokit import checkpoint as C
 from dpokit import data as D
+from dpokit import distributed as dist
 from dpokit import losses
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
 from dpokit.data.collate import collate_pairs, collate_sft
@@ -55,8 +56,10 @@ class OutOfMemory(DpokitError):
 
 
 def log(msg: str) -> None:
-    """Run notices (counts of truncated/dropped rows, substitutions like pad=EOS) go to stdout, always."""
-    print(f"[dpokit] {msg}", flush=True)
+    """Run notices (counts of truncated/dropped rows, substitutions like pad=EOS) go to stdout, from the first
+    process only (RANK is set by torchrun / accelerate launch before any dpokit code runs)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[dpokit] {msg}", flush=True)
 
 
 def set_seed(seed: int) -> None:
@@ -237,8 +240,6 @@ class Trainer:
 
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  peft_config=None):
-        from accelerate import Accelerator
-
         self.args = cfg = config_from_args(self.config_class, args)
         if model is None:
             model = cfg.model_name_or_path
@@ -251,7 +252,8 @@ class Trainer:
         set_seed(cfg.seed)
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("fp16 needs a CUDA GPU; on CPU use bf16 or neither")
-        self.accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
+        self.accelerator = dist.make_accelerator("bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
+        self.engine = dist.engine_name(self.accelerator)
         self.tokenizer = load_tokenizer(processing_class, model, cfg)
         # Data before the model: a bad row should fail in seconds, not after loading billions of weights.
         train_source = train_dataset if train_dataset is not None else cfg.train_file
@@ -277,6 +279,9 @@ class Trainer:
         self.setup_reference()
 
         self.model = self.model.to(self.accelerator.device)
+        # Every policy forward goes through this module; `train` has the engine wrap it (DDP, FSDP), so the engine's
+        # hooks run although dpokit.logps calls the decoder and LM head directly. `self.model` stays the plain model.
+        self.policy: nn.Module = dist.PolicyCall(self.model)
         self.global_step = 0
         self.optimizer = self.scheduler = None
 
@@ -300,32 +305,52 @@ class Trainer:
     def autocast(self):
         return self.accelerator.autocast()
 
+    def _global_micro_batch_size(self) -> int:
+        """Examples per micro-step over all processes: N processes equal one process with N times the batch."""
+        return self.args.per_device_train_batch_size * self.accelerator.num_processes
+
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The example indices of each micro-batch of `epoch`. A fresh generator per epoch, seeded by (seed, epoch),
-        and nothing else: the data order is a pure function of the config, so resuming at (epoch, micro-batch) needs
-        no sampler state beyond those two numbers, and draws nothing from the global RNGs that dropout uses."""
+        """The example indices of each *global* micro-batch of `epoch` (all ranks together). A fresh generator per
+        epoch, seeded by (seed, epoch), and nothing else: the data order is a pure function of the config and the
+        global micro-batch size, so resuming at (epoch, micro-batch) needs no sampler state beyond those two numbers,
+        draws nothing from the global RNGs that dropout uses, and is the same on every rank."""
         g = torch.Generator().manual_seed(self.args.seed + epoch)
         order = torch.randperm(len(self.train_examples), generator=g).tolist()
-        size = self.args.per_device_train_batch_size
+        size = self._global_micro_batch_size()
         return [order[i:i + size] for i in range(0, len(order), size)]
 
     def _eval_loader(self) -> DataLoader:
         # Its own generator: a DataLoader draws a seed when iterated, which must not come from the global RNG that
         # dropout uses (evaluating would shift the training randomness, and eval_steps may change on resume).
-        return DataLoader(self.eval_examples, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
-                          collate_fn=self.collate, generator=torch.Generator())
+        return DataLoader(self._rank_slice(self.eval_examples), batch_size=self.args.per_device_eval_batch_size,
+                          shuffle=False, collate_fn=self.collate, generator=torch.Generator())
+
+    def _rank_slice(self, examples: list) -> list:
+        """This rank's contiguous share of `examples` (evaluation, reference precomputation): sizes differ by at
+        most one, and rank order is dataset order."""
+        acc = self.accelerator
+        n, world, rank = len(examples), acc.num_processes, acc.process_index
+        return examples[rank * n // world:(rank + 1) * n // world]
 
     def _micro_batches(self, epoch: int = 0, start: int = 0):
-        """Endless (epoch, index in epoch, batch) stream over the training data, from micro-batch `start` of `epoch`."""
+        """Endless (epoch, index in epoch, batch, is_filler) stream of this rank's part of each global micro-batch,
+        from micro-batch `start` of `epoch`. A rank whose part is empty (the last micro-batch of an epoch can be
+        smaller than the number of processes) gets a filler: a real example to run with zero weight, because every
+        rank must run the same passes for the engine's collectives to pair up."""
+        acc = self.accelerator
         while True:
             batches = self._epoch_batches(epoch)
             for i in range(start, len(batches)):
-                yield epoch, i, self.collate([self.train_examples[j] for j in batches[i]])
+                indices = batches[i]
+                sizes = [_example_tokens(self.train_examples[j]) for j in indices]
+                part = dist.rank_part(indices, sizes, acc.process_index, acc.num_processes)
+                filler = not part
+                yield epoch, i, self.collate([self.train_examples[j] for j in (part or indices[:1])]), filler
             epoch, start = epoch + 1, 0
 
     def _total_steps(self) -> int:
         cfg = self.args
-        per_epoch = math.ceil(math.ceil(len(self.train_examples) / cfg.per_device_train_batch_size)
+        per_epoch = math.ceil(math.ceil(len(self.train_examples) / self._global_micro_batch_size())
                               / cfg.gradient_accumulation_steps)
         return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
@@ -374,8 +399,29 @@ class Trainer:
                 log(f"overwrite_output_dir: removed {len(old)} checkpoint(s) of the previous run")
         return None
 
-    def _check_same_run(self, saved_config: dict, what: str) -> None:
-        diffs = C.config_differences(saved_config, self.args.to_dict(), RESUME_MAY_CHANGE)
+    def _rank_rng(self, tensors: dict) -> dict:
+        """This rank's saved RNG state. On another number of processes there is no such thing: every rank takes
+        rank 0's (only dropout draws from these generators, and its masks then differ from the original run's)."""
+        ranks = [tensors["rng"], *tensors["rng"].get("other_ranks", [])]
+        acc = self.accelerator
+        return ranks[acc.process_index] if len(ranks) == acc.num_processes else ranks[0]
+
+    def _check_same_run(self, saved_config: dict, what: str, global_micro_batch: Optional[int] = None) -> None:
+        """Refuse a config that would make another run. With `global_micro_batch` (a checkpoint's), the per-device
+        batch may differ as long as per-device batch x processes is the same: the data order and every step's
+        global batch are then the same, so the run resumes on another number of processes."""
+        may_change = set(RESUME_MAY_CHANGE)
+        if global_micro_batch is not None:
+            here = self._global_micro_batch_size()
+            if global_micro_batch != here:
+                cfg, n = self.args, self.accelerator.num_processes
+                raise C.CheckpointError(
+                    f"cannot resume {what}: it was written with {global_micro_batch} examples per micro-step over all "
+                    f"processes, this run has {here} (per_device_train_batch_size={cfg.per_device_train_batch_size} x "
+                    f"{n} process(es)); set per_device_train_batch_size to {global_micro_batch}/{n} or launch "
+                    f"{global_micro_batch}/{cfg.per_device_train_batch_size} processes")
+            may_change.add("per_device_train_batch_size")
+        diffs = C.config_differences(saved_config, self.args.to_dict(), may_change)
         if diffs:
             raise C.CheckpointError(f"cannot resume {what}: the config differs in {', '.join(diffs)}; resume with "
                                     "the run's settings, or start a new run in another output_dir")
@@ -397,8 +443,15 @@ class Trainer:
             raise ConfigError("no training data: pass train_dataset= or set train_file")
         resume = cfg.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         resume = C.LATEST if resume is True else None if resume is False else resume
+        if self.engine == "fsdp" and (cfg.save_steps or resume is not None):
+            # The optimizer state is sharded across ranks and dpokit's checkpoints hold one full copy written by rank
+            # 0; an exact FSDP resume would need per-rank optimizer shards, which this version does not write.
+            raise ConfigError("checkpoints and resume are not supported under FSDP in this version (the optimizer "
+                              "state is sharded); set save_steps=0 and no resume_from_checkpoint, or use DDP")
         ckpt = self._check_output_dir(resume)
         saved = C.load_state(ckpt) if ckpt is not None else None
+        # Every rank has checked the output directory before the first process writes into it.
+        acc.wait_for_everyone()
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             removed = C.remove_partial_saves(self.output_dir)
@@ -407,7 +460,9 @@ class Trainer:
             cfg.save(self.output_dir / RUN_MARKER)
         total_steps = self._total_steps()
         self._make_optimizer(total_steps)
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
+        if isinstance(getattr(self, "reference", None), AdapterOffReference):
+            self.reference.call = self.policy  # the adapter-off pass needs the engine's hooks too (FSDP gathers)
         self.global_step, self.nonfinite_steps = 0, 0
         self._position = (0, 0)  # (epoch, index of the next micro-batch in it)
         self._meter = MeanMeter()  # metrics of the steps since the last log
@@ -425,17 +480,17 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total_steps, initial=self.global_step, desc=type(self).__name__, dynamic_ncols=True)
-        self.model.train()
+        self.policy.train()
         if saved is not None:
             # Last, so that nothing between here and the first step draws from the restored generators.
-            C.restore_rng(saved[0]["rng"])
+            C.restore_rng(self._rank_rng(saved[0]))
         try:
             while self.global_step < total_steps:
                 t0 = time.perf_counter()
                 micro, epoch, index = [], 0, 0
                 for _ in range(cfg.gradient_accumulation_steps):
-                    epoch, index, batch = next(stream)
-                    micro.append(self._to_device(batch))
+                    epoch, index, batch, filler = next(stream)
+                    micro.append((self._to_device(batch), filler))
                 self._position = (epoch, index + 1)
                 record, tokens = self._optimizer_step(micro)
                 self.global_step += 1
@@ -469,28 +524,46 @@ class Trainer:
         raise NotImplementedError
 
     def _optimizer_step(self, micro: list) -> tuple[dict, int]:
-        """Forward and backward over the micro-batches of one optimizer step, then the update — unless a loss or the
-        gradient is non-finite (checked before the update), which stops the run or skips the update per
-        `on_nonfinite`. Returns the step's mean metrics (none when skipped) and its token count."""
+        """Forward and backward over this rank's micro-batches of one optimizer step (`(batch, is_filler)` pairs),
+        then the update — unless a loss or the gradient is non-finite on any rank (checked before the update), which
+        stops the run or skips the update per `on_nonfinite`. Returns the step's mean metrics over all ranks (none
+        when skipped) and its token count over all ranks.
+
+        The step's loss is sum over the global batch / global weight. DDP and FSDP average gradients over ranks, so
+        each rank backpropagates local_sum * num_processes / global_weight; fillers count with weight zero."""
         acc = self.accelerator
-        total_weight = float(sum(self.batch_weight(b) for b in micro))
+        world = acc.num_processes
+        local_weight = float(sum(self.batch_weight(b) for b, filler in micro if not filler))
+        total_weight = dist.all_reduce_sum(acc, [local_weight])[0]
         step_metrics, tokens, problem, grad_norm = MeanMeter(), 0, None, float("nan")
         with self._out_of_memory_hint("train"):
-            for i, batch in enumerate(micro):
+            for i, (batch, filler) in enumerate(micro):
                 sync = i == len(micro) - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.policy)
                 with ctx:
                     with self.autocast():
                         loss_sum, weight, metrics = self.loss_and_metrics(batch, train=True)
-                    if not bool(torch.isfinite(loss_sum.detach()).all()):
+                    bad = not filler and not bool(torch.isfinite(loss_sum.detach()).all())
+                    # All ranks must agree, or one would stop while the others wait in the gradient all-reduce.
+                    if world > 1 and dist.all_reduce_sum(acc, [float(bad)])[0] > 0:
+                        bad_rows = dist.gather_objects(acc, batch["row"].tolist() if bad else [])
+                        problem = (f"loss ({float(loss_sum.detach().float().sum())})" if bad else "loss (on another "
+                                   "process)", [{"row": torch.tensor(sum(bad_rows, []))}])
+                        if sync:
+                            # DDP expects this synchronised forward's backward; run it with no effect on the update.
+                            acc.backward(loss_sum * 0.0)
+                        break
+                    if bad:
                         # The first bad micro-batch is the one to name; the rest of the step is never run.
                         problem = (f"loss ({float(loss_sum.detach().float().sum())})", [batch])
                         break
-                    acc.backward(loss_sum / total_weight)
-                step_metrics.add(metrics, weight)
-                tokens += int(batch["attention_mask"].sum())
+                    scale = 0.0 if filler else world / total_weight
+                    acc.backward(loss_sum * scale)
+                if not filler:
+                    step_metrics.add(metrics, weight)
+                    tokens += int(batch["attention_mask"].sum())
             if problem is None:
-                grad_norm, problem = self._clip_and_check(micro)
+                grad_norm, problem = self._clip_and_check([b for b, filler in micro if not filler])
             if problem is None:
                 self.optimizer.step()
         if problem is not None:
@@ -501,6 +574,9 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sums, weights = dist.reduce_meter(acc, step_metrics.sums, step_metrics.weights)
+        step_metrics.sums, step_metrics.weights = sums, weights
+        tokens = int(dist.all_reduce_sum(acc, [tokens])[0])
         record = {} if problem is not None else {**step_metrics.means(), "grad_norm": grad_norm}
         return record, tokens
 
@@ -557,29 +633,47 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """The training metrics on `eval_dataset`, prefixed `eval/`."""
+        """The training metrics on `eval_dataset`, prefixed `eval/`; each rank evaluates its share and the weighted
+        sums are reduced over ranks."""
         if self.eval_examples is None:
             raise ConfigError("no eval data: pass eval_dataset= or set eval_file")
-        was_training = self.model.training
-        self.model.eval()
+        acc = self.accelerator
+        was_training = self.policy.training
+        self.policy.eval()
         meter = MeanMeter()
+        batches = list(self._eval_loader())
+        # Every rank runs the same number of passes (FSDP gathers weights in each); extra ones weigh nothing.
+        count = dist.all_reduce_max(acc, len(batches))
+        filler = self.collate(self.eval_examples[:1])
         with self._out_of_memory_hint("eval"):
-            for batch in self._eval_loader():
-                batch = self._to_device(batch)
+            for i in range(count):
+                batch = self._to_device(batches[i] if i < len(batches) else filler)
                 with self.autocast():
                     _, weight, metrics = self.loss_and_metrics(batch, train=False)
-                meter.add(metrics, weight)
+                if i < len(batches):
+                    meter.add(metrics, weight)
         if was_training:
-            self.model.train()
+            self.policy.train()
+        meter.sums, meter.weights = dist.reduce_meter(acc, meter.sums, meter.weights)
         return {f"eval/{k}": v for k, v in meter.means().items()}
 
     # ----- saving and resuming -----
     def _unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        return self.model
 
-    def _write_model(self, directory: Path) -> None:
+    def _gathered_state(self) -> Optional[dict]:
+        """Under FSDP, the full state dict (a collective: every rank must call it; rank 0 receives the tensors);
+        elsewhere None: every rank holds the full model and `save_pretrained` reads it directly."""
+        if self.engine != "fsdp":
+            return None
+        state = self.accelerator.get_state_dict(self.policy)
+        prefix = "model."  # PolicyCall's attribute name
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    def _write_model(self, directory: Path, state: Optional[dict] = None) -> None:
         """The model (or LoRA adapter) in Hugging Face format, the tokenizer and the run's config."""
-        self._unwrapped().save_pretrained(str(directory), safe_serialization=True)
+        self._unwrapped().save_pretrained(str(directory), safe_serialization=True,
+                                          **({"state_dict": state} if state is not None else {}))
         self.tokenizer.save_pretrained(str(directory))
         self.args.save(directory / RUN_MARKER)
 
@@ -587,13 +681,19 @@ class Trainer:
         """The model (or LoRA adapter) in Hugging Face format plus the tokenizer, written atomically into `output_dir`:
         everything goes to a temporary directory first and is moved in only when complete."""
         out = Path(output_dir or self.args.output_dir)
-        if not self.accelerator.is_main_process:
-            return out
+        state = self._gathered_state()
+        if self.accelerator.is_main_process:
+            self._save_model_files(out, state)
+        # No rank goes on (or exits) before the model is in place.
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def _save_model_files(self, out: Path, state: Optional[dict]) -> None:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".tmp-save-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        self._write_model(tmp)
+        self._write_model(tmp, state)
         C.fsync_tree(tmp)
         # The final model shares output_dir with the checkpoints and metrics, so it cannot arrive by one directory
         # rename: each file is renamed into place (atomic per file), the weights last, so a kill never leaves a
@@ -605,21 +705,29 @@ class Trainer:
             os.replace(item, target)
         C.fsync_dir(out)
         tmp.rmdir()
-        return out
 
     def _save_checkpoint(self) -> Path:
         """checkpoint-N: model, tokenizer and trainer state, written to a temporary directory, fsynced and renamed
         into place; then `latest` moves to it; only then are checkpoints beyond save_total_limit deleted."""
         name = f"checkpoint-{self.global_step}"
         ckpt, tmp = self.output_dir / name, self.output_dir / f".tmp-{name}"
-        if not self.accelerator.is_main_process:
-            return ckpt
+        acc = self.accelerator
+        # Each rank's RNG state (collective), so a resume on the same number of processes restores every rank's.
+        rng_ranks = dist.gather_objects(acc, C.capture_rng())
+        if acc.is_main_process:
+            self._write_checkpoint(tmp, ckpt, rng_ranks)
+        acc.wait_for_everyone()
+        return ckpt
+
+    def _write_checkpoint(self, tmp: Path, ckpt: Path, rng_ranks: list) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
         self._write_model(tmp)
         scaler = self.accelerator.scaler
         tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                   "scaler": scaler.state_dict() if scaler is not None else None, "rng": C.capture_rng()}
+                   "scaler": scaler.state_dict() if scaler is not None else None, "rng": dict(rng_ranks[0])}
+        if len(rng_ranks) > 1:
+            tensors["rng"]["other_ranks"] = rng_ranks[1:]
         info = {
             "global_step": self.global_step, "total_steps": self._total_steps(),
             # Checkpoints fall between optimizer steps, so no micro-batch of the next step has been consumed yet: the
@@ -628,6 +736,9 @@ class Trainer:
             "meter": self._meter.state(), "metrics": self._sink.history,
             "data": {"train_rows": len(self.train_examples), "train_fingerprint": self._train_fingerprint()},
             "ref_cache_keys": self.ref_cache_keys, "config": C.plain(self.args.to_dict()),
+            # The data position counts global micro-batches of this size; a resume needs the same size, whatever
+            # the number of processes that makes it up.
+            "num_processes": self.accelerator.num_processes, "global_micro_batch": self._global_micro_batch_size(),
         }
         C.save_state(tmp, tensors, info)
         C.pause_for_tests()
@@ -635,7 +746,6 @@ class Trainer:
         C.replace_dir(tmp, ckpt)
         C.write_latest(self.output_dir, ckpt)
         self._rotate_checkpoints()
-        return ckpt
 
     def _rotate_checkpoints(self) -> None:
         limit = self.args.save_total_limit
@@ -650,7 +760,9 @@ class Trainer:
     def _restore(self, ckpt: Path, tensors: dict, info: dict, total_steps: int) -> None:
         """Put weights, optimizer, scheduler, scaler, data position and counters back where `ckpt` left them, after
         checking it is this run's (the RNG states are restored by `train`, right before the first step)."""
-        self._check_same_run(info["config"], f"from {ckpt}")
+        # Checkpoints from before multi-process support have no size: they were written by one process.
+        saved_micro = info.get("global_micro_batch", info["config"].get("per_device_train_batch_size"))
+        self._check_same_run(info["config"], f"from {ckpt}", global_micro_batch=saved_micro)
         if info["data"]["train_fingerprint"] != self._train_fingerprint():
             raise C.CheckpointError(f"cannot resume from {ckpt}: the training data differs from the checkpoint's "
                                     f"({info['data']['train_rows']} rows then, {len(self.train_examples)} now, or "
@@ -694,7 +806,8 @@ class SFTTrainer(Trainer):
         cfg = self.args
         rows, name = D.load_rows(source)
         examples, report = D.sft_examples(rows, name, dataset_format=cfg.dataset_format,
-                                          column_map=cfg.column_map, on_bad_rows=cfg.on_bad_rows)
+                                          column_map=cfg.column_map, on_bad_rows=cfg.on_bad_rows,
+                                          deduplicate=cfg.deduplicate)
         tokenized = D.tokenize_sft(examples, self.tokenizer, max_length=cfg.max_length,
                                    truncation_mode=cfg.truncation_mode, report=report)
         return _finish_data(self, tokenized, report, name, split)
@@ -706,8 +819,8 @@ class SFTTrainer(Trainer):
         return float(batch["completion_mask"][:, 1:].sum())
 
     def loss_and_metrics(self, batch: dict, train: bool):
-        out = completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                               chunk_size=self.args.logps_chunk_size)
+        out = self.policy(completion_logps, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                          chunk_size=self.args.logps_chunk_size)
         n = out.lengths.sum()
         loss_sum = -out.logps.sum()
         return loss_sum, float(n), {"loss": float(loss_sum.detach() / n.clamp(min=1))}
@@ -739,7 +852,9 @@ class DPOTrainer(Trainer):
         rows, name = D.load_rows(source)
         examples, report = D.preference_examples(rows, name, dataset_format=cfg.dataset_format,
                                                  column_map=cfg.column_map, on_bad_rows=cfg.on_bad_rows,
-                                                 chat_template_available=bool(self.tokenizer.chat_template))
+                                                 chat_template_available=bool(self.tokenizer.chat_template),
+                                                 pair_strategy=cfg.pair_strategy, min_score_gap=cfg.min_score_gap,
+                                                 deduplicate=cfg.deduplicate)
         tokenized = D.tokenize_preference(examples, self.tokenizer, max_length=cfg.max_length,
                                           max_prompt_length=cfg.max_prompt_length,
                                           max_completion_length=cfg.max_completion_length,
@@ -792,11 +907,13 @@ class DPOTrainer(Trainer):
             if examples is None:
                 continue
             key = _sha(ref_fp, data_fingerprint(examples), str(cfg.ld_alpha), str(cfg.bf16), str(cfg.fp16))
-            loader = DataLoader(examples, batch_size=cfg.per_device_eval_batch_size, shuffle=False,
-                                collate_fn=self.collate)
+            # Each rank computes its share (before the engine wraps anything: the model is whole on every rank
+            # here, so no collective runs inside); `precompute` gathers the shares into the full table.
+            loader = DataLoader(self._rank_slice(examples), batch_size=cfg.per_device_eval_batch_size,
+                                shuffle=False, collate_fn=self.collate)
             batches = (self._to_device(b) for b in loader)
             num_rows = max(int(p.row) for p in examples) + 1
-            self.reference[split] = precompute(ref, batches, num_rows, cache_key=key)
+            self.reference[split] = precompute(ref, batches, num_rows, cache_key=key, accelerator=self.accelerator)
             self.ref_cache_keys[split] = key
             log(f"reference log-probs for {len(examples)} {split} pairs precomputed (cache key {key[:12]})")
         # Free the reference model: the whole point of precomputing is not to hold it during training.
@@ -822,8 +939,8 @@ class DPOTrainer(Trainer):
     def loss_and_metrics(self, batch: dict, train: bool):
         cfg = self.args
         b = len(batch["row"])
-        out = completion_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                               chunk_size=cfg.logps_chunk_size, with_weights=self.spec.needs_weight_logps)
+        out = self.policy(completion_logps, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                          chunk_size=cfg.logps_chunk_size, with_weights=self.spec.needs_weight_logps)
         policy = self.aggregate(out)
         ref = self.ref_logps(batch, train)
         weights = {}
@@ -846,6 +963,11 @@ class DPOTrainer(Trainer):
         for k, v in (result.metrics or {}).items():
             metrics[k] = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
         return result.losses.sum(), float(b), metrics
+
+
+def _example_tokens(example) -> int:
+    """Tokens of one example (all its token-id fields), to balance the ranks' loads."""
+    return sum(len(v) for v in vars(example).values() if isinstance(v, np.ndarray))
 
 
 def _finish_data(trainer: Trainer, tokenized, report, name: str, split: str):
