@@ -220,9 +220,6 @@ class DPOConfig(TrainConfig):
     share_prompt: bool = False
     """With `padding_free`: one sequence prompt+chosen+rejected per pair, the prompt computed once (rejected never
     attends to chosen and its positions restart after the prompt)."""
-    token_budget: Optional[int] = None
-    """With `padding_free`: split each optimizer step's pairs into micro-batches of at most this many tokens instead
-    of `per_device_train_batch_size` pairs each (the step's pairs and loss stay the same)."""
     ref_model_name_or_path: Optional[str] = None
     """A separate reference model; default: a frozen copy of the starting policy (adapters off under LoRA)."""
     beta: float = 0.1
@@ -265,10 +262,8 @@ class DPOConfig(TrainConfig):
                                   f"valid: {', '.join(losses.LOSS_TYPES)}")
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
             raise ConfigError(f"loss_weights has {len(self.loss_weights)} values for {len(names)} loss types")
-        if (self.share_prompt or self.token_budget is not None) and not self.padding_free:
-            raise ConfigError("share_prompt and token_budget need padding_free=true")
-        if self.token_budget is not None and self.token_budget < 2:
-            raise ConfigError(f"token_budget must be >= 2 (got {self.token_budget})")
+        if self.share_prompt and not self.padding_free:
+            raise ConfigError("share_prompt needs padding_free=true")
         _check_choice(self, "pair_strategy", ("best_vs_worst", "best_vs_rest", "all_pairs"))
         if self.min_score_gap < 0:
             raise ConfigError(f"min_score_gap must be >= 0 (got {self.min_score_gap})")

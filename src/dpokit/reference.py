@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpokit.logps import CompletionLogps, completion_logps
+from dpokit.logps import CompletionLogps
+from dpokit.packing import batch_logps
 
 # A function from the policy's or reference's CompletionLogps to one score per sequence ([N]); plain summing, or
 # LD-DPO's length-desensitised sum (see `dpokit.losses.ld_aggregate`).
@@ -50,8 +51,7 @@ class ModelReference:
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
         with self.autocast():
-            out = completion_logps(self.model, batch["input_ids"], batch["attention_mask"],
-                                   batch["completion_mask"], chunk_size=self.chunk_size)
+            out = batch_logps(self.model, batch, chunk_size=self.chunk_size)
         return self.aggregate(out)
 
 
@@ -70,14 +70,13 @@ class AdapterOffReference:
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
         with self.autocast():
-            out = self.call(_adapter_off_logps, batch["input_ids"], batch["attention_mask"],
-                            batch["completion_mask"], chunk_size=self.chunk_size)
+            out = self.call(_adapter_off_logps, batch, chunk_size=self.chunk_size)
         return self.aggregate(out)
 
 
-def _adapter_off_logps(policy: nn.Module, *args, **kwargs) -> CompletionLogps:
+def _adapter_off_logps(policy: nn.Module, batch: dict, **kwargs) -> CompletionLogps:
     with policy.disable_adapter():
-        return completion_logps(policy, *args, **kwargs)
+        return batch_logps(policy, batch, **kwargs)
 
 
 class PrecomputedReference:

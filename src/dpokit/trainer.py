@@ -30,9 +30,10 @@ from dpokit import data as D
 from dpokit import distributed as dist
 from dpokit import losses
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
-from dpokit.data.collate import collate_pairs, collate_sft
+from dpokit.data.collate import collate_packed, collate_pairs, collate_sft
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.logps import CompletionLogps, completion_logps
+from dpokit.packing import batch_logps, enable_packed_attention
 from dpokit.reference import (AdapterOffReference, ModelReference, data_fingerprint, frozen_copy,
                               model_fingerprint, precompute)
 
@@ -561,7 +562,8 @@ class Trainer:
                     acc.backward(loss_sum * scale)
                 if not filler:
                     step_metrics.add(metrics, weight)
-                    tokens += int(batch["attention_mask"].sum())
+                    # Non-padding tokens the step covered (a shared prompt counts for chosen and rejected, as TRL sees it).
+                    tokens += int(batch.get("logical_tokens", batch["attention_mask"].sum()))
             if problem is None:
                 grad_norm, problem = self._clip_and_check([b for b, filler in micro if not filler])
             if problem is None:
@@ -862,6 +864,8 @@ class DPOTrainer(Trainer):
         return _finish_data(self, tokenized, report, name, split)
 
     def collate(self, pairs):
+        if self.args.padding_free:
+            return collate_packed(pairs, shared_prompt=self.args.share_prompt)
         return collate_pairs(pairs, self.tokenizer.pad_token_id)
 
     def batch_weight(self, batch: dict) -> float:
@@ -884,6 +888,12 @@ class DPOTrainer(Trainer):
 
     def setup_reference(self) -> None:
         cfg = self.args
+        if cfg.padding_free:
+            # Packed rows need attention kept inside each sequence: transformers' own sdpa would let packed
+            # sequences attend to each other (position ids alone do not isolate them).
+            enable_packed_attention(self.model)
+            if self._ref_module is not None:
+                enable_packed_attention(self._ref_module)
         if not self.spec.needs_reference:
             self.reference = None
             return
@@ -939,8 +949,8 @@ class DPOTrainer(Trainer):
     def loss_and_metrics(self, batch: dict, train: bool):
         cfg = self.args
         b = len(batch["row"])
-        out = self.policy(completion_logps, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                          chunk_size=cfg.logps_chunk_size, with_weights=self.spec.needs_weight_logps)
+        out = self.policy(batch_logps, batch, chunk_size=cfg.logps_chunk_size,
+                          with_weights=self.spec.needs_weight_logps)
         policy = self.aggregate(out)
         ref = self.ref_logps(batch, train)
         weights = {}
