@@ -107,7 +107,8 @@ def _train(command: str, argv: list[str]) -> int:
     metrics = trainer.train()
     out = trainer.save_model()
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "epoch")
-    print(f"[dpokit] saved {out} after {trainer.global_step} steps; last: {shown}")
+    if trainer.accelerator.is_main_process:
+        print(f"[dpokit] saved {out} after {trainer.global_step} steps; last: {shown}")
     return 0
 
 
@@ -126,9 +127,32 @@ def _export(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from dpokit.evaluate import main as eval_main
+    parser = argparse.ArgumentParser(prog="dpokit eval", description=COMMANDS["eval"])
+    parser.add_argument("--model", required=True, help="a run directory (full model or LoRA adapter) or a model path")
+    parser.add_argument("--ref", help="the reference model (default: the model the run started from)")
+    parser.add_argument("--pairs", help="held-out preference pairs: implicit-reward accuracy, margins, log-probs")
+    parser.add_argument("--prompts", help="prompts to sample from policy and reference: win rate and KL")
+    parser.add_argument("--judge", help="implicit | module:function | rm:PATH (reward model) — scores samples")
+    parser.add_argument("--output_dir", help="where eval.json and eval.md go (default: the model's directory)")
+    parser.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's)")
+    parser.add_argument("--num_samples", type=int, default=4, help="samples per prompt and model")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same for policy and reference)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, help="truncate pairs as in training (dropped pairs are counted)")
+    args = parser.parse_args(argv)
+    from dpokit.evaluate import evaluate_model
 
-    return eval_main(argv)
+    result = evaluate_model(args.model, ref_path=args.ref, pairs=args.pairs, prompts=args.prompts, judge=args.judge,
+                            output_dir=args.output_dir, beta=args.beta, num_samples=args.num_samples,
+                            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)
+    from pathlib import Path
+
+    print((Path(result["written_to"]) / "eval.md").read_text())
+    return 0
 
 
 def _data(argv: list[str]) -> int:

@@ -5,7 +5,7 @@ These are the measurements of the DPO paper's experiments, kept small and exact:
 * `sample_completions`: seeded ancestral sampling (temperature / nucleus only; no top-k, no repetition penalty, none
   of the model's own generation defaults) so that the samples come from the distribution the arguments name;
 * `sequence_logps`: log pi(completion | prompt) summed over the completion's tokens, EOS included, tokenized by the
-  same rule the data layer uses for training;
+  data layer's own rule (`dpokit.data.tokenize_sft`), so scoring sees the tokens training saw;
 * `kl_from_samples`: the Monte-Carlo estimate of KL(pi || pi_ref) from samples of pi;
 * `pair_metrics`: implicit-reward accuracy and margins on preference pairs;
 * `win_rate`: paired comparison of per-item scores.
@@ -79,7 +79,9 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *, n
 
     Sampling is ancestral at `temperature`, with nucleus truncation only when `top_p` < 1. The model's own generation
     config (top-k, repetition penalty, ...) is deliberately not used: the samples must come from pi itself for a
-    KL estimate or a reward mean to mean what it says. Generation stops at EOS or after `max_new_tokens`.
+    KL estimate or a reward mean to mean what it says. Generation stops at EOS or after `max_new_tokens`; a sample cut
+    by the limit is returned as is and `sequence_logps` would score it as finished (with an EOS it never sampled), so
+    set `max_new_tokens` above the longest completion you expect.
 
     The same seed, prompts, num_samples and batch_size give the same samples (the global RNG is left as it was).
     Completions are returned as text continuing the prompt, so that `prompt + completion` re-tokenizes to the sampled
@@ -127,43 +129,49 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *, n
 # Scoring
 
 
-def completion_token_ids(tokenizer, prompt: str, completion: str, *, add_eos: bool = True) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) by the data layer's rule.
+def completion_ids(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, EOS-terminated completion ids) of each pair, by exactly the rule training uses.
 
-    Prompt ids are `tokenizer(prompt).input_ids`; completion ids are what `tokenizer(prompt + completion)` adds after
-    them, so the boundary is tokenized as the model saw it in one piece. With `add_eos` the completion ends with EOS,
-    as in training and as a finished sample does, so its probability includes the decision to stop.
+    The rule is `dpokit.data.tokenize_sft`'s (prompt ids = tokenizer(prompt).input_ids, completion ids = what
+    tokenizer(prompt + completion) adds after them, then EOS), so a completion is scored on the tokens the model was
+    trained to produce. An empty completion (a sample that stopped at once) is just EOS; the data layer refuses empty
+    completions in training data, so those are handled here.
     """
-    prompt_ids = tokenizer(prompt).input_ids
-    full_ids = tokenizer(prompt + completion).input_ids
-    if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise DataError(f"prompt {prompt[:50]!r} tokenizes differently when followed by its completion "
-                        f"{completion[:30]!r}; start the completion at a token boundary (e.g. with a space)")
-    completion_ids = full_ids[len(prompt_ids):]
-    eos = tokenizer.eos_token_id
-    if add_eos and eos is not None and (not completion_ids or completion_ids[-1] != eos):
-        completion_ids = completion_ids + [eos]
-    if not prompt_ids:
-        raise DataError(f"prompt {prompt[:50]!r} has no tokens (and the tokenizer adds no BOS): the first completion "
-                        "token would have nothing to be predicted from")
-    return prompt_ids, completion_ids
+    from dpokit.data import SFTExample, tokenize_sft
+
+    if len(prompts) != len(completions):
+        raise DataError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no eos_token; set one (completions are scored with their EOS)")
+    nonempty = [i for i, c in enumerate(completions) if c]
+    examples = [SFTExample(prompt=prompts[i], completion=completions[i], row=i) for i in nonempty]
+    tokenized = {ex.row: ex for ex in tokenize_sft(examples, tokenizer)}  # no length limit: nothing is cut
+    out = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        if completion:
+            ex = tokenized[i]
+            out.append((ex.prompt_ids.tolist(), ex.completion_ids.tolist()))
+        else:
+            out.append((tokenizer(prompt).input_ids, [tokenizer.eos_token_id]))
+        if not out[-1][0]:
+            raise DataError(f"prompt {prompt[:50]!r} has no tokens (and the tokenizer adds no BOS): the first "
+                            "completion token would have nothing to be predicted from")
+    return out
 
 
 def sequence_logps(model: nn.Module, tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
-                   batch_size: int = 32, add_eos: bool = True) -> torch.Tensor:
-    """log pi(completion_i | prompt_i) summed over completion tokens (EOS included with `add_eos`), float32 [N] on CPU.
+                   batch_size: int = 32) -> torch.Tensor:
+    """log pi(completion_i | prompt_i) summed over the completion's tokens and its EOS, float32 [N] on CPU.
 
-    Computed in eval mode without gradients, in right-padded batches of `batch_size`.
+    Tokenized as in training (`completion_ids`); computed in eval mode without gradients, in right-padded batches of
+    `batch_size`.
     """
-    if len(prompts) != len(completions):
-        raise DataError(f"{len(prompts)} prompts but {len(completions)} completions")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
     pad_id = _padding_id(tokenizer)
     device = _device(model)
     seqs, masks = [], []
-    for prompt, completion in zip(prompts, completions):
-        p, c = completion_token_ids(tokenizer, prompt, completion, add_eos=add_eos)
+    for p, c in completion_ids(tokenizer, prompts, completions):
         seqs.append(np.asarray(p + c, dtype=np.int64))
         masks.append(np.concatenate([np.zeros(len(p), np.int64), np.ones(len(c), np.int64)]))
     out = []
@@ -186,7 +194,10 @@ def sequence_logps(model: nn.Module, tokenizer, prompts: Sequence[str], completi
 
 
 def _as_float64(values, name: str) -> torch.Tensor:
-    t = torch.as_tensor(values).detach().to("cpu", torch.float64).flatten()
+    # Python numbers go straight to float64 (through the default float32 they would lose digits).
+    t = values.detach().to("cpu", torch.float64) if isinstance(values, torch.Tensor) else \
+        torch.as_tensor(np.asarray(values, dtype=np.float64))
+    t = t.flatten()
     if t.numel() == 0:
         raise DataError(f"{name} is empty")
     return t
@@ -203,7 +214,7 @@ def mean_and_se(values) -> tuple[float, float]:
     """Mean and standard error (sample std with n-1, over sqrt n); the error is NaN for a single value."""
     x = _as_float64(values, "values")
     n = x.numel()
-    se = float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    se = float(x.std(correction=1) / math.sqrt(n)) if n > 1 else float("nan")
     return float(x.mean()), se
 
 
@@ -264,3 +275,262 @@ def win_rate(policy_scores, ref_scores) -> tuple[float, float]:
     """
     p, r = _paired(policy_scores, ref_scores, "policy_scores", "ref_scores")
     return mean_and_se(_half_ties(p - r))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Judges: how a sampled completion is scored for the win rate
+
+
+def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = None, tokenizer=None,
+               beta: float = 0.1, batch_size: int = 16):
+    """A scorer `score(prompts, completions) -> list[float]` from a spec:
+
+    * `implicit` — the DPO implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) of the policy being evaluated;
+    * `module:function` — a Python function `function(prompt, completion) -> float`, imported from `module`;
+    * `rm:PATH` (or a PATH whose config is a `...ForSequenceClassification`) — a reward model; the score is its
+      single logit on prompt + completion.
+    """
+    import importlib
+    import json as _json
+    from pathlib import Path
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("judge: empty spec; use 'implicit', 'module:function' or 'rm:PATH'")
+    spec = spec.strip()
+    if spec == "implicit":
+        if policy is None or reference is None:
+            raise ConfigError("judge 'implicit' needs the policy and its reference")
+
+        def implicit(prompts, completions):
+            lp = sequence_logps(policy, tokenizer, prompts, completions, batch_size=batch_size)
+            lr = sequence_logps(reference, tokenizer, prompts, completions, batch_size=batch_size)
+            return (beta * (lp - lr)).tolist()
+
+        return implicit
+    path = Path(spec[3:] if spec.startswith("rm:") else spec)
+    if spec.startswith("rm:") or (path / "config.json").is_file():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"judge {spec!r}: {path} has no config.json (not a reward model directory)")
+        arch = _json.loads((path / "config.json").read_text()).get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in arch):
+            raise ConfigError(f"judge {spec!r}: {path} is a {arch or 'model without architectures'}, "
+                              "not a ...ForSequenceClassification reward model")
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        rm = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+        if rm.config.num_labels != 1:
+            raise ConfigError(f"judge {spec!r}: a reward model must have one output (num_labels=1), "
+                              f"this one has {rm.config.num_labels}")
+        rm_tok = AutoTokenizer.from_pretrained(str(path))
+        if rm_tok.pad_token_id is None:
+            rm_tok.pad_token = rm_tok.eos_token
+        rm.config.pad_token_id = rm_tok.pad_token_id
+
+        @torch.no_grad()
+        def reward_model(prompts, completions):
+            scores = []
+            for start in range(0, len(prompts), batch_size):
+                texts = [p + c for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
+                enc = rm_tok(texts, return_tensors="pt", padding=True)
+                scores += rm(**enc).logits[:, 0].float().tolist()
+            return scores
+
+        return reward_model
+    if ":" not in spec:
+        raise ConfigError(f"judge {spec!r}: not 'implicit', 'module:function' or 'rm:PATH'")
+    module_name, func_name = spec.rsplit(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"judge {spec!r}: cannot import module {module_name!r} ({exc})") from None
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise ConfigError(f"judge {spec!r}: module {module_name!r} has no function {func_name!r}")
+
+    def python_judge(prompts, completions):
+        scores = []
+        for p, c in zip(prompts, completions):
+            value = fn(p, c)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"judge {spec!r} returned {value!r} for a completion; it must return a finite float")
+            scores.append(float(value))
+        return scores
+
+    return python_judge
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `dpokit eval`: a trained model against its reference
+
+
+def load_causal_lm(path):
+    """A full model directory, or a LoRA run (adapter merged onto its recorded base); with its tokenizer."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"model {str(path)!r}: no such directory")
+    try:
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftConfig, PeftModel
+
+            base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(path)).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def run_settings(path) -> dict:
+    """The resolved config a dpokit run left in its directory (empty for a plain model)."""
+    from pathlib import Path
+
+    import yaml
+
+    f = Path(path) / "dpokit_config.yaml"
+    return yaml.safe_load(f.read_text()) if f.is_file() else {}
+
+
+def default_reference(path) -> str:
+    """The reference a run was trained against: its ref_model_name_or_path, else the model it started from."""
+    settings = run_settings(path)
+    ref = settings.get("ref_model_name_or_path") or settings.get("model_name_or_path")
+    if not ref:
+        raise ConfigError(f"{path}: not a dpokit run directory (no dpokit_config.yaml naming its starting model); "
+                          "pass --ref")
+    return ref
+
+
+def pair_logps(model, tokenizer, pairs_source, *, max_length=None, batch_size=16):
+    """Summed completion log-probs of chosen and rejected for every usable pair of a file, tokenized as in training."""
+    from dpokit import data as D
+    from dpokit.data.collate import collate_pairs
+
+    rows, name = D.load_rows(pairs_source)
+    examples, report = D.preference_examples(rows, name, chat_template_available=bool(tokenizer.chat_template))
+    pairs = D.tokenize_preference(examples, tokenizer, max_length=max_length, report=report)
+    chosen, rejected = [], []
+    device = _device(model)
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_pairs(pairs[start:start + batch_size], tokenizer.pad_token_id)
+            out = completion_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                   batch["completion_mask"].to(device))
+            b = len(batch["row"])
+            chosen.append(out.logps[:b].float().cpu())
+            rejected.append(out.logps[b:].float().cpu())
+    return torch.cat(chosen), torch.cat(rejected), report
+
+
+def read_prompts(source) -> list[str]:
+    from dpokit import data as D
+
+    rows, name = D.load_rows(source)
+    prompts = []
+    for i, row in enumerate(rows):
+        value = row.get("prompt") if isinstance(row, dict) else None
+        if not isinstance(value, str) or not value:
+            raise DataError(f"{name}: row {i + 1}: field 'prompt': expected a non-empty string")
+        prompts.append(value)
+    if not prompts:
+        raise DataError(f"{name}: no prompts")
+    return prompts
+
+
+def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge=None, output_dir=None,
+                   beta=None, num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0, batch_size=16,
+                   max_length=None, show=4) -> dict:
+    """Everything `dpokit eval` reports; writes eval.json and eval.md into `output_dir` (default: the model's dir)."""
+    import json as _json
+    from pathlib import Path
+
+    if pairs is None and prompts is None:
+        raise ConfigError("nothing to evaluate: give --pairs and/or --prompts")
+    if prompts is not None and judge is None:
+        raise ConfigError("--prompts needs --judge (implicit, module:function or rm:PATH) to compare samples")
+    ref_path = ref_path or default_reference(model_path)
+    settings = run_settings(model_path)
+    beta = float(beta if beta is not None else settings.get("beta", 0.1))
+    policy, tokenizer = load_causal_lm(model_path)
+    reference, _ = load_causal_lm(ref_path)
+    result = {"model": str(model_path), "reference": str(ref_path), "beta": beta}
+    if pairs is not None:
+        pc, pr, report = pair_logps(policy, tokenizer, pairs, max_length=max_length, batch_size=batch_size)
+        rc, rr, _ = pair_logps(reference, tokenizer, pairs, max_length=max_length, batch_size=batch_size)
+        result["pairs"] = {"file": str(pairs), **pair_metrics(pc, pr, rc, rr, beta), "data": report.summary()}
+    if prompts is not None:
+        texts = read_prompts(prompts)
+        score = load_judge(judge, policy=policy, reference=reference, tokenizer=tokenizer, beta=beta,
+                           batch_size=batch_size)
+        kw = dict(num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                  seed=seed, batch_size=batch_size)
+        pol = sample_completions(policy, tokenizer, texts, **kw)
+        ref = sample_completions(reference, tokenizer, texts, **kw)
+        flat_p = [p for p, s in zip(texts, pol) for _ in s]
+        pol_flat = [c for s in pol for c in s]
+        ref_flat = [c for s in ref for c in s]
+        kl, kl_se = kl_from_samples(sequence_logps(policy, tokenizer, flat_p, pol_flat, batch_size=batch_size),
+                                    sequence_logps(reference, tokenizer, flat_p, pol_flat, batch_size=batch_size))
+        pol_scores, ref_scores = score(flat_p, pol_flat), score(flat_p, ref_flat)
+        rate, rate_se = win_rate(pol_scores, ref_scores)
+        pol_mean, pol_se = mean_and_se(pol_scores)
+        ref_mean, ref_se = mean_and_se(ref_scores)
+        pol_len, _ = mean_and_se([len(tokenizer(c, add_special_tokens=False).input_ids) for c in pol_flat])
+        ref_len, _ = mean_and_se([len(tokenizer(c, add_special_tokens=False).input_ids) for c in ref_flat])
+        result["samples"] = {
+            "file": str(prompts), "judge": judge, "num_prompts": len(texts), "num_samples": num_samples,
+            "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+            "win_rate": rate, "win_rate_se": rate_se, "policy_score": pol_mean, "policy_score_se": pol_se,
+            "reference_score": ref_mean, "reference_score_se": ref_se, "kl": kl, "kl_se": kl_se,
+            "policy_mean_tokens": pol_len, "reference_mean_tokens": ref_len,
+            "examples": [{"prompt": texts[i], "policy": pol[i][0], "reference": ref[i][0]}
+                         for i in range(min(show, len(texts)))],
+        }
+    out = Path(output_dir or model_path)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(_json.dumps(result, indent=2))
+    (out / "eval.md").write_text(eval_markdown(result))
+    result["written_to"] = str(out)
+    return result
+
+
+def _pm(value, se) -> str:
+    return f"{value:.4f} ± {se:.4f}" if se == se else f"{value:.4f}"
+
+
+def eval_markdown(result: dict) -> str:
+    """eval.json as a short markdown report (tables a person reads)."""
+    lines = [f"# Evaluation of `{result['model']}`", "", f"Reference: `{result['reference']}`, beta = {result['beta']}", ""]
+    if "pairs" in result:
+        p = result["pairs"]
+        lines += [f"## Held-out pairs ({p['num_pairs']} from `{p['file']}`)", "",
+                  "| metric | value |", "|---|---|",
+                  f"| implicit-reward accuracy | {_pm(p['accuracy'], p['accuracy_se'])} |",
+                  f"| mean margin | {_pm(p['margin'], p['margin_se'])} |",
+                  f"| chosen log-prob: policy / reference | {p['policy_chosen_logps']:.3f} / {p['ref_chosen_logps']:.3f} |",
+                  f"| rejected log-prob: policy / reference | {p['policy_rejected_logps']:.3f} / {p['ref_rejected_logps']:.3f} |",
+                  ""]
+        if p["policy_chosen_logps"] < p["ref_chosen_logps"]:
+            lines += ["Note: the chosen log-prob fell below the reference's (likelihood displacement).", ""]
+    if "samples" in result:
+        s = result["samples"]
+        lines += [f"## Samples ({s['num_prompts']} prompts x {s['num_samples']}, judge `{s['judge']}`, "
+                  f"temperature {s['temperature']}, top-p {s['top_p']}, seed {s['seed']})", "",
+                  "| metric | policy | reference |", "|---|---|---|",
+                  f"| judge score | {_pm(s['policy_score'], s['policy_score_se'])} | "
+                  f"{_pm(s['reference_score'], s['reference_score_se'])} |",
+                  f"| mean completion tokens | {s['policy_mean_tokens']:.1f} | {s['reference_mean_tokens']:.1f} |",
+                  "", f"Win rate of the policy over the reference: {_pm(s['win_rate'], s['win_rate_se'])} (ties = 1/2)",
+                  "", f"KL(policy ‖ reference), from the policy's samples: {_pm(s['kl'], s['kl_se'])} nats", "",
+                  "| prompt | policy | reference |", "|---|---|---|"]
+        for ex in s["examples"]:
+            cells = [ex[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "policy", "reference")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,112 @@
+"""`dpokit eval` end to end on tiny saved models, and the judge specs (accepted and rejected)."""
+
+import json
+
+import pytest
+import torch
+
+from dpokit.cli import main
+from dpokit.errors import ConfigError
+from dpokit.evaluate import evaluate_model, load_judge, pair_metrics
+
+
+def positive_words(prompt, completion):
+    """A test judge: counts the word 'good'."""
+    return float(completion.split().count("good"))
+
+
+def not_a_float(prompt, completion):
+    return "high"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from dpokit.demo import build_model, build_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tok = build_tokenizer()
+    for name, seed in (("policy", 1), ("ref", 2)):
+        build_model(tok, seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+PAIRS = [{"prompt": "one morning , the baker went to the market .", "chosen": " it was wonderful .",
+          "rejected": " it was terrible ."},
+         {"prompt": "late at night , my uncle visited the river .", "chosen": " he felt happy .",
+          "rejected": " he felt sad ."}]
+
+
+def test_eval_pairs_equal_hand_computed(models, tmp_path):
+    """Accuracy and margins from `dpokit eval` equal beta * log-ratio differences computed by hand."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    result = evaluate_model(models / "policy", ref_path=models / "ref", pairs=pairs, beta=0.5,
+                            output_dir=tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(models / "policy")
+
+    def logp(m, prompt, completion):
+        p = tok(prompt).input_ids
+        ids = torch.tensor([tok(prompt + completion).input_ids + [tok.eos_token_id]])
+        lp = torch.log_softmax(m(input_ids=ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
+        return float(lp[len(p) - 1:].sum())
+
+    pol, ref = (AutoModelForCausalLM.from_pretrained(models / n) for n in ("policy", "ref"))
+    with torch.no_grad():
+        vals = [[logp(m, r["prompt"], r[k]) for r in PAIRS] for m in (pol, ref) for k in ("chosen", "rejected")]
+    want = pair_metrics(*vals, beta=0.5)
+    got = result["pairs"]
+    for key in ("accuracy", "margin", "chosen_reward", "rejected_reward", "policy_chosen_logps"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert (tmp_path / "out" / "eval.json").is_file() and "Held-out pairs" in (tmp_path / "out" / "eval.md").read_text()
+
+
+def test_eval_cli_samples_with_python_judge(models, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in PAIRS])
+    rc = main(["eval", "--model", str(models / "policy"), "--ref", str(models / "ref"), "--prompts", str(prompts),
+               "--judge", "test_evaluate_cli:positive_words", "--num_samples", "3", "--max_new_tokens", "8",
+               "--output_dir", str(tmp_path / "o")])
+    assert rc == 0
+    result = json.loads((tmp_path / "o" / "eval.json").read_text())
+    s = result["samples"]
+    assert 0 <= s["win_rate"] <= 1 and s["num_samples"] == 3 and len(s["examples"]) == 2
+    assert s["kl"] == s["kl"]  # a number, not NaN
+    assert "Win rate" in capsys.readouterr().out
+
+
+def test_judge_specs(models, tmp_path):
+    assert load_judge("test_evaluate_cli:positive_words")(["p"], ["good good"]) == [2.0]
+    bad = [("", "empty spec"), ("nonexistent_module_xyz:f", "cannot import module"),
+           ("test_evaluate_cli:missing", "has no function"), ("just-words", "not 'implicit'"),
+           (f"rm:{models / 'policy'}", "not a ...ForSequenceClassification"), ("rm:/no/such/dir", "no config.json"),
+           ("implicit", "needs the policy and its reference")]
+    for spec, needle in bad:
+        with pytest.raises(ConfigError, match=needle):
+            load_judge(spec)
+    with pytest.raises(ConfigError, match="must return a finite float"):
+        load_judge("test_evaluate_cli:not_a_float")(["p"], ["c"])
+
+
+def test_reward_model_judge(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from dpokit.demo import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    scores = load_judge(f"rm:{tmp_path / 'rm'}")(["one morning ,", "at dawn ,"], [" it was good .", " it was bad ."])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    with torch.no_grad():
+        want = rm(**tok(["one morning , it was good ."], return_tensors="pt")).logits[0, 0].item()
+    assert scores[0] == pytest.approx(want, rel=1e-5)
