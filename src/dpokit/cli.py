@@ -27,7 +27,7 @@ COMMANDS = {
     "export": "write a LoRA run as a merged full model (--merge)",
     "data": "check, convert, filter and split preference data",
     "bench": "dpokit vs TRL speed, memory and loss on the same model and pairs (--preset cpu-tiny)",
-    "demo": "the embedded default: SFT then DPO on a tiny sentiment task, no downloads (~2 min on 2 CPU cores)",
+    "demo": "the embedded default: SFT then DPO on a tiny sentiment task, no downloads (about 20 s on 2 CPU cores)",
 }
 
 

@@ -85,7 +85,8 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *, n
 
     The same seed, prompts, num_samples and batch_size give the same samples (the global RNG is left as it was).
     Completions are returned as text continuing the prompt, so that `prompt + completion` re-tokenizes to the sampled
-    tokens (see `sequence_logps`).
+    tokens (see `sequence_logps`); a special token sampled mid-text (pad, BOS) is dropped by decoding, as in any
+    text-level evaluation.
     """
     from transformers import GenerationConfig
 

@@ -271,15 +271,20 @@ def _parse_jsonl(lines: Iterable[bytes], name: str) -> RowList:
     return RowList(rows, numbers)
 
 
-def _parse_json(raw: bytes, name: str) -> list[dict] | RowList:
-    """A ``.json`` file holds a JSON array of objects, or (as many Hub datasets do) one object per line."""
+def _decode_utf8(raw: bytes, name: str) -> tuple[bytes, str]:
+    """(bytes without a UTF-8 byte-order mark, their text); undecodable bytes name the file and line."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     try:
-        text = raw.decode("utf-8")
+        return raw, raw.decode("utf-8")
     except UnicodeDecodeError as e:
         lineno = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+
+
+def _parse_json(raw: bytes, name: str) -> list[dict] | RowList:
+    """A ``.json`` file holds a JSON array of objects, or (as many Hub datasets do) one object per line."""
+    raw, text = _decode_utf8(raw, name)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -297,13 +302,7 @@ def _parse_json(raw: bytes, name: str) -> list[dict] | RowList:
 
 
 def _parse_csv(raw: bytes, name: str, delimiter: str) -> list[dict]:
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        lineno = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{name}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    raw, text = _decode_utf8(raw, name)
     # The csv module refuses fields over 128 KiB by default; whole transcripts can be longer.
     csv.field_size_limit(2**31 - 1)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
