@@ -57,6 +57,12 @@ def test_sft_then_dpo_then_export_from_files(tmp_path, base_dir, capsys):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # save_total_limit=1; last step is final
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/rewards/accuracies" in r for r in records) and any("rewards/margins" in r for r in records)
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train"]["read"] == 6 and report["train"]["kept"] == 6 and report["train"]["dropped"] == 0
+    # Evaluate the DPO run against its reference (the SFT model it started from) on held-out pairs.
+    assert main(["eval", "--model", str(out), "--pairs", str(prefs), "--output_dir", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert ev["reference"] == str(tmp_path / "sft") and ev["pairs"]["num_pairs"] == 6
     # Export merges the adapter into a plain transformers model that loads and generates.
     assert main(["export", str(out), str(tmp_path / "merged"), "--merge"]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -247,3 +247,16 @@ def test_padding_free_trainer_matches_padded(tmp_path, tok, monkeypatch, extra):
     assert runs["fast"][0] == pytest.approx(runs["padded"][0], rel=1e-5)
     for (n, a), b in zip(runs["padded"][1].items(), runs["fast"][1].values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_tensorboard_sink_and_truncation_counts(tmp_path, tok):
+    """report_to=tensorboard writes event files; rows whose completion would vanish are dropped and counted."""
+    long_prompt = {"prompt": "word " * 60, "chosen": " yes.", "rejected": " no."}
+    t = DPOTrainer(model(0), args=cfg(tmp_path, report_to="tensorboard", max_length=24, max_steps=1),
+                   train_dataset=PAIRS + [long_prompt], processing_class=tok)
+    assert t.data_reports["train"].dropped == 1 and len(t.train_examples) == len(PAIRS)
+    t.train()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    import json
+
+    assert json.loads((tmp_path / "run" / "data_report.json").read_text())["train"]["dropped"] == 1

@@ -459,6 +459,7 @@ class Trainer:
             if removed:
                 log(f"removed {len(removed)} partial save(s) of an interrupted run: {', '.join(removed)}")
             cfg.save(self.output_dir / RUN_MARKER)
+            self._write_data_report()
         total_steps = self._total_steps()
         self._make_optimizer(total_steps)
         self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
@@ -523,6 +524,15 @@ class Trainer:
 
     def batch_weight(self, batch: dict) -> float:
         raise NotImplementedError
+
+    def _write_data_report(self) -> None:
+        """`data_report.json`: per split, the counts printed at load time (rows read, kept, skipped, deduplicated,
+        truncated, dropped), so what happened to the data is on record beside the model, not only in a terminal."""
+        fields = ("source", "format", "read", "kept", "skipped", "deduplicated", "truncated_prompt",
+                  "truncated_completion", "dropped", "unpaired")
+        reports = {split: {f: getattr(r, f) for f in fields if hasattr(r, f)}
+                   for split, r in getattr(self, "data_reports", {}).items()}
+        (self.output_dir / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
 
     def _optimizer_step(self, micro: list) -> tuple[dict, int]:
         """Forward and backward over this rank's micro-batches of one optimizer step (`(batch, is_filler)` pairs),

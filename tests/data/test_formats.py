@@ -416,3 +416,30 @@ def test_parse_hh_transcript_details():
     assert parse_hh_transcript("Human: no leading blank line\n\nAssistant: ok") == [user("no leading blank line"), assistant("ok")]
     with pytest.raises(ValueError, match="not an HH transcript"):
         parse_hh_transcript("preamble\n\nHuman: hi")
+
+
+def test_hub_names_go_through_datasets_load_dataset(monkeypatch):
+    import datasets
+
+    from dpokit.data import load_rows
+    from dpokit.errors import DataError
+
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows, name = load_rows("someorg/prefs", split="test")
+    assert calls == [("someorg/prefs", "test")] and name == "someorg/prefs" and len(rows) == 1
+
+    def offline(name, split):
+        raise ConnectionError("offline mode is enabled")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"someorg/prefs: no such file or directory, and loading it as a Hub data set "
+                                        r"failed \(offline mode is enabled\)"):
+        load_rows("someorg/prefs")
+    with pytest.raises(DataError, match="missing.jsonl: no such file or directory$"):
+        load_rows("missing.jsonl")

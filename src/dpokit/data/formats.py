@@ -205,6 +205,8 @@ def load_rows(source: Any, *, split: str = "train") -> tuple[list[dict] | Any, s
     if path.is_dir():
         return _load_from_disk(path, name, split), name
     if not path.exists():
+        if _looks_like_hub_id(name):
+            return _load_from_hub(name, split), name
         raise DataError(f"{name}: no such file or directory")
     suffixes = [s.lower() for s in path.suffixes]
     gz = bool(suffixes) and suffixes[-1] == ".gz"
@@ -220,6 +222,24 @@ def load_rows(source: Any, *, split: str = "train") -> tuple[list[dict] | Any, s
     if kind in (".csv", ".tsv"):
         return _parse_csv(raw, name, "\t" if kind == ".tsv" else ","), name
     return _read_arrow_like(raw, name, kind), name
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`org/name` (or a bare `name`) with no file suffix and nothing that marks a local path."""
+    parts = name.split("/")
+    return (len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+            and not Path(parts[-1]).suffix and os.sep not in name.replace("/", ""))
+
+
+def _load_from_hub(name: str, split: str):
+    """A Hugging Face Hub data set through `datasets.load_dataset` (needs network access, or a local HF cache)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types (connection, not found, offline mode); all mean "unusable"
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"{name}: no such file or directory, and loading it as a Hub data set failed ({reason})") from None
 
 
 def _read_bytes(path: Path, name: str, gz: bool) -> bytes:
