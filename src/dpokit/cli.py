@@ -3,6 +3,8 @@
     dpokit sft  [--config FILE.yaml] [key=value | --key value ...]
     dpokit dpo  [--config FILE.yaml] [key=value | --key value ...]
     dpokit eval --model RUN_OR_PATH [--ref REF] --pairs FILE [--prompts FILE] ...
+    dpokit report RUN_DIR [RUN_DIR ...] [--output FILE.html]
+    dpokit sweep --config FILE.yaml --prompts P --judge J beta=0.05,0.1,0.3
     dpokit export ADAPTER_DIR OUTPUT_DIR --merge
     dpokit data check|convert|filter|split ...
     dpokit demo [--quick]
@@ -23,9 +25,11 @@ from dpokit.errors import DpokitError
 COMMANDS = {
     "sft": "supervised fine-tuning (prompt/completion, messages or text rows)",
     "dpo": "preference optimisation: DPO and its family (prompt/chosen/rejected rows)",
-    "eval": "preference accuracy, margins and log-probs of a model against its reference on held-out pairs",
+    "eval": "a model against its reference: held-out pair accuracy and margins, sampled win rate and KL",
     "export": "write a LoRA run as a merged full model (--merge)",
     "data": "check, convert, filter and split preference data",
+    "report": "a self-contained HTML page of training curves (metrics.jsonl) and eval tables; several runs overlaid",
+    "sweep": "one DPO run per setting (beta=0.05,0.1,0.3 ...) and the reward-KL frontier of them",
     "bench": "dpokit vs TRL speed, memory and loss on the same model and pairs (--preset cpu-tiny)",
     "demo": "the embedded default: SFT then DPO on a tiny sentiment task, no downloads (about 20 s on 2 CPU cores)",
 }
@@ -164,6 +168,18 @@ def _data(argv: list[str]) -> int:
     return data_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from dpokit.report import main as report_main
+
+    return report_main(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from dpokit.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
 def _bench(argv: list[str]) -> int:
     from dpokit.bench import main as bench_main
 
@@ -192,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     hf_logging.disable_progress_bar()
     handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "eval": _eval,
-                "export": _export, "data": _data, "bench": _bench, "demo": _demo}
+                "export": _export, "data": _data, "report": _report, "sweep": _sweep, "bench": _bench, "demo": _demo}
     if command not in handlers:
         import difflib
 

@@ -316,22 +316,44 @@ def run_demo(output_dir: Optional[str] = None, seed: int = 0, quick: bool = Fals
         torch.set_num_threads(threads)
 
 
+def _trainer_args(seed: int) -> dict:
+    """Config keys shared by every trainer of the demo and the frontier."""
+    return dict(max_length=64, seed=seed, logging_steps=50, save_steps=0, disable_tqdm=True, report_to="none",
+                overwrite_output_dir=True)
+
+
+def _sft_trainer(model, rows: list[dict], tokenizer, output_dir: Path, learning_rate: float, epochs: float,
+                 batch_size: int, seed: int):
+    from dpokit import SFTConfig, SFTTrainer
+
+    return SFTTrainer(model, args=SFTConfig(output_dir=str(output_dir), learning_rate=learning_rate,
+                                            num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+                                            **_trainer_args(seed)),
+                      train_dataset=rows, processing_class=tokenizer)
+
+
+def _dpo_trainer(model, rows: list[dict], tokenizer, output_dir: Path, beta: float, learning_rate: float,
+                 epochs: float, batch_size: int, seed: int):
+    """A sigmoid-loss DPO trainer of `model`; with ref_model=None the reference is a frozen copy of `model` as given."""
+    from dpokit import DPOConfig, DPOTrainer
+
+    return DPOTrainer(model, ref_model=None,
+                      args=DPOConfig(output_dir=str(output_dir), beta=beta, loss_type="sigmoid",
+                                     learning_rate=learning_rate, num_train_epochs=epochs,
+                                     per_device_train_batch_size=batch_size, **_trainer_args(seed)),
+                      train_dataset=rows, processing_class=tokenizer)
+
+
 def _run(output_dir: Optional[str], seed: int, quick: bool, settings: DemoSettings, start: float) -> dict:
     import copy
-
-    from dpokit import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     tokenizer = build_tokenizer()
     corpus = build_corpus(seed, settings.num_train_prompts, settings.num_heldout_prompts, settings.num_heldout_pairs)
     model = build_model(tokenizer, seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers)
     with tempfile.TemporaryDirectory(prefix="dpokit-demo-") as scratch:
         root = Path(output_dir) if output_dir is not None else Path(scratch)
-        common = dict(max_length=64, seed=seed, logging_steps=50, save_steps=0, disable_tqdm=True,
-                      report_to="none", overwrite_output_dir=True)
-        sft = SFTTrainer(model, args=SFTConfig(output_dir=str(root / "sft"), learning_rate=settings.sft_learning_rate,
-                                               num_train_epochs=settings.sft_epochs,
-                                               per_device_train_batch_size=settings.sft_batch_size, **common),
-                         train_dataset=corpus.sft_rows, processing_class=tokenizer)
+        sft = _sft_trainer(model, corpus.sft_rows, tokenizer, root / "sft", settings.sft_learning_rate,
+                           settings.sft_epochs, settings.sft_batch_size, seed)
         sft.train()
         timings = {"sft_s": time.perf_counter() - start}
         sft_model = sft.model.eval()
@@ -341,11 +363,8 @@ def _run(output_dir: Optional[str], seed: int, quick: bool, settings: DemoSettin
         timings["eval_before_s"] = time.perf_counter() - start - sum(timings.values())
 
         # DPO trains a copy, so the SFT model stays as it is: the reference of the KL and of the implicit rewards.
-        dpo = DPOTrainer(copy.deepcopy(sft_model), ref_model=None,
-                         args=DPOConfig(output_dir=str(root / "dpo"), beta=settings.beta, loss_type="sigmoid",
-                                        learning_rate=settings.dpo_learning_rate, num_train_epochs=settings.dpo_epochs,
-                                        per_device_train_batch_size=settings.dpo_batch_size, **common),
-                         train_dataset=corpus.dpo_rows, processing_class=tokenizer)
+        dpo = _dpo_trainer(copy.deepcopy(sft_model), corpus.dpo_rows, tokenizer, root / "dpo", settings.beta,
+                           settings.dpo_learning_rate, settings.dpo_epochs, settings.dpo_batch_size, seed)
         dpo.train()
         timings["dpo_s"] = time.perf_counter() - start - sum(timings.values())
         policy = dpo.model.eval()

@@ -1,0 +1,366 @@
+"""`dpokit report RUN_DIR [RUN_DIR ...] [--output FILE.html]`: one self-contained HTML page of a run's curves.
+
+The page holds one PNG per metric family (loss, reward accuracy, reward margin, log-probs, learning rate, tokens/s),
+drawn from each run's `metrics.jsonl` with every run overlaid in its own colour, train records as solid lines and eval
+records (`eval/` keys) dashed with markers. The images are embedded as base64 data URIs, so the file can be mailed,
+attached to an issue or opened from a CI artifact with nothing beside it. Each run's `eval.md` (or, without one, its
+`eval.json`) follows as HTML tables.
+
+A figure is left out only when no run logged any of its metrics (an SFT run has no rewards or log-probs); the page
+says which figures were left out and why, so a missing curve is never mistaken for a rendering bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dpokit.errors import ConfigError, DataError
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What is plotted
+
+
+@dataclass(frozen=True)
+class Series:
+    key: str        # the metrics.jsonl key
+    label: str      # what the legend calls it after the run's name
+    linestyle: str
+    marker: Optional[str] = None
+
+
+def _train_and_eval(key: str) -> tuple[Series, ...]:
+    # Eval records are logged every eval_steps, far sparser than training logs: markers keep a two-point eval curve
+    # visible next to a dense train one.
+    return (Series(key, "train", "-"), Series(f"eval/{key}", "eval", "--", "o"))
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    title: str
+    ylabel: str
+    series: tuple[Series, ...]
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.series]
+
+
+PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("Loss", "loss", _train_and_eval("loss")),
+    PlotSpec("Reward accuracy", "rewards/accuracies", _train_and_eval("rewards/accuracies")),
+    PlotSpec("Reward margin", "rewards/margins", _train_and_eval("rewards/margins")),
+    PlotSpec("Log-probs of chosen and rejected", "log-prob (mean per sequence)", (
+        Series("logps/chosen", "chosen (train)", "-"),
+        Series("logps/rejected", "rejected (train)", ":"),
+        Series("eval/logps/chosen", "chosen (eval)", "--", "o"),
+        Series("eval/logps/rejected", "rejected (eval)", "-.", "s"),
+    )),
+    PlotSpec("Learning rate", "learning_rate", (Series("learning_rate", "train", "-"),)),
+    PlotSpec("Throughput", "tokens/s", (Series("tokens_per_second", "train", "-"),)),
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading runs
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    records: list[dict]
+    eval_html: Optional[str] = None
+    eval_source: Optional[str] = None
+
+    def points(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of every record that logged `key`, in file order."""
+        steps, values = [], []
+        for r in self.records:
+            if r.get(key) is not None:
+                steps.append(r["step"])
+                values.append(float(r[key]))
+        return steps, values
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Parse metrics.jsonl; any line that is not a JSON object with an integer step and numeric plotted metrics
+    raises DataError naming file:line (a half-written last line of a killed run included: the user should know)."""
+    plotted = {s.key for p in PLOTS for s in p.series}
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            step = record.get("step")
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise DataError(f"{where}: 'step' must be an integer, got {step!r}")
+            for key in plotted & record.keys():
+                value = record[key]
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise DataError(f"{where}: {key!r} must be a number, got {value!r}")
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records (has the run logged its first step yet?)")
+    return records
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    # Runs are named by their directory; two runs both called `out` (a/out, b/out) get their paths as given instead,
+    # since a legend with the same name twice cannot be read.
+    names = [p.name or str(p) for p in paths]
+    return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+def load_runs(run_dirs: Sequence) -> list[Run]:
+    if not run_dirs:
+        raise ConfigError("dpokit report: give at least one run directory")
+    paths = [Path(d) for d in run_dirs]
+    runs = []
+    for path, label in zip(paths, _labels(paths)):
+        if not path.is_dir():
+            raise ConfigError(f"run directory {str(path)!r} does not exist (or is not a directory)")
+        metrics = path / "metrics.jsonl"
+        if not metrics.is_file():
+            raise ConfigError(f"run directory {str(path)!r} has no metrics.jsonl (is it a dpokit sft/dpo output_dir?)")
+        run = Run(path, label, read_metrics(metrics))
+        # eval.md is what `dpokit eval` wrote for people to read; eval.json is the fallback for a run that has only it.
+        if (path / "eval.md").is_file():
+            run.eval_html = markdown_to_html((path / "eval.md").read_text(encoding="utf-8"), heading_offset=2)
+            run.eval_source = "eval.md"
+        elif (path / "eval.json").is_file():
+            try:
+                data = json.loads((path / "eval.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path / 'eval.json'}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+            run.eval_html = json_to_html(data)
+            run.eval_source = "eval.json"
+        runs.append(run)
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+@dataclass
+class Figures:
+    drawn: list = field(default_factory=list)     # (PlotSpec, matplotlib Figure)
+    omitted: list = field(default_factory=list)   # (PlotSpec, reason)
+
+
+def build_figures(runs: Sequence[Run]) -> Figures:
+    """One matplotlib Figure per PlotSpec that at least one run has data for."""
+    # Figure + savefig without pyplot: no global backend switch (matplotlib.use) inside a library, no figure
+    # registry to leak from, and it works with no display whatever MPLBACKEND says.
+    from matplotlib.figure import Figure
+
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    out = Figures()
+    for spec in PLOTS:
+        if not any(r.points(k)[0] for r in runs for k in spec.keys):
+            out.omitted.append((spec, f"no run logged {' or '.join(spec.keys)}"))
+            continue
+        fig = Figure(figsize=(9, 4.2), dpi=100)
+        ax = fig.add_subplot()
+        for run, colour in zip(runs, colours):
+            for s in spec.series:
+                steps, values = run.points(s.key)
+                if steps:
+                    ax.plot(steps, values, color=colour, linestyle=s.linestyle, marker=s.marker, markersize=4,
+                            linewidth=1.6, label=f"{run.label} — {s.label}")
+        ax.set_title(spec.title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(spec.ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        out.drawn.append((spec, fig))
+    return out
+
+
+def _png_base64(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tables: a small markdown converter (headers, pipe tables, paragraphs: what eval.md holds) and eval.json as tables
+
+
+def _inline(text: str) -> str:
+    escaped = html.escape(text, quote=False)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
+def _cells(row: str) -> list[str]:
+    # Split on pipes that are not escaped (eval.md escapes `|` inside sample text as `\|`).
+    body = row.strip()
+    body = body[1:] if body.startswith("|") else body
+    body = body[:-1] if body.endswith("|") and not body.endswith("\\|") else body
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", body)]
+
+
+_SEPARATOR = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
+
+
+def markdown_to_html(text: str, heading_offset: int = 0) -> str:
+    """Headers, pipe tables and paragraphs; `heading_offset` demotes headers to nest them under the page's own."""
+    lines = text.splitlines()
+    out, para, i = [], [], 0
+
+    def flush():
+        if para:
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+            para.clear()
+
+    while i < len(lines):
+        line = lines[i]
+        header = re.match(r"^(#{1,6})\s+(.*)$", line)
+        if header:
+            flush()
+            level = min(len(header.group(1)) + heading_offset, 6)
+            out.append(f"<h{level}>{_inline(header.group(2).strip())}</h{level}>")
+            i += 1
+        elif line.lstrip().startswith("|") and i + 1 < len(lines) and _SEPARATOR.match(lines[i + 1]):
+            flush()
+            head = _cells(line)
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                rows.append(_cells(lines[i]))
+                i += 1
+            parts = ["<table>", "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"]
+            parts += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows]
+            parts.append("</table>")
+            out.append("\n".join(parts))
+        elif not line.strip():
+            flush()
+            i += 1
+        else:
+            para.append(line.strip())
+            i += 1
+    flush()
+    return "\n".join(out)
+
+
+def _scalar(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def json_to_html(data) -> str:
+    """eval.json as tables: scalars as key/value rows (nested dicts by dotted key), lists of objects as own tables."""
+    rows, lists = [], []
+
+    def walk(prefix: str, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lists.append((prefix, value))
+        else:
+            rows.append((prefix, json.dumps(value) if isinstance(value, list) else _scalar(value)))
+
+    walk("", data)
+    parts = ["<table>", "<tr><th>key</th><th>value</th></tr>"]
+    parts += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows]
+    parts.append("</table>")
+    for name, items in lists:
+        columns = list(dict.fromkeys(k for item in items for k in item))
+        parts += [f"<h4>{html.escape(name)}</h4>", "<table>",
+                  "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in columns) + "</tr>"]
+        parts += ["<tr>" + "".join(f"<td>{html.escape(_scalar(item.get(c, '')))}</td>" for c in columns) + "</tr>"
+                  for item in items]
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The page
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1000px; }
+figure { margin: 16px 0; }
+figure img { width: 100%; max-width: 900px; border: 1px solid #ddd; }
+figcaption { font-size: 0.9em; color: #555; }
+table { border-collapse: collapse; margin: 8px 0 16px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+code { background: #f3f3f3; padding: 0 3px; }
+.omitted { color: #8a5a00; }
+"""
+
+
+def render_html(runs: Sequence[Run], figures: Figures) -> str:
+    esc = html.escape
+    title = "dpokit report: " + ", ".join(r.label for r in runs)
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{esc(title)}</title>",
+             f"<style>{_CSS}</style>", "</head><body>", f"<h1>{esc(title)}</h1>", "<ul>"]
+    for r in runs:
+        train = sum(1 for rec in r.records if any(not k.startswith("eval/") and k != "step" for k in rec))
+        evals = sum(1 for rec in r.records if any(k.startswith("eval/") for k in rec))
+        parts.append(f"<li><b>{esc(r.label)}</b>: <code>{esc(str(r.path))}</code> — {train} train records, "
+                     f"{evals} eval records</li>")
+    parts.append("</ul>")
+    if figures.omitted:
+        parts.append("<p class=\"omitted\">Omitted plots: "
+                     + "; ".join(f"{esc(spec.title)} ({esc(reason)})" for spec, reason in figures.omitted)
+                     + ".</p>")
+    parts.append("<h2>Training curves</h2>")
+    for spec, fig in figures.drawn:
+        parts.append(f"<figure><img alt=\"{esc(spec.title)}\" src=\"data:image/png;base64,{_png_base64(fig)}\">"
+                     f"<figcaption>{esc(spec.title)}: solid = train, dashed with markers = eval</figcaption></figure>")
+    with_eval = [r for r in runs if r.eval_html is not None]
+    if with_eval:
+        parts.append("<h2>Evaluation</h2>")
+        for r in with_eval:
+            parts += [f"<h3>{esc(r.label)} <small>({esc(r.eval_source)})</small></h3>", r.eval_html]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(run_dirs: list, output: str | None = None) -> Path:
+    """Write the report for `run_dirs` to `output` (default: `<first run dir>/report.html`) and return its path."""
+    runs = load_runs(run_dirs)
+    out = Path(output) if output is not None else runs[0].path / "report.html"
+    if out.is_dir():
+        raise ConfigError(f"--output {str(out)!r} is a directory; give a file path such as "
+                          f"{str(out / 'report.html')!r}")
+    figures = build_figures(runs)
+    page = render_html(runs, figures)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dpokit report",
+        description="Write a self-contained HTML page of training curves (metrics.jsonl) and eval tables; "
+                    "several run directories are overlaid.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a dpokit sft/dpo output_dir")
+    parser.add_argument("--output", metavar="FILE.html", help="where to write (default: <first RUN_DIR>/report.html)")
+    args = parser.parse_args(argv)
+    path = write_report(args.run_dirs, args.output)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,53 @@
+"""`dpokit sweep`: axes from key=v1,v2, one run per setting, the frontier table and plot."""
+
+import json
+
+import pytest
+
+from dpokit.cli import main
+from dpokit.errors import ConfigError
+from dpokit.sweep import split_axes
+
+
+def positive(prompt, completion):
+    return float(sum(w in ("wonderful", "happy", "great") for w in completion.split()))
+
+
+def test_split_axes():
+    axes, rest = split_axes(["beta=0.1,0.3", "loss_type=[sigmoid,bco_pair]", "max_steps=2", "--seed", "1"])
+    assert axes == {"beta": ["0.1", "0.3"]}
+    assert rest == ["loss_type=[sigmoid,bco_pair]", "max_steps=2", "--seed", "1"]
+    with pytest.raises(ConfigError, match="nothing to sweep"):
+        split_axes(["beta=0.1"])
+
+
+def test_sweep_trains_each_setting_and_draws_the_frontier(tmp_path):
+    from dpokit.demo import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    build_model(tok, 0).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    rows = [{"prompt": "one morning , the baker went to the market .", "chosen": " it was wonderful .",
+             "rejected": " it was terrible ."}] * 4
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": rows[0]["prompt"]}) + "\n")
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path / 'base'}\ntrain_file: {tmp_path / 'prefs.jsonl'}\n"
+                   f"output_dir: {tmp_path / 'sweep'}\nmax_steps: 2\nper_device_train_batch_size: 2\n"
+                   "learning_rate: 1.0e-3\nsave_steps: 0\ndisable_tqdm: true\n")
+    rc = main(["sweep", "--config", str(cfg), "--prompts", str(tmp_path / "prompts.jsonl"), "--judge",
+               "test_sweep:positive", "--num_samples", "2", "--max_new_tokens", "6", "beta=0.1,1.0"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["beta"] for r in summary["runs"]] == ["0.1", "1.0"]
+    for r in summary["runs"]:
+        assert (tmp_path / "sweep" / f"beta={r['beta']}" / "model.safetensors").is_file()
+        assert r["kl"] == r["kl"] and r["reward"] == r["reward"]
+    assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 1000
+
+
+def test_sweep_checks_every_setting_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="loss_type: unknown 'sigmod'"):
+        from dpokit.sweep import run_sweep
+
+        run_sweep(None, ["loss_type=sigmoid,sigmod", "train_file=x.jsonl"], prompts="p.jsonl", judge="implicit")
