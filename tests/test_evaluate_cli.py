@@ -110,3 +110,16 @@ def test_reward_model_judge(tmp_path):
     with torch.no_grad():
         want = rm(**tok(["one morning , it was good ."], return_tensors="pt")).logits[0, 0].item()
     assert scores[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_eval_markdown_warns_about_length_exploitation():
+    from dpokit.evaluate import eval_markdown
+
+    samples = {"num_prompts": 2, "num_samples": 1, "judge": "j", "temperature": 1.0, "top_p": 1.0, "seed": 0,
+               "policy_score": 1.0, "policy_score_se": 0.1, "reference_score": 0.5, "reference_score_se": 0.1,
+               "policy_mean_tokens": 30.0, "reference_mean_tokens": 10.0, "win_rate": 0.9, "win_rate_se": 0.1,
+               "kl": 2.0, "kl_se": 0.2, "examples": []}
+    text = eval_markdown({"model": "m", "reference": "r", "beta": 0.1, "samples": samples})
+    assert "3.0x as long as the reference's (length exploitation" in text
+    samples["policy_mean_tokens"] = 12.0
+    assert "length exploitation" not in eval_markdown({"model": "m", "reference": "r", "beta": 0.1, "samples": samples})

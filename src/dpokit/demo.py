@@ -392,6 +392,166 @@ def _write_results(root: Path, result: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The frontier: reward against KL to the SFT model for SFT, Preferred-FT and DPO at several betas (the paper's figure 2)
+
+FRONTIER_BETAS = (0.05, 0.1, 0.3, 1.0, 3.0)  # the paper's IMDb sweep spans 0.05 to 5
+# Several training lengths per method, as the paper's frontier has several points per method (it also varies
+# hyper-parameters and evaluates checkpoints along training). Lengths are in epochs over the train prompts.
+FRONTIER_DPO_EPOCHS = (1.0, 2.0)
+FRONTIER_PREFERRED_EPOCHS = (0.5, 1.0, 2.0)
+# Preferred-FT continues SFT on the chosen continuations only. At the SFT learning rate it would start from a
+# fresh linear schedule at 5e-3 and move far in a few steps; the frontier needs points across a range of KL.
+PREFERRED_LEARNING_RATE = 5e-4
+
+
+def run_frontier(output_dir: Optional[str] = None, seed: int = 0, quick: bool = False,
+                 betas: Sequence[float] = FRONTIER_BETAS, dpo_epochs: Sequence[float] = FRONTIER_DPO_EPOCHS,
+                 preferred_epochs: Sequence[float] = FRONTIER_PREFERRED_EPOCHS,
+                 preferred_learning_rate: float = PREFERRED_LEARNING_RATE) -> dict:
+    """Train the demo's SFT model, then Preferred-FT and DPO variants from it, and measure each like the demo does.
+
+    Returns {"seed", "quick", "settings", "frontier": {...}, "points", "runtime_s"}; each point holds method ("SFT",
+    "Preferred-FT" or "DPO"), beta (DPO only), epochs (None for SFT), train_s, and `evaluate_policy`'s numbers
+    without the samples. Every policy is evaluated on the same held-out prompts with the same seed, and its KL is
+    to the SFT model. With `output_dir`, frontier.json and frontier.png are written there.
+    """
+    import torch
+
+    start = time.perf_counter()
+    settings = QUICK if quick else FULL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see run_demo
+    try:
+        result = _frontier(seed, quick, settings, tuple(betas), tuple(dpo_epochs), tuple(preferred_epochs),
+                           preferred_learning_rate, start)
+    finally:
+        torch.set_num_threads(threads)
+    if output_dir is not None:
+        root = Path(output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_frontier(result, root / "frontier.png")
+    return result
+
+
+def _frontier(seed: int, quick: bool, settings: DemoSettings, betas: tuple, dpo_epochs: tuple,
+              preferred_epochs: tuple, preferred_learning_rate: float, start: float) -> dict:
+    import copy
+
+    tokenizer = build_tokenizer()
+    corpus = build_corpus(seed, settings.num_train_prompts, settings.num_heldout_prompts, settings.num_heldout_pairs)
+    model = build_model(tokenizer, seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers)
+    points = []
+
+    def measure(method: str, policy, reference, beta, epochs, train_s: float) -> None:
+        # The implicit-reward accuracy needs a beta; Preferred-FT and SFT have none, and the demo's is used (the
+        # accuracy's sign test does not depend on it, only the margin's scale does).
+        eval_settings = settings if beta is None else dataclasses.replace(settings, beta=beta)
+        metrics = evaluate_policy(policy, reference, tokenizer, corpus, eval_settings, seed)
+        metrics.pop("samples")
+        points.append({"method": method, "beta": beta, "epochs": epochs, "train_s": train_s, **metrics})
+        label = method + (f" beta {beta:g}" if beta is not None else "") + (f", {epochs:g} ep" if epochs else "")
+        print(f"[dpokit] frontier: {label}: reward {metrics['reward']:.3f}, KL {metrics['kl']:.3f}", file=sys.stderr)
+
+    # Trainer outputs (logs, configs) go to a scratch folder: the frontier keeps only its numbers and its plot.
+    with tempfile.TemporaryDirectory(prefix="dpokit-frontier-") as scratch:
+        root = Path(scratch)
+        t0 = time.perf_counter()
+        sft = _sft_trainer(model, corpus.sft_rows, tokenizer, root / "sft", settings.sft_learning_rate,
+                           settings.sft_epochs, settings.sft_batch_size, seed)
+        sft.train()
+        sft_model = sft.model.eval()
+        measure("SFT", sft_model, sft_model, None, None, time.perf_counter() - t0)
+
+        # Preferred-FT: SFT continued on the preferred continuation of each DPO pair, the rejected one never seen.
+        chosen_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in corpus.dpo_rows]
+        for epochs in preferred_epochs:
+            t0 = time.perf_counter()
+            trainer = _sft_trainer(copy.deepcopy(sft_model), chosen_rows, tokenizer, root / f"pft-{epochs:g}",
+                                   preferred_learning_rate, epochs, settings.sft_batch_size, seed)
+            trainer.train()
+            measure("Preferred-FT", trainer.model.eval(), sft_model, None, epochs, time.perf_counter() - t0)
+
+        for beta in betas:
+            for epochs in dpo_epochs:
+                t0 = time.perf_counter()
+                trainer = _dpo_trainer(copy.deepcopy(sft_model), corpus.dpo_rows, tokenizer,
+                                       root / f"dpo-{beta:g}-{epochs:g}", beta, settings.dpo_learning_rate, epochs,
+                                       settings.dpo_batch_size, seed)
+                trainer.train()
+                measure("DPO", trainer.model.eval(), sft_model, beta, epochs, time.perf_counter() - t0)
+    frontier = {"betas": list(betas), "dpo_epochs": list(dpo_epochs), "dpo_learning_rate": settings.dpo_learning_rate,
+                "preferred_epochs": list(preferred_epochs), "preferred_learning_rate": preferred_learning_rate}
+    return {"seed": seed, "quick": quick, "settings": dataclasses.asdict(settings), "frontier": frontier,
+            "points": points, "runtime_s": time.perf_counter() - start}
+
+
+FRONTIER_MARKERS = {"SFT": ("*", "black"), "Preferred-FT": ("s", "tab:orange"), "DPO": ("o", "tab:blue")}
+
+
+def plot_frontier(result: dict, path: Path) -> None:
+    """Reward (y) against KL to the SFT model (x), one marker per method, each point with its standard errors."""
+    # A Figure with the Agg canvas, not pyplot: no global backend switch and no figure registry inside a library.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method, (marker, color) in FRONTIER_MARKERS.items():
+        pts = [p for p in result["points"] if p["method"] == method]
+        if not pts:
+            continue
+        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts],
+                    xerr=[p["kl_se"] for p in pts], yerr=[p["reward_se"] for p in pts], fmt=marker, color=color,
+                    markersize=12 if method == "SFT" else 6, capsize=2, linestyle="none", label=method)
+        for p in pts:
+            if method == "SFT":
+                continue
+            text = (f"β={p['beta']:g}, " if p["beta"] is not None else "") + f"{p['epochs']:g}ep"
+            ax.annotate(text, (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                        color=color)
+    s = result["settings"]
+    ax.set_xlabel("KL(policy || SFT), nats per sample")
+    ax.set_ylabel("mean reward of samples (lexicon)")
+    ax.set_title(f"dpokit demo frontier: {s['num_heldout_prompts']} held-out prompts x {s['num_samples']} samples, "
+                 f"seed {result['seed']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def format_frontier_table(result: dict) -> str:
+    """One row per trained policy: method, beta, training length, reward and KL to the SFT model, with errors."""
+    s, f = result["settings"], result["frontier"]
+    lines = [
+        f"dpokit demo --frontier: reward vs KL to the SFT model (DPO paper, figure 2), seed {result['seed']}"
+        f"{', quick' if result['quick'] else ''}",
+        f"{s['num_heldout_prompts']} held-out prompts x {s['num_samples']} samples at temperature "
+        f"{s['temperature']:g}, same prompts and seed for every policy",
+        f"Preferred-FT: SFT continued on the chosen continuations, lr {f['preferred_learning_rate']:g}; "
+        f"DPO: sigmoid loss from the SFT model, lr {f['dpo_learning_rate']:g}",
+        "",
+        f"{'method':<14}{'beta':>6}{'epochs':>8}{'reward':>18}{'KL(pi || SFT)':>18}{'pref. acc.':>12}",
+    ]
+    for p in result["points"]:
+        beta = f"{p['beta']:g}" if p["beta"] is not None else "-"
+        epochs = f"{p['epochs']:g}" if p["epochs"] is not None else "-"
+        reward = f"{p['reward']:.3f} ± {p['reward_se']:.3f}"
+        kl = f"{p['kl']:.3f} ± {p['kl_se']:.3f}"
+        lines.append(f"{p['method']:<14}{beta:>6}{epochs:>8}{reward:>18}{kl:>18}{p['preference_accuracy']:>12.3f}")
+    cut = sum(p["num_cut"] for p in result["points"])
+    lines += ["",
+              "reward: fraction of the sentiment words in a sampled continuation that are positive (0.5 if none);",
+              "KL: mean of log pi(y) - log pi_SFT(y) over the policy's own samples (0 for the SFT model itself);",
+              "pref. acc.: held-out pairs whose implicit reward prefers the positive continuation (ties = 1/2).",
+              f"samples cut at {s['max_new_tokens']} tokens, all policies: {cut}; runtime "
+              f"{result['runtime_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -435,14 +595,27 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+FRONTIER_OUTPUT_DIR = "runs/demo-frontier"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`dpokit demo [--output_dir DIR] [--seed N] [--quick]`: run the experiment and print the table."""
+    """`dpokit demo [--output_dir DIR] [--seed N] [--quick] [--frontier]`: run the experiment and print the table."""
     parser = argparse.ArgumentParser(prog="dpokit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=None,
-                        help="keep the SFT and DPO models, training logs, results.json and samples.jsonl here")
+                        help="keep the SFT and DPO models, training logs, results.json and samples.jsonl here "
+                             f"(with --frontier: frontier.json and frontier.png, default {FRONTIER_OUTPUT_DIR})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the weights, training and sampling")
     parser.add_argument("--quick", action="store_true", help="a smaller run (about half a minute) for tests")
+    parser.add_argument("--frontier", action="store_true",
+                        help="reward vs KL to the SFT model for SFT, Preferred-FT and DPO at several betas "
+                             "(a few minutes); writes frontier.json and frontier.png")
     args = parser.parse_args(argv)
+    if args.frontier:
+        output_dir = args.output_dir if args.output_dir is not None else FRONTIER_OUTPUT_DIR
+        frontier = run_frontier(output_dir=output_dir, seed=args.seed, quick=args.quick)
+        print(format_frontier_table(frontier))
+        print(f"frontier.json and frontier.png written to {output_dir}")
+        return 0
     result = run_demo(output_dir=args.output_dir, seed=args.seed, quick=args.quick)
     print(format_table(result))
     if args.output_dir is not None:

@@ -528,6 +528,10 @@ def eval_markdown(result: dict) -> str:
                   f"| judge score | {_pm(s['policy_score'], s['policy_score_se'])} | "
                   f"{_pm(s['reference_score'], s['reference_score_se'])} |",
                   f"| mean completion tokens | {s['policy_mean_tokens']:.1f} | {s['reference_mean_tokens']:.1f} |",
+                  *([f"", f"Warning: the policy's completions are {s['policy_mean_tokens'] / s['reference_mean_tokens']:.1f}x "
+                     "as long as the reference's (length exploitation: the judge may be rewarding length)."]
+                    if s["reference_mean_tokens"] > 0 and s["policy_mean_tokens"] > 1.5 * s["reference_mean_tokens"]
+                    else []),
                   "", f"Win rate of the policy over the reference: {_pm(s['win_rate'], s['win_rate_se'])} (ties = 1/2)",
                   "", f"KL(policy ‖ reference), from the policy's samples: {_pm(s['kl'], s['kl_se'])} nats", "",
                   "| prompt | policy | reference |", "|---|---|---|"]

@@ -203,6 +203,35 @@ class MetricsSink:
             self.tb.close()
 
 
+class DisplacementWatch:
+    """Likelihood displacement: the chosen completions' log-prob falling log after log while the margin keeps rising.
+
+    DPO only widens the gap between chosen and rejected; it can do so by pushing both down, and a falling chosen
+    likelihood is the usual first sign of degenerate generations (arXiv 2410.08847). The watch reads the logged
+    `logps/chosen` and `rewards/margins` and speaks once per episode: after `window` consecutive logs in which the chosen
+    log-prob fell while the margin ended higher than it started.
+    """
+
+    def __init__(self, window: int = 5):
+        self.window = window
+        self.history: list[tuple[float, float]] = []
+        self.active = False
+
+    def update(self, metrics: dict) -> Optional[str]:
+        if "logps/chosen" not in metrics or "rewards/margins" not in metrics:
+            return None
+        self.history.append((metrics["logps/chosen"], metrics["rewards/margins"]))
+        recent = self.history[-(self.window + 1):]
+        falling = len(recent) == self.window + 1 and all(b[0] < a[0] for a, b in zip(recent, recent[1:]))
+        triggered = falling and recent[-1][1] > recent[0][1]
+        fire, self.active = triggered and not self.active, triggered
+        if not fire:
+            return None
+        return (f"chosen log-probs fell for {self.window} logs in a row ({recent[0][0]:.3f} -> {recent[-1][0]:.3f}) "
+                f"while margins rose ({recent[0][1]:.3f} -> {recent[-1][1]:.3f}): likelihood displacement; consider "
+                "rpo_alpha > 0, a lower learning_rate or a higher beta")
+
+
 class MeanMeter:
     """Weighted running means of named metrics, reset at each log."""
 
@@ -476,6 +505,7 @@ class Trainer:
                                         history=saved[1]["metrics"] if saved else None,
                                         resume_step=self.global_step if saved else None)
         last: dict = {}
+        self._displacement = DisplacementWatch()
         stream = self._micro_batches(*self._position)
         bar = None
         if not cfg.disable_tqdm and acc.is_main_process:
@@ -509,6 +539,9 @@ class Trainer:
                         last["nonfinite_steps"] = self.nonfinite_steps
                     sink.write(self.global_step, last)
                     self._meter = MeanMeter()
+                    warning = self._displacement.update(last) if acc.is_main_process else None
+                    if warning:
+                        log(f"warning at step {self.global_step}: {warning}")
                 if self.eval_examples is not None and cfg.eval_steps and self.global_step % cfg.eval_steps == 0 \
                         and self.global_step < total_steps:
                     sink.write(self.global_step, self.evaluate())
