@@ -7,7 +7,7 @@
     dpokit sweep --config FILE.yaml --prompts P --judge J beta=0.05,0.1,0.3
     dpokit export ADAPTER_DIR OUTPUT_DIR --merge
     dpokit data check|convert|filter|split ...
-    dpokit demo [--quick]
+    dpokit demo [--quick] [--frontier]
 
 A user mistake (a `DpokitError`) prints one line to stderr and exits with code 2; `--debug` shows the traceback.
 """

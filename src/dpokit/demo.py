@@ -396,9 +396,10 @@ def _write_results(root: Path, result: dict) -> None:
 
 FRONTIER_BETAS = (0.05, 0.1, 0.3, 1.0, 3.0)  # the paper's IMDb sweep spans 0.05 to 5
 # Several training lengths per method, as the paper's frontier has several points per method (it also varies
-# hyper-parameters and evaluates checkpoints along training). Lengths are in epochs over the train prompts.
-FRONTIER_DPO_EPOCHS = (1.0, 2.0)
-FRONTIER_PREFERRED_EPOCHS = (0.5, 1.0, 2.0)
+# hyper-parameters and evaluates checkpoints along training). Lengths are in epochs over the train prompts; each length
+# is its own run with its own linear learning-rate decay, not a checkpoint of a longer run.
+FRONTIER_DPO_EPOCHS = (1.0, 2.0, 3.0)
+FRONTIER_PREFERRED_EPOCHS = (0.25, 0.5, 1.0, 2.0)
 # Preferred-FT continues SFT on the chosen continuations only. At the SFT learning rate it would start from a
 # fresh linear schedule at 5e-3 and move far in a few steps; the frontier needs points across a range of KL.
 PREFERRED_LEARNING_RATE = 5e-4
@@ -486,38 +487,43 @@ def _frontier(seed: int, quick: bool, settings: DemoSettings, betas: tuple, dpo_
             "points": points, "runtime_s": time.perf_counter() - start}
 
 
-FRONTIER_MARKERS = {"SFT": ("*", "black"), "Preferred-FT": ("s", "tab:orange"), "DPO": ("o", "tab:blue")}
+FRONTIER_MARKERS = {"SFT": "*", "Preferred-FT": "s", "DPO": "o"}
 
 
 def plot_frontier(result: dict, path: Path) -> None:
-    """Reward (y) against KL to the SFT model (x), one marker per method, each point with its standard errors."""
+    """Reward (y) against KL to the SFT model (x) with standard errors: one marker style per method, one colour per
+    DPO beta, and a line through each series' training lengths (shortest first)."""
     # A Figure with the Agg canvas, not pyplot: no global backend switch and no figure registry inside a library.
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7.5, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for method, (marker, color) in FRONTIER_MARKERS.items():
-        pts = [p for p in result["points"] if p["method"] == method]
+    points = result["points"]
+    betas = sorted({p["beta"] for p in points if p["method"] == "DPO"})
+    cmap = colormaps["viridis"]
+    series = [("SFT", None, "black", "SFT"), ("Preferred-FT", None, "tab:red", "Preferred-FT")]
+    # Labelled points would overlap where the series meet; a colour per beta keeps them apart.
+    series += [("DPO", b, cmap(0.9 * i / max(1, len(betas) - 1)), f"DPO β={b:g}") for i, b in enumerate(betas)]
+    for method, beta, color, label in series:
+        pts = sorted((p for p in points if p["method"] == method and p["beta"] == beta),
+                     key=lambda p: p["epochs"] or 0)
         if not pts:
             continue
-        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts],
-                    xerr=[p["kl_se"] for p in pts], yerr=[p["reward_se"] for p in pts], fmt=marker, color=color,
-                    markersize=12 if method == "SFT" else 6, capsize=2, linestyle="none", label=method)
-        for p in pts:
-            if method == "SFT":
-                continue
-            text = (f"β={p['beta']:g}, " if p["beta"] is not None else "") + f"{p['epochs']:g}ep"
-            ax.annotate(text, (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7,
-                        color=color)
-    s = result["settings"]
+        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], xerr=[p["kl_se"] for p in pts],
+                    yerr=[p["reward_se"] for p in pts], marker=FRONTIER_MARKERS[method], color=color,
+                    markersize=13 if method == "SFT" else 6, capsize=2, linewidth=1, label=label)
+    s, f = result["settings"], result["frontier"]
     ax.set_xlabel("KL(policy || SFT), nats per sample")
     ax.set_ylabel("mean reward of samples (lexicon)")
-    ax.set_title(f"dpokit demo frontier: {s['num_heldout_prompts']} held-out prompts x {s['num_samples']} samples, "
-                 f"seed {result['seed']}", fontsize=9)
+    ax.set_title(f"dpokit demo --frontier, seed {result['seed']}: {s['num_heldout_prompts']} held-out prompts x "
+                 f"{s['num_samples']} samples\nlines join training lengths: Preferred-FT "
+                 f"{', '.join(f'{e:g}' for e in f['preferred_epochs'])} epochs, DPO "
+                 f"{', '.join(f'{e:g}' for e in f['dpo_epochs'])} epochs", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -531,7 +537,7 @@ def format_frontier_table(result: dict) -> str:
         f"{s['num_heldout_prompts']} held-out prompts x {s['num_samples']} samples at temperature "
         f"{s['temperature']:g}, same prompts and seed for every policy",
         f"Preferred-FT: SFT continued on the chosen continuations, lr {f['preferred_learning_rate']:g}; "
-        f"DPO: sigmoid loss from the SFT model, lr {f['dpo_learning_rate']:g}",
+        f"DPO: sigmoid loss from the SFT model, lr {f['dpo_learning_rate']:g}; every row is its own run from the SFT model",
         "",
         f"{'method':<14}{'beta':>6}{'epochs':>8}{'reward':>18}{'KL(pi || SFT)':>18}{'pref. acc.':>12}",
     ]
