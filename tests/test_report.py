@@ -168,3 +168,13 @@ def test_chromium_screenshot_shows_the_plots(two_runs, tmp_path):
     blue = (abs(region - [0.122, 0.467, 0.706]).max(axis=-1) < 0.08).sum()
     orange = (abs(region - [1.0, 0.498, 0.055]).max(axis=-1) < 0.08).sum()
     assert blue > 200 and orange > 200, (blue, orange)
+
+
+def test_training_warnings_appear_in_the_report(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n")
+    (run / "warnings.jsonl").write_text(json.dumps({"step": 12, "kind": "likelihood_displacement",
+                                                    "message": "chosen log-probs fell <fast>"}) + "\n")
+    page = report.write_report([run]).read_text()
+    assert "<h2>Warnings</h2>" in page and "step 12: chosen log-probs fell &lt;fast&gt;" in page

@@ -274,3 +274,16 @@ def test_displacement_watch_speaks_once_per_episode():
     later = [watch.update({"logps/chosen": -1.0 - i, "rewards/margins": 1.0 + i}) for i in range(3)]
     assert later[-1] is not None
     assert DisplacementWatch().update({"loss": 0.5}) is None  # SFT logs: nothing to watch
+
+
+def test_displacement_warning_is_logged_and_written(tmp_path, tok, monkeypatch, capsys):
+    import json
+
+    from dpokit import trainer as T
+
+    monkeypatch.setattr(T.DisplacementWatch, "update", lambda self, metrics: "chosen log-probs fell (test)")
+    t = DPOTrainer(model(0), args=cfg(tmp_path, max_steps=2), train_dataset=PAIRS, processing_class=tok)
+    t.train()
+    assert "warning at step 1: chosen log-probs fell (test)" in capsys.readouterr().out
+    lines = [json.loads(l) for l in (tmp_path / "run" / "warnings.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2] and lines[0]["kind"] == "likelihood_displacement"

@@ -81,6 +81,7 @@ class Run:
     records: list[dict]
     eval_html: Optional[str] = None
     eval_source: Optional[str] = None
+    warnings: list = field(default_factory=list)  # training-time safety warnings (warnings.jsonl)
 
     def points(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of every record that logged `key`, in file order."""
@@ -140,6 +141,9 @@ def load_runs(run_dirs: Sequence) -> list[Run]:
         if not metrics.is_file():
             raise ConfigError(f"run directory {str(path)!r} has no metrics.jsonl (is it a dpokit sft/dpo output_dir?)")
         run = Run(path, label, read_metrics(metrics))
+        if (path / "warnings.jsonl").is_file():
+            run.warnings = [json.loads(line) for line in (path / "warnings.jsonl").read_text().splitlines()
+                            if line.strip()]
         # eval.md is what `dpokit eval` wrote for people to read; eval.json is the fallback for a run that has only it.
         if (path / "eval.md").is_file():
             run.eval_html = markdown_to_html((path / "eval.md").read_text(encoding="utf-8"), heading_offset=2)
@@ -326,6 +330,12 @@ def render_html(runs: Sequence[Run], figures: Figures) -> str:
         parts.append("<p class=\"omitted\">Omitted plots: "
                      + "; ".join(f"{esc(spec.title)} ({esc(reason)})" for spec, reason in figures.omitted)
                      + ".</p>")
+    warned = [(r, w) for r in runs for w in r.warnings]
+    if warned:
+        parts.append("<h2>Warnings</h2><ul>")
+        parts += [f"<li><b>{esc(r.label)}</b>, step {esc(str(w.get('step')))}: {esc(str(w.get('message')))}</li>"
+                  for r, w in warned]
+        parts.append("</ul>")
     parts.append("<h2>Training curves</h2>")
     for spec, fig in figures.drawn:
         parts.append(f"<figure><img alt=\"{esc(spec.title)}\" src=\"data:image/png;base64,{_png_base64(fig)}\">"

@@ -542,6 +542,10 @@ class Trainer:
                     warning = self._displacement.update(last) if acc.is_main_process else None
                     if warning:
                         log(f"warning at step {self.global_step}: {warning}")
+                        # On record beside the metrics, so `dpokit report` shows it too.
+                        with (self.output_dir / "warnings.jsonl").open("a") as f:
+                            f.write(json.dumps({"step": self.global_step, "kind": "likelihood_displacement",
+                                                "message": warning}) + "\n")
                 if self.eval_examples is not None and cfg.eval_steps and self.global_step % cfg.eval_steps == 0 \
                         and self.global_step < total_steps:
                     sink.write(self.global_step, self.evaluate())
