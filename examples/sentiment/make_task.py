@@ -22,7 +22,7 @@ def write_jsonl(path: Path, rows) -> None:
 def main(out: str, seed: int = 0) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(seed, num_train=400, num_heldout=64, num_heldout_pairs=128)
+    corpus = build_corpus(seed, num_train=1000, num_heldout=64, num_heldout_pairs=128)
     tokenizer = build_tokenizer()
     build_model(tokenizer, seed).save_pretrained(out_dir / "base")
     tokenizer.save_pretrained(out_dir / "base")
