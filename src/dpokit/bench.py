@@ -167,7 +167,7 @@ def _setup_worker(job: Job):
     torch.set_num_threads(job.threads)
     p = Preset(**job.preset)
     if p.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"preset needs a CUDA GPU; none is available")
+        raise SystemExit("preset needs a CUDA GPU; none is available")
     return p, torch.device(p.device)
 
 

@@ -12,11 +12,10 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import json
 import textwrap
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -465,6 +464,3 @@ def parse_overrides(tokens: list[str]) -> dict[str, str]:
         i += 1
     return out
 
-
-def config_json(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), sort_keys=True)

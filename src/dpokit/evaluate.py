@@ -528,7 +528,7 @@ def eval_markdown(result: dict) -> str:
                   f"| judge score | {_pm(s['policy_score'], s['policy_score_se'])} | "
                   f"{_pm(s['reference_score'], s['reference_score_se'])} |",
                   f"| mean completion tokens | {s['policy_mean_tokens']:.1f} | {s['reference_mean_tokens']:.1f} |",
-                  *([f"", f"Warning: the policy's completions are {s['policy_mean_tokens'] / s['reference_mean_tokens']:.1f}x "
+                  *(["", f"Warning: the policy's completions are {s['policy_mean_tokens'] / s['reference_mean_tokens']:.1f}x "
                      "as long as the reference's (length exploitation: the judge may be rewarding length)."]
                     if s["reference_mean_tokens"] > 0 and s["policy_mean_tokens"] > 1.5 * s["reference_mean_tokens"]
                     else []),

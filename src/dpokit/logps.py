@@ -166,8 +166,3 @@ def completion_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     return CompletionLogps(logps=token_logps.sum(-1), lengths=mask.sum(-1), token_logps=token_logps, mask=mask,
                            weight_logps=weight_logps)
 
-
-def reference_completion_logps(model: nn.Module, input_ids, attention_mask, completion_mask, **kw) -> CompletionLogps:
-    """`completion_logps` without autograd (for a frozen reference)."""
-    with torch.no_grad():
-        return completion_logps(model, input_ids, attention_mask, completion_mask, **kw)
