@@ -71,6 +71,9 @@ CASES = {
     "plain": {},
     "precomputed_ref": {"precompute_ref_log_probs": "true"},
     "lora": {"use_peft": "true", "lora_dropout": 0.0},
+    # Packed micro-batches of at most 48 tokens: each rank packs its share of the step's 8 pairs into a few of them,
+    # and the two processes run other splits (and fillers) than the one process does.
+    "token_budget": {"padding_free": "true", "share_prompt": "true", "token_budget": 48},
 }
 
 

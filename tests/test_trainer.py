@@ -249,6 +249,52 @@ def test_padding_free_trainer_matches_padded(tmp_path, tok, monkeypatch, extra):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_token_budget_gives_the_numbers_of_fixed_pair_batches(tmp_path, tok):
+    """A token budget changes how a step's pairs are cut into micro-batches, not which pairs a step has: losses and
+    weights equal the padded fixed-count path's, whatever the number of micro-batches."""
+    import json
+
+    from dpokit.packing import pair_tokens
+
+    longest = max(pair_tokens(p, True) for p in DPOTrainer(model(0), args=cfg(tmp_path / "probe"),
+                                                            train_dataset=PAIRS, processing_class=tok).train_examples)
+    runs = {}
+    variants = {
+        "padded": dict(per_device_train_batch_size=4),
+        # All four pairs in one packed micro-batch, and in as many micro-batches as the budget forces.
+        "one_micro": dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, padding_free=True,
+                          share_prompt=True, token_budget=10_000),
+        "tight": dict(per_device_train_batch_size=1, gradient_accumulation_steps=4, padding_free=True,
+                      share_prompt=True, token_budget=longest),
+        "tight_unshared": dict(per_device_train_batch_size=4, padding_free=True, token_budget=2 * longest),
+    }
+    for name, kw in variants.items():
+        t = DPOTrainer(model(0), args=cfg(tmp_path / name, max_steps=2, adam_epsilon=1.0, learning_rate=1.0, **kw),
+                       train_dataset=PAIRS, processing_class=tok)
+        passes = []
+        step = t._optimizer_step
+        t._optimizer_step = lambda micro, step=step: (passes.append(len(micro)), step(micro))[1]
+        t.train()
+        lines = (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+        runs[name] = ([json.loads(l)["loss"] for l in lines], t.model.state_dict(), passes)
+    assert runs["padded"][2] == [1, 1] and runs["one_micro"][2] == [1, 1]
+    assert min(runs["tight"][2]) >= 2 and min(runs["tight_unshared"][2]) >= 2  # the budget really split the steps
+    for name in variants:
+        assert runs[name][0] == pytest.approx(runs["padded"][0], rel=1e-5), name
+        for (n, a), b in zip(runs["padded"][1].items(), runs[name][1].values()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{name}: {n}")
+
+
+def test_token_budget_smaller_than_a_pair_is_refused_before_any_work(tmp_path, tok):
+    with pytest.raises(ConfigError, match="token_budget needs padding_free"):
+        DPOTrainer(model(0), args=cfg(tmp_path, token_budget=100), train_dataset=PAIRS, processing_class=tok)
+    t = DPOTrainer(model(0), args=cfg(tmp_path, padding_free=True, token_budget=8), train_dataset=PAIRS,
+                   processing_class=tok)
+    with pytest.raises(ConfigError, match=r"needs \d+ packed tokens, more than token_budget=8"):
+        t.train()
+    assert not (tmp_path / "run").exists()
+
+
 def test_tensorboard_sink_and_truncation_counts(tmp_path, tok):
     """report_to=tensorboard writes event files; rows whose completion would vanish are dropped and counted."""
     long_prompt = {"prompt": "word " * 60, "chosen": " yes.", "rejected": " no."}

@@ -219,6 +219,12 @@ class DPOConfig(TrainConfig):
     share_prompt: bool = False
     """With `padding_free`: one sequence prompt+chosen+rejected per pair, the prompt computed once (rejected never
     attends to chosen and its positions restart after the prompt)."""
+    token_budget: Optional[int] = None
+    """With `padding_free`: packed tokens per micro-batch on each process. An optimizer step still covers
+    per_device_train_batch_size x gradient_accumulation_steps x processes pairs (the same pairs as without it, so the
+    same numbers); they are split over the processes by token count and each process packs its share into as few
+    micro-batches of at most this many tokens as fit, instead of a fixed pair count per micro-batch (short pairs fill
+    a budget, long ones do not run out of memory). null: per_device_train_batch_size pairs per micro-batch."""
     ref_model_name_or_path: Optional[str] = None
     """A separate reference model; default: a frozen copy of the starting policy (adapters off under LoRA)."""
     beta: float = 0.1
@@ -263,6 +269,11 @@ class DPOConfig(TrainConfig):
             raise ConfigError(f"loss_weights has {len(self.loss_weights)} values for {len(names)} loss types")
         if self.share_prompt and not self.padding_free:
             raise ConfigError("share_prompt needs padding_free=true")
+        if self.token_budget is not None:
+            if not self.padding_free:
+                raise ConfigError("token_budget needs padding_free=true (it counts packed tokens)")
+            if self.token_budget < 1:
+                raise ConfigError(f"token_budget must be >= 1 or null (got {self.token_budget})")
         _check_choice(self, "pair_strategy", ("best_vs_worst", "best_vs_rest", "all_pairs"))
         if self.min_score_gap < 0:
             raise ConfigError(f"min_score_gap must be >= 0 (got {self.min_score_gap})")

@@ -33,7 +33,7 @@ from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
 from dpokit.data.collate import collate_packed, collate_pairs, collate_sft
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.logps import CompletionLogps, completion_logps
-from dpokit.packing import batch_logps, enable_packed_attention
+from dpokit.packing import batch_logps, enable_packed_attention, pack_pairs, pair_tokens
 from dpokit.reference import (AdapterOffReference, ModelReference, data_fingerprint, frozen_copy,
                               model_fingerprint, precompute)
 
@@ -335,9 +335,30 @@ class Trainer:
     def autocast(self):
         return self.accelerator.autocast()
 
+    def token_budget(self) -> Optional[int]:
+        """Packed tokens per micro-batch and process, or None for `per_device_train_batch_size` examples each."""
+        return None
+
+    def pack(self, examples: list, budget: int) -> list[list]:
+        """`examples` split into micro-batches of at most `budget` tokens (trainers with a `token_budget`)."""
+        raise NotImplementedError
+
+    def pack_cost(self, example) -> int:
+        """The tokens `example` takes in a packed micro-batch."""
+        raise NotImplementedError
+
+    def _check_token_budget(self) -> None:
+        """Refuse, before any work, a budget the longest training example cannot fit in."""
+        budget = self.token_budget()
+        if budget:
+            self.pack([max(self.train_examples, key=self.pack_cost)], budget)  # raises ConfigError naming the row
+
     def _global_micro_batch_size(self) -> int:
-        """Examples per micro-step over all processes: N processes equal one process with N times the batch."""
-        return self.args.per_device_train_batch_size * self.accelerator.num_processes
+        """Examples per global data group: one micro-step over all processes, or with a token budget one whole
+        optimizer step (packed into micro-batches afterwards). N processes equal one process with N times the batch."""
+        cfg = self.args
+        size = cfg.per_device_train_batch_size * self.accelerator.num_processes
+        return size * cfg.gradient_accumulation_steps if self.token_budget() else size
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         """The example indices of each *global* micro-batch of `epoch` (all ranks together). A fresh generator per
@@ -362,6 +383,43 @@ class Trainer:
         n, world, rank = len(examples), acc.num_processes, acc.process_index
         return examples[rank * n // world:(rank + 1) * n // world]
 
+    def _steps(self, epoch: int = 0, start: int = 0):
+        """Endless (epoch, next position in epoch, micro) stream of this rank's optimizer steps, from data group
+        `start` of `epoch`; `micro` holds (batch, is_filler) pairs, the same number on every rank."""
+        cfg = self.args
+        if not self.token_budget():
+            stream = self._micro_batches(epoch, start)
+            while True:
+                micro = []
+                for _ in range(cfg.gradient_accumulation_steps):
+                    epoch, index, batch, filler = next(stream)
+                    micro.append((batch, filler))
+                yield epoch, index + 1, micro
+        while True:
+            batches = self._epoch_batches(epoch)
+            for i in range(start, len(batches)):
+                yield epoch, i + 1, self._budget_micro_batches(batches[i])
+            epoch, start = epoch + 1, 0
+
+    def _budget_micro_batches(self, indices: list[int]) -> list:
+        """One optimizer step's examples (`indices`, all ranks) as this rank's token-budget micro-batches.
+
+        The examples are split over the ranks by token count (`rank_part`: equal counts, balanced tokens), then each
+        rank's share is packed into micro-batches of at most `token_budget` tokens. Every rank computes every rank's
+        packing (a pure function of the step's examples, no collective), so all know the step's number of passes:
+        the most any rank needs. A rank with fewer runs zero-weight filler passes, since every rank must run the
+        same passes for the engine's collectives to pair up; balanced shares keep those rare."""
+        acc, budget = self.accelerator, self.token_budget()
+        sizes = [_example_tokens(self.train_examples[j]) for j in indices]
+        packed = []
+        for rank in range(acc.num_processes):
+            part = dist.rank_part(indices, sizes, rank, acc.num_processes)
+            packed.append(self.pack([self.train_examples[j] for j in part], budget) if part else [])
+        mine, passes = packed[acc.process_index], max(len(p) for p in packed)
+        micro = [(self.collate(group), False) for group in mine]
+        filler = self.collate([self.train_examples[indices[0]]])
+        return micro + [(filler, True)] * (passes - len(micro))
+
     def _micro_batches(self, epoch: int = 0, start: int = 0):
         """Endless (epoch, index in epoch, batch, is_filler) stream of this rank's part of each global micro-batch,
         from micro-batch `start` of `epoch`. A rank whose part is empty (the last micro-batch of an epoch can be
@@ -380,8 +438,8 @@ class Trainer:
 
     def _total_steps(self) -> int:
         cfg = self.args
-        per_epoch = math.ceil(math.ceil(len(self.train_examples) / self._global_micro_batch_size())
-                              / cfg.gradient_accumulation_steps)
+        groups = math.ceil(len(self.train_examples) / self._global_micro_batch_size())
+        per_epoch = groups if self.token_budget() else math.ceil(groups / cfg.gradient_accumulation_steps)
         return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
 
     def _make_optimizer(self, total_steps: int) -> None:
@@ -446,8 +504,8 @@ class Trainer:
             if global_micro_batch != here:
                 cfg, n = self.args, self.accelerator.num_processes
                 raise C.CheckpointError(
-                    f"cannot resume {what}: it was written with {global_micro_batch} examples per micro-step over all "
-                    f"processes, this run has {here} (per_device_train_batch_size={cfg.per_device_train_batch_size} x "
+                    f"cannot resume {what}: it was written with {global_micro_batch} examples per data group (a micro-step "
+                    f"over all processes; with token_budget, an optimizer step), this run has {here} (per_device_train_batch_size={cfg.per_device_train_batch_size} x "
                     f"{n} process(es)); set per_device_train_batch_size to {global_micro_batch}/{n} or launch "
                     f"{global_micro_batch}/{cfg.per_device_train_batch_size} processes")
             may_change.add("per_device_train_batch_size")
@@ -473,6 +531,7 @@ class Trainer:
             raise ConfigError("no training data: pass train_dataset= or set train_file")
         resume = cfg.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         resume = C.LATEST if resume is True else None if resume is False else resume
+        self._check_token_budget()
         if self.engine == "fsdp" and (cfg.save_steps or resume is not None):
             # The optimizer state is sharded across ranks and dpokit's checkpoints hold one full copy written by rank
             # 0; an exact FSDP resume would need per-rank optimizer shards, which this version does not write.
@@ -506,7 +565,7 @@ class Trainer:
                                         resume_step=self.global_step if saved else None)
         last: dict = {}
         self._displacement = DisplacementWatch()
-        stream = self._micro_batches(*self._position)
+        stream = self._steps(*self._position)
         bar = None
         if not cfg.disable_tqdm and acc.is_main_process:
             from tqdm.auto import tqdm
@@ -519,12 +578,9 @@ class Trainer:
         try:
             while self.global_step < total_steps:
                 t0 = time.perf_counter()
-                micro, epoch, index = [], 0, 0
-                for _ in range(cfg.gradient_accumulation_steps):
-                    epoch, index, batch, filler = next(stream)
-                    micro.append((self._to_device(batch), filler))
-                self._position = (epoch, index + 1)
-                record, tokens = self._optimizer_step(micro)
+                epoch, position, micro = next(stream)
+                self._position = (epoch, position)
+                record, tokens = self._optimizer_step([(self._to_device(b), filler) for b, filler in micro])
                 self.global_step += 1
                 record.update(learning_rate=self.scheduler.get_last_lr()[0],
                               tokens_per_second=tokens / max(time.perf_counter() - t0, 1e-9))
@@ -674,6 +730,11 @@ class Trainer:
                 raise OutOfMemory(f"out of memory during evaluation (per_device_eval_batch_size="
                                   f"{cfg.per_device_eval_batch_size}, max_length={cfg.max_length}): lower "
                                   "per_device_eval_batch_size or max_length") from exc
+            if self.token_budget():
+                raise OutOfMemory(f"out of memory in training step {self.global_step + 1} (token_budget="
+                                  f"{self.token_budget()}, max_length={cfg.max_length}, gradient_checkpointing="
+                                  f"{cfg.gradient_checkpointing}): lower token_budget (the step's pairs stay the same, "
+                                  "in more micro-batches), lower max_length, or set gradient_checkpointing=true") from exc
             raise OutOfMemory(f"out of memory in training step {self.global_step + 1} (per_device_train_batch_size="
                               f"{cfg.per_device_train_batch_size}, max_length={cfg.max_length}, gradient_checkpointing="
                               f"{cfg.gradient_checkpointing}): lower per_device_train_batch_size and raise "
@@ -917,6 +978,15 @@ class DPOTrainer(Trainer):
 
     def batch_weight(self, batch: dict) -> float:
         return float(len(batch["row"]))
+
+    def token_budget(self) -> Optional[int]:
+        return self.args.token_budget
+
+    def pack(self, pairs: list, budget: int) -> list[list]:
+        return pack_pairs(pairs, budget, shared_prompt=self.args.share_prompt)
+
+    def pack_cost(self, pair) -> int:
+        return pair_tokens(pair, self.args.share_prompt)
 
     # ----- reference -----
     def setup_reference_before_peft(self) -> None:
