@@ -295,6 +295,26 @@ def test_token_budget_smaller_than_a_pair_is_refused_before_any_work(tmp_path, t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("extra", [{}, {"padding_free": True, "share_prompt": True, "token_budget": 64}],
+                         ids=["padded", "packed"])
+def test_torch_compile_gives_the_eager_numbers(tmp_path, tok, extra):
+    """Compiled decoder layers (aot_eager: torch.compile's graph capture and autograd, without a C++ toolchain) give
+    the eager losses and weights, over batches of changing shapes."""
+    import json
+
+    runs = {}
+    for name, kw in (("eager", {}), ("compiled", {"torch_compile": True, "torch_compile_backend": "aot_eager"})):
+        t = DPOTrainer(model(0), args=cfg(tmp_path / name, max_steps=2, adam_epsilon=1.0, learning_rate=1.0,
+                                          **extra, **kw), train_dataset=PAIRS, processing_class=tok)
+        t.train()
+        lines = (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+        runs[name] = ([json.loads(l)["loss"] for l in lines], t.model.state_dict())
+    compiled = [m for m in runs["compiled"][1]]
+    assert compiled and runs["compiled"][0] == pytest.approx(runs["eager"][0], rel=1e-5)
+    for (n, a), b in zip(runs["eager"][1].items(), runs["compiled"][1].values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_tensorboard_sink_and_truncation_counts(tmp_path, tok):
     """report_to=tensorboard writes event files; rows whose completion would vanish are dropped and counted."""
     long_prompt = {"prompt": "word " * 60, "chosen": " yes.", "rejected": " no."}

@@ -12,9 +12,9 @@ throughput is reported; dpokit runs packed, with a token budget per micro-batch.
 
 Each side runs in its own subprocess, so peak memory is its own and neither warms caches for the other.
 
-dpokit side. dpokit's trainer does not yet take packed batches, so the dpokit side is the loop in `_run_dpokit`: the
-same steps as `dpokit.trainer.DPOTrainer` (micro-batches, reference log-probs, `dpokit.losses.preference_loss`,
-loss / pairs-per-step, clip, AdamW, scheduler), with `dpokit.packing` batches.
+dpokit side: `dpokit.DPOTrainer` as a user runs it (padding_free, share_prompt, token_budget, one data group of
+pairs_per_step pairs per optimizer step), on the pre-tokenized pairs; TRL reads the same pairs in the order dpokit's
+trainer draws them (`dpokit.trainer.data_order`), so step k of each side trains on the same pairs.
 
 Figures (per side): tokens_per_second counts the non-padding tokens of the padded chosen-then-rejected layout (prompt
 counted twice) for both sides, so a side that skips work (padding, a shared prompt) shows it as speed, not as fewer
@@ -221,103 +221,62 @@ def _device_peak_flops(device, given: Optional[float]) -> Optional[float]:
 
 
 def _run_dpokit(job: Job) -> dict:
-    import contextlib
-
+    """dpokit's side: `dpokit.DPOTrainer` itself, packed (shared prompt) with the preset's token budget per
+    micro-batch and all of a step's pairs in one data group; timed between the ends of consecutive steps."""
     import torch
-    from transformers import AutoModelForCausalLM, get_scheduler
 
-    from dpokit import losses
-    from dpokit.packing import collate_packed, pack_pairs, packed_completion_logps, padded_tokens
-    from dpokit.reference import frozen_copy
+    from dpokit import DPOConfig, DPOTrainer
+    from dpokit.packing import padded_tokens
 
     p, device = _setup_worker(job)
     pairs = _read_pairs(job.pairs_file)
     steps = p.warmup_steps + p.steps
-    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).to(device)
-    ref = frozen_copy(model)
-    if p.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if p.precision == "bf16" \
-        else contextlib.nullcontext
-    chunk = 1024
+    out_dir = tempfile.mkdtemp(prefix="dpokit-bench-dpokit-")
+    os.environ["DPOKIT_CACHE_DIR"] = os.path.join(out_dir, "cache")  # a precompute is always computed, never read
+    cfg = DPOConfig(output_dir=os.path.join(out_dir, "run"), per_device_train_batch_size=p.pairs_per_step,
+                    gradient_accumulation_steps=1, max_steps=steps, learning_rate=p.learning_rate,
+                    lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=p.beta,
+                    loss_type="sigmoid", max_length=p.max_length, logging_steps=1, save_steps=0, seed=p.seed,
+                    bf16=p.precision == "bf16", padding_free=True, share_prompt=job.shared_prompt,
+                    token_budget=p.token_budget, precompute_ref_log_probs=job.precompute_ref,
+                    gradient_checkpointing=p.gradient_checkpointing, torch_compile=job.extra.get("compile", False),
+                    disable_tqdm=True)
+    marks, records, passes = [], [], []
 
-    def to_device(batch):
-        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    step_pairs = [pairs[i * p.pairs_per_step:(i + 1) * p.pairs_per_step] for i in range(steps)]
-    precompute_seconds = None
-    ref_table = None
-    if job.precompute_ref:
-        # One pass over every pair before training (what DPOConfig.precompute_ref_log_probs does); the reference model
-        # is then freed, and its time is reported apart from the steps.
-        t0 = time.perf_counter()
-        ref_table = {}
-        with torch.no_grad(), autocast():
-            for group in pack_pairs(pairs, p.token_budget, job.shared_prompt):
-                out = packed_completion_logps(ref, to_device(collate_packed(group, job.shared_prompt)), chunk_size=chunk)
-                b = len(group)
-                for k, pair in enumerate(group):
-                    ref_table[pair.row] = (out.logps[k].item(), out.logps[b + k].item())
-        precompute_seconds = time.perf_counter() - t0
-        ref = None
-
-    decay = [w for n, w in model.named_parameters() if w.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [w for n, w in model.named_parameters() if not (w.ndim >= 2 and "norm" not in n.lower())]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=p.learning_rate, fused=True)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=steps)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, tokens, npairs, flops, step_losses, micro_counts = [], [], [], [], [], []
-    first_chosen = None
-    for s in range(steps):
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        group = step_pairs[s]
-        micro = pack_pairs(group, p.token_budget, job.shared_prompt)
-        loss_total = torch.zeros((), device=device)
-        chosen_sum = 0.0
-        scored = 0
-        for mb in micro:
-            batch = to_device(collate_packed(mb, job.shared_prompt))
-            b = len(mb)
-            with autocast():
-                if ref_table is not None:
-                    values = torch.tensor([ref_table[q.row] for q in mb], device=device)
-                    ref_c, ref_r = values[:, 0], values[:, 1]
-                else:
-                    with torch.no_grad():
-                        r = packed_completion_logps(ref, batch, chunk_size=chunk).logps
-                    ref_c, ref_r = r[:b], r[b:]
-                out = packed_completion_logps(model, batch, chunk_size=chunk)
-                result = losses.preference_loss("sigmoid", out.logps[:b], out.logps[b:], ref_c, ref_r,
-                                                chosen_lengths=out.lengths[:b], rejected_lengths=out.lengths[b:],
-                                                beta=p.beta)
-            loss = result.losses.sum() / len(group)
-            loss.backward()
-            loss_total += loss.detach()
-            chosen_sum += float(out.logps[:b].detach().sum())
-            scored += int(out.lengths.sum())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_losses.append(float(loss_total))  # .item(): waits for the step to finish on a GPU
-        times.append(time.perf_counter() - t0)
-        tokens.append(padded_tokens(group))
-        npairs.append(len(group))
-        flops.append(_policy_flops(model, padded_tokens(group), scored))
-        micro_counts.append(len(micro))
-        if s == 0:
-            first_chosen = chosen_sum / len(group)
+
+    class TimedDPOTrainer(DPOTrainer):
+        def _optimizer_step(self, micro):
+            passes.append(len(micro))
+            record, tokens = super()._optimizer_step(micro)
+            sync()
+            marks.append(time.perf_counter())
+            records.append(record)
+            return record, tokens
+
+    t0 = time.perf_counter()
+    trainer = TimedDPOTrainer(job.model_dir, args=cfg, train_dataset=pairs)
+    setup_seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    marks.append(time.perf_counter())
+    trainer.train()
+    if len(records) != steps:
+        raise RuntimeError(f"dpokit ran {len(records)} steps; expected {steps}")
+    groups = [[pairs[i] for i in g] for g in trainer._epoch_batches(0)][:steps]
+    times = [b - a for a, b in zip(marks, marks[1:])]
+    tokens = [padded_tokens(g) for g in groups]
+    scored = [sum(len(q.chosen_ids) + len(q.rejected_ids) for q in g) for g in groups]
+    flops = [_policy_flops(trainer.model, t, n) for t, n in zip(tokens, scored)]
     peak = _device_peak_flops(device, job.peak_flops)
-    extra = {"micro_batches_per_step": micro_counts, "token_budget": p.token_budget,
-             "shared_prompt": job.shared_prompt, "precompute_ref": job.precompute_ref,
-             "precompute_seconds": precompute_seconds}
-    return _summary(times, tokens, npairs, flops, p.warmup_steps, peak, _peak_memory(device), step_losses,
-                    first_chosen, extra)
+    extra = {"micro_batches_per_step": passes, "token_budget": p.token_budget, "shared_prompt": job.shared_prompt,
+             "precompute_ref": job.precompute_ref, "setup_seconds": setup_seconds,
+             "torch_compile": bool(job.extra.get("compile", False))}
+    return _summary(times, tokens, [len(g) for g in groups], flops, p.warmup_steps, peak, _peak_memory(device),
+                    [float(r["loss"]) for r in records], float(records[0]["logps/chosen"]), extra)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -332,9 +291,13 @@ def _run_trl(job: Job) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from dpokit.packing import padded_tokens
+    from dpokit.trainer import data_order
 
     p, device = _setup_worker(job)
+    # In the order dpokit's trainer draws them (its seeded shuffle of epoch 0): TRL reads them sequentially, so both
+    # sides' step k trains on the same pairs.
     pairs = _read_pairs(job.pairs_file)
+    pairs = [pairs[i] for i in data_order(len(pairs), p.seed, 0)]
     steps = p.warmup_steps + p.steps
     mb = job.trl_micro_batch
     if p.pairs_per_step % mb:
@@ -422,7 +385,7 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         trl_micro_batches: Optional[list] = None, token_budget: Optional[int] = None, shared_prompt: bool = True,
         precompute_ref: bool = False, threads: Optional[int] = None, skip_trl: bool = False,
         tokenizer: Path = DEFAULT_TOKENIZER, data: Path = DEFAULT_DATA, peak_tflops: Optional[float] = None,
-        log=print) -> dict:
+        compile: bool = False, log=print) -> dict:
     """Run the benchmark; returns {"preset": ..., "dpokit": {...}, "trl": {...}} (no "trl" with skip_trl)."""
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
@@ -451,7 +414,7 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(model_dir))
         base = Job(preset=dataclasses.asdict(p), model_dir=str(model_dir), pairs_file=str(work / "pairs.json"),
                    threads=threads, shared_prompt=shared_prompt, precompute_ref=precompute_ref,
-                   peak_flops=peak_tflops * 1e12 if peak_tflops else None)
+                   peak_flops=peak_tflops * 1e12 if peak_tflops else None, extra={"compile": compile})
         log(f"[bench] {preset_name}: {p.description}; {n_pairs} HH pairs, {p.pairs_per_step} per step, "
             f"{p.warmup_steps}+{p.steps} steps, {p.precision}, {threads} threads")
         result = {"preset": {"name": preset_name, **dataclasses.asdict(p)}}
@@ -507,6 +470,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-shared-prompt", action="store_true", help="dpokit: pack prompt twice per pair")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="both sides precompute the reference log-probs before training (not timed)")
+    parser.add_argument("--compile", action="store_true", help="dpokit: torch_compile=true (decoder layers)")
     parser.add_argument("--threads", type=int, help="CPU threads per side (default: all available)")
     parser.add_argument("--skip-trl", action="store_true", help="run the dpokit side only")
     parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs only)")
@@ -532,7 +496,8 @@ def run_from_args(args) -> int:
     result = run(args.preset, steps=args.steps, pairs_per_step=args.pairs_per_step,
                  trl_micro_batches=args.trl_micro_batches, token_budget=args.token_budget,
                  shared_prompt=not args.no_shared_prompt, precompute_ref=args.precompute_ref, threads=args.threads,
-                 skip_trl=args.skip_trl, peak_tflops=args.peak_tflops, tokenizer=args.tokenizer, data=args.data)
+                 skip_trl=args.skip_trl, peak_tflops=args.peak_tflops, tokenizer=args.tokenizer, data=args.data,
+                 compile=args.compile)
     print(format_table(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))

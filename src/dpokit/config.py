@@ -103,6 +103,14 @@ class TrainConfig:
     """Mixed precision with float16 autocast and a gradient scaler (GPU only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    torch_compile: bool = False
+    """Compile each decoder layer of the policy (and of a reference model) with `torch.compile` (regional
+    compilation: one compile serves every layer). Pays on a GPU after the first steps; shapes vary from batch to
+    batch, so they are compiled as dynamic."""
+    torch_compile_backend: Optional[str] = None
+    """`torch.compile` backend (default: inductor, which on CPU needs a C++ compiler)."""
+    torch_compile_mode: Optional[str] = None
+    """`torch.compile` mode, e.g. "max-autotune-no-cudagraphs" (default: torch's)."""
     disable_dropout: bool = True
     """Set every dropout probability to 0 in policy and reference, so log-probs are deterministic."""
 

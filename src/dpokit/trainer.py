@@ -31,7 +31,7 @@ from dpokit import distributed as dist
 from dpokit import losses
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
 from dpokit.data.collate import collate_packed, collate_pairs, collate_sft
-from dpokit.errors import ConfigError, DpokitError
+from dpokit.errors import ConfigError, DataError, DpokitError
 from dpokit.logps import CompletionLogps, completion_logps
 from dpokit.packing import batch_logps, enable_packed_attention, pack_pairs, pair_tokens
 from dpokit.reference import (AdapterOffReference, ModelReference, data_fingerprint, frozen_copy,
@@ -151,6 +151,22 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, peft_config: Any = None) -> n
         return get_peft_model(model, peft_config)
     except ValueError as exc:
         raise ConfigError(f"LoRA: {str(exc).splitlines()[0]}") from exc
+
+
+def compile_layers(model: nn.Module, cfg: TrainConfig) -> None:
+    """`torch.compile` each decoder layer in place (the model's `_no_split_modules` classes, e.g. LlamaDecoderLayer):
+    the layers share one compiled graph, so compiling takes one layer's time, and the LM head, which dpokit runs in
+    its own chunks, stays eager. Dynamic shapes: packed and padded batches change length every step."""
+    from dpokit.packing import _base_model
+
+    base = _base_model(model)
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"torch_compile: cannot find the decoder layers of {type(base).__name__} (no "
+                          "_no_split_modules); turn torch_compile off")
+    for layer in layers:
+        layer.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode, dynamic=True)
 
 
 def check_vocab(examples, vocab_size: int, where) -> None:
@@ -307,6 +323,10 @@ class Trainer:
                 self.model.enable_input_require_grads()  # so checkpointed blocks see a grad path under LoRA
         self.model.train()
         self.setup_reference()
+        if cfg.torch_compile:
+            compile_layers(self.model, cfg)
+            if getattr(self, "_ref_module", None) is not None:
+                compile_layers(self._ref_module, cfg)
 
         self.model = self.model.to(self.accelerator.device)
         # Every policy forward goes through this module; `train` has the engine wrap it (DDP, FSDP), so the engine's
@@ -365,8 +385,7 @@ class Trainer:
         epoch, seeded by (seed, epoch), and nothing else: the data order is a pure function of the config and the
         global micro-batch size, so resuming at (epoch, micro-batch) needs no sampler state beyond those two numbers,
         draws nothing from the global RNGs that dropout uses, and is the same on every rank."""
-        g = torch.Generator().manual_seed(self.args.seed + epoch)
-        order = torch.randperm(len(self.train_examples), generator=g).tolist()
+        order = data_order(len(self.train_examples), self.args.seed, epoch)
         size = self._global_micro_batch_size()
         return [order[i:i + size] for i in range(0, len(order), size)]
 
@@ -959,6 +978,10 @@ class DPOTrainer(Trainer):
     # ----- data -----
     def prepare_data(self, source, split: str):
         cfg = self.args
+        if isinstance(source, (list, tuple)) and source and isinstance(source[0], D.TokenizedPair):
+            return _finish_data(self, _pretokenized(source, cfg.max_length), D.DataReport(
+                read=len(source), kept=len(source), skipped=0, format="tokenized", source="<tokenized>"),
+                "<tokenized>", split)
         rows, name = D.load_rows(source)
         examples, report = D.preference_examples(rows, name, dataset_format=cfg.dataset_format,
                                                  column_map=cfg.column_map, on_bad_rows=cfg.on_bad_rows,
@@ -1090,6 +1113,28 @@ class DPOTrainer(Trainer):
         for k, v in (result.metrics or {}).items():
             metrics[k] = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
         return result.losses.sum(), float(b), metrics
+
+
+def data_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order in which training examples are drawn in `epoch`: a permutation from a generator of its own, seeded by
+    (seed, epoch), so it is the same on every rank, on resume, and for anyone replaying a run (e.g. `dpokit bench`)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+def _pretokenized(pairs, max_length: Optional[int]) -> list:
+    """Pairs already tokenized by dpokit (`dpokit.data.tokenize_preference`, e.g. once for several runs), used as
+    given: nothing is cut here, so a pair over `max_length` or with an empty completion is an error, not trained on."""
+    for i, p in enumerate(pairs):
+        if not isinstance(p, D.TokenizedPair):
+            raise DataError(f"<tokenized> row {i}: a {type(p).__name__} among TokenizedPair rows")
+        for field_name in ("chosen_ids", "rejected_ids"):
+            if len(getattr(p, field_name)) == 0:
+                raise DataError(f"<tokenized> row {i}: field {field_name!r} is empty (no completion to train on)")
+        longest = len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+        if max_length is not None and longest > max_length:
+            raise DataError(f"<tokenized> row {i}: {longest} tokens, more than max_length={max_length} (pre-tokenized"
+                            " pairs are not truncated; tokenize with the run's max_length or raise it)")
+    return list(pairs)
 
 
 def _example_tokens(example) -> int:
