@@ -42,15 +42,31 @@ def assets(tmp_path_factory):
     return d
 
 
-def launch(assets: Path, out: Path, nproc: int, per_device: int, **overrides) -> subprocess.CompletedProcess:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(assets: Path, out: Path, nproc: int, per_device: int, engine: str = "ddp",
+           **overrides) -> subprocess.CompletedProcess:
     args = dict(model_name_or_path=assets / "model", train_file=assets / "train.jsonl",
                 eval_file=assets / "eval.jsonl", output_dir=out, per_device_train_batch_size=per_device,
                 per_device_eval_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-3,
                 logging_steps=1, save_steps=0, disable_tqdm=True, seed=3, max_length=64)
     args.update(overrides)
     cli = ["-m", "dpokit", "dpo", *[f"{k}={v}" for k, v in args.items()]]
-    cmd = [sys.executable, *cli] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
+    if nproc == 1:
+        cmd = [sys.executable, *cli]
+    elif engine == "fsdp":
+        # The way users launch it: accelerate's launcher with the shipped config (FSDP2), here on CPU over gloo.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "examples" / "accelerate" / "fsdp.yaml"), "--num_processes", str(nproc),
+               "--main_process_port", str(_free_port()), *cli]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1",
            "DPOKIT_CACHE_DIR": str(out.parent / f"cache-{out.name}")}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -67,22 +83,30 @@ def weights(out: Path) -> dict:
     return load_file(str(out / name))
 
 
-CASES = {
-    "plain": {},
-    "precomputed_ref": {"precompute_ref_log_probs": "true"},
-    "lora": {"use_peft": "true", "lora_dropout": 0.0},
+CASES = {  # name: (engine, overrides)
+    "plain": ("ddp", {}),
+    "precomputed_ref": ("ddp", {"precompute_ref_log_probs": "true"}),
+    "lora": ("ddp", {"use_peft": "true", "lora_dropout": 0.0}),
     # Packed micro-batches of at most 48 tokens: each rank packs its share of the step's 8 pairs into a few of them,
     # and the two processes run other splits (and fillers) than the one process does.
-    "token_budget": {"padding_free": "true", "share_prompt": "true", "token_budget": 48},
+    "token_budget": ("ddp", {"padding_free": "true", "share_prompt": "true", "token_budget": 48}),
+    # FSDP2 over gloo: parameters, gradients and optimizer state sharded over the two processes.
+    "fsdp": ("fsdp", {}),
+    "fsdp_precomputed_ref": ("fsdp", {"precompute_ref_log_probs": "true"}),
+    "fsdp_lora": ("fsdp", {"use_peft": "true", "lora_dropout": 0.0}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, case):
+    engine, overrides = CASES[case]
     one, two = tmp_path / "one", tmp_path / "two"
-    launch(assets, one, nproc=1, per_device=4, **CASES[case])
-    # The plain case also checkpoints at step 2, to resume it on one process below.
-    run = launch(assets, two, nproc=2, per_device=2, **CASES[case], save_steps=2 if case == "plain" else 0)
+    launch(assets, one, nproc=1, per_device=4, **overrides)
+    # The plain and fsdp cases also checkpoint at step 2, to resume them below.
+    resumed = case in ("plain", "fsdp", "fsdp_lora")
+    run = launch(assets, two, nproc=2, per_device=2, engine=engine, **overrides, save_steps=2 if resumed else 0)
+    wrapper = "FSDPPolicyCall" if engine == "fsdp" else "DistributedDataParallel"
+    assert f"2 processes on cpu, engine {engine} ({wrapper})" in run.stdout
     a, b = metrics(one), metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 3]
     for ra, rb in zip(a, b):
@@ -98,13 +122,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, ca
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
     # Only the first process prints dpokit's notices.
     assert run.stdout.count("[dpokit] tokenizer has no pad token") == 1
-    if case == "plain":
-        # The data position counts global micro-batches: the same 4 per micro-step from 1 process x 4 resumes exactly.
-        launch(assets, two, nproc=1, per_device=4, resume_from_checkpoint="latest")
-        assert [r.get("loss", r.get("eval/loss")) for r in metrics(two)] == \
-            pytest.approx([r.get("loss", r.get("eval/loss")) for r in b], rel=1e-4)
-        for k, v in weights(two).items():
-            torch.testing.assert_close(v, wa[k], rtol=1e-4, atol=1e-6, msg=k)
+    if resumed:
+        # The data position counts global micro-batches: the same 4 per micro-step from 1 process x 4 resumes exactly,
+        # and checkpoints hold full weights and a full optimizer state keyed by parameter name (FSDP's shards are
+        # gathered on save and scattered on load), so a run resumes on another engine or number of processes.
+        resumes = [(1, 4, "ddp")] + ([(2, 2, "fsdp")] if engine == "fsdp" else [])
+        for nproc, per_device, how in resumes:
+            launch(assets, two, nproc=nproc, per_device=per_device, engine=how, **overrides,
+                   resume_from_checkpoint=str(two / "checkpoint-2"))
+            assert [r.get("loss", r.get("eval/loss")) for r in metrics(two)] == \
+                pytest.approx([r.get("loss", r.get("eval/loss")) for r in b], rel=1e-4), (nproc, how)
+            for k, v in weights(two).items():
+                torch.testing.assert_close(v, wa[k], rtol=1e-4, atol=1e-6, msg=f"{nproc} x {how}: {k}")
 
 
 def test_rank_parts_are_disjoint_balanced_and_in_dataset_order():

@@ -37,7 +37,7 @@ from dpokit.errors import DpokitError
 LATEST = "latest"
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 # Leftovers of saves a kill interrupted; they are ours (dot-names written only by dpokit) and are removed at start.
 PARTIAL_PATTERNS = (".tmp-checkpoint-*", ".old-checkpoint-*", ".tmp-save-*", ".*.tmp-*")
@@ -225,29 +225,35 @@ def load_state(directory: Path) -> tuple[dict, dict]:
     return tensors, info
 
 
-def load_weights(model: torch.nn.Module, directory: Path, peft: bool) -> None:
-    """Copy a checkpoint's weights (or LoRA adapter) into the already-built model, checking that every trained tensor
-    is covered: a checkpoint of another architecture is an error, never a partial load."""
+def read_weights(directory: Path, peft: bool) -> dict:
+    """The tensors of a checkpoint's model files: the LoRA adapter, or the (possibly sharded) full model."""
     from safetensors.torch import load_file
 
     if peft:
-        from peft import set_peft_model_state_dict
-
         path = directory / "adapter_model.safetensors"
         if not path.is_file():
             raise CheckpointError(f"{directory} holds no LoRA adapter, but this run uses LoRA")
-        result = set_peft_model_state_dict(model, load_file(str(path)))
+        return load_file(str(path))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
+    if (directory / "model.safetensors").is_file():
+        return load_file(str(directory / "model.safetensors"))
+    raise CheckpointError(f"{directory} holds a LoRA adapter, but this run trains the full model")
+
+
+def load_weights(model: torch.nn.Module, directory: Path, peft: bool) -> None:
+    """Copy a checkpoint's weights (or LoRA adapter) into the already-built model, checking that every trained tensor
+    is covered: a checkpoint of another architecture is an error, never a partial load."""
+    state = read_weights(directory, peft)
+    if peft:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
         missing = [k for k in result.missing_keys if "lora_" in k]
         unexpected = list(result.unexpected_keys)
     else:
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state = {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
-        elif (directory / "model.safetensors").is_file():
-            state = load_file(str(directory / "model.safetensors"))
-        else:
-            raise CheckpointError(f"{directory} holds a LoRA adapter, but this run trains the full model")
         result = model.load_state_dict(state, strict=False)
         # save_pretrained writes a tied weight (lm_head = embeddings) once; it is loaded through its twin.
         own = model.state_dict()

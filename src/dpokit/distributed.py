@@ -52,9 +52,52 @@ def make_accelerator(mixed_precision: str):
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = distributed and not _has_accelerator_device()
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    plugin = None
+    if cpu and _asked("ACCELERATE_USE_FSDP"):
+        plugin = _cpu_fsdp_plugin()
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **({"fsdp_plugin": plugin} if plugin else {}))
+    if plugin is not None:
+        _enable_fsdp_on_cpu(acc, plugin)
     check_engine(acc)
     return acc
+
+
+def _asked(variable: str) -> bool:
+    return os.environ.get(variable, "false").lower() == "true"
+
+
+def _cpu_fsdp_plugin():
+    """The FSDP plugin `accelerate launch` describes in FSDP_* variables, checked for what runs on CPU."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    version = int(os.environ.get("FSDP_VERSION", "1"))
+    if version != 2:
+        raise ConfigError(f"FSDP version {version} needs an accelerator device (torch's FSDP1 refuses CPU "
+                          "parameters); set fsdp_version: 2 in the accelerate config (examples/accelerate/fsdp.yaml)")
+    return FullyShardedDataParallelPlugin()
+
+
+def _enable_fsdp_on_cpu(acc, plugin) -> None:
+    """Turn accelerate's CPU multi-process state (gloo, DDP) into FSDP2.
+
+    Why: torch's FSDP2 (`fully_shard`) runs on CPU tensors over gloo, but accelerate (1.x) switches to FSDP only
+    for GPU-type devices and otherwise drops the plugin and silently sets up DDP (accelerate/state.py, the
+    `distributed_type in [MULTI_GPU, ...]` branch). This does for CPU what that branch does for GPUs: set the
+    distributed type and keep the plugin. Everything after (prepare, no_sync, clip_grad_norm_, get_state_dict) is
+    accelerate's own FSDP2 code; tests/test_distributed.py checks the result equals one process."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    if acc.state.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.state.mixed_precision)
+    if not (acc.distributed_type == DistributedType.FSDP and acc.is_fsdp2):
+        raise ConfigError(f"accelerate {_accelerate_version()} did not take dpokit's FSDP2 set-up on CPU; launch on "
+                          "GPUs or use the DDP config (examples/accelerate/ddp.yaml)")
 
 
 def _has_accelerator_device() -> bool:
@@ -81,13 +124,10 @@ def check_engine(acc) -> None:
     """Refuse launches that would silently run something other than what was asked for."""
     from accelerate.utils import DistributedType
 
-    asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    asked_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if asked_fsdp and acc.distributed_type != DistributedType.FSDP:
-        # accelerate enables FSDP only for GPU-type devices; elsewhere it quietly falls back to DDP.
+    asked_fsdp, asked_ds = _asked("ACCELERATE_USE_FSDP"), _asked("ACCELERATE_USE_DEEPSPEED")
+    if asked_fsdp and acc.num_processes > 1 and acc.distributed_type != DistributedType.FSDP:
         raise ConfigError(f"FSDP was requested but accelerate set up {acc.distributed_type.value} on "
-                          f"{acc.device.type} (accelerate {_accelerate_version()} runs FSDP on GPUs only); "
-                          "launch on GPUs or use the DDP config (examples/accelerate/ddp.yaml)")
+                          f"{acc.device.type}; launch with examples/accelerate/fsdp.yaml")
     if asked_ds or acc.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's engine steps the optimizer inside backward(): dpokit's global-weight loss normalisation over
         # accumulated micro-batches and its check for non-finite gradients before the update cannot run there.

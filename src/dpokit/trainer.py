@@ -551,11 +551,6 @@ class Trainer:
         resume = cfg.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         resume = C.LATEST if resume is True else None if resume is False else resume
         self._check_token_budget()
-        if self.engine == "fsdp" and (cfg.save_steps or resume is not None):
-            # The optimizer state is sharded across ranks and dpokit's checkpoints hold one full copy written by rank
-            # 0; an exact FSDP resume would need per-rank optimizer shards, which this version does not write.
-            raise ConfigError("checkpoints and resume are not supported under FSDP in this version (the optimizer "
-                              "state is sharded); set save_steps=0 and no resume_from_checkpoint, or use DDP")
         ckpt = self._check_output_dir(resume)
         saved = C.load_state(ckpt) if ckpt is not None else None
         # Every rank has checked the output directory before the first process writes into it.
@@ -570,6 +565,9 @@ class Trainer:
         total_steps = self._total_steps()
         self._make_optimizer(total_steps)
         self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
+        if acc.num_processes > 1:
+            log(f"{acc.num_processes} processes on {acc.device.type}, engine {self.engine} "
+                f"({type(self.policy).__name__})")
         if isinstance(getattr(self, "reference", None), AdapterOffReference):
             self.reference.call = self.policy  # the adapter-off pass needs the engine's hooks too (FSDP gathers)
         self.global_step, self.nonfinite_steps = 0, 0
@@ -843,17 +841,33 @@ class Trainer:
         acc = self.accelerator
         # Each rank's RNG state (collective), so a resume on the same number of processes restores every rank's.
         rng_ranks = dist.gather_objects(acc, C.capture_rng())
+        # Under FSDP the weights and the optimizer state are sharded: gathering them is a collective (every rank
+        # calls it; rank 0 receives full copies, on CPU).
+        state, optimizer = self._gathered_state(), self._optimizer_state()
         if acc.is_main_process:
-            self._write_checkpoint(tmp, ckpt, rng_ranks)
+            self._write_checkpoint(tmp, ckpt, rng_ranks, state, optimizer)
         acc.wait_for_everyone()
         return ckpt
 
-    def _write_checkpoint(self, tmp: Path, ckpt: Path, rng_ranks: list) -> None:
+    def _optimizer_model(self) -> nn.Module:
+        """The module whose parameter names key the optimizer state: the engine's root (FSDP) or the PolicyCall."""
+        return self.policy if self.engine == "fsdp" else self.accelerator.unwrap_model(self.policy)
+
+    def _optimizer_state(self) -> dict:
+        """The full optimizer state keyed by parameter name (not by position), so that a checkpoint written by one
+        engine or number of processes loads into another (FSDP's sharded state is gathered)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self._optimizer_model(), _inner_optimizer(self.optimizer),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _write_checkpoint(self, tmp: Path, ckpt: Path, rng_ranks: list, state: Optional[dict],
+                          optimizer: dict) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
-        self._write_model(tmp)
+        self._write_model(tmp, state)
         scaler = self.accelerator.scaler
-        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        tensors = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": dict(rng_ranks[0])}
         if len(rng_ranks) > 1:
             tensors["rng"]["other_ranks"] = rng_ranks[1:]
@@ -886,6 +900,27 @@ class Trainer:
         for old in done[:-limit]:
             shutil.rmtree(old)
 
+    def _load_sharded_weights(self, ckpt: Path) -> None:
+        """FSDP: the checkpoint's full weights (every rank reads the files) scattered into this rank's shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        files = C.read_weights(ckpt, peft=self.use_peft)
+        # Names as the engine's root sees them: PolicyCall's "model." prefix; a peft adapter file drops the adapter
+        # name ("lora_A.weight" for the module's "lora_A.default.weight").
+        names = {}
+        for name in self.model.state_dict():
+            names.setdefault(name, name)
+            if self.use_peft:
+                names.setdefault(name.replace(".default", ""), name)
+        unknown = [k for k in files if k not in names]
+        trained = {names[k] for k in files if k in names}
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in trained]
+        if unknown or missing:
+            raise C.CheckpointError(f"{ckpt} does not fit this model (unknown {unknown[:3]}, missing {missing[:3]}); "
+                                    "resume with the run's own model")
+        set_model_state_dict(self.policy, {"model." + names[k]: v for k, v in files.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
     def _restore(self, ckpt: Path, tensors: dict, info: dict, total_steps: int) -> None:
         """Put weights, optimizer, scheduler, scaler, data position and counters back where `ckpt` left them, after
         checking it is this run's (the RNG states are restored by `train`, right before the first step)."""
@@ -903,8 +938,14 @@ class Trainer:
         if info["total_steps"] != total_steps or info["micro_step"] != 0:
             raise C.CheckpointError(f"cannot resume from {ckpt}: it was written for {info['total_steps']} steps, "
                                     f"this run has {total_steps}")
-        C.load_weights(self._unwrapped(), ckpt, peft=self.use_peft)
-        self.optimizer.load_state_dict(tensors["optimizer"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if self.engine == "fsdp":
+            self._load_sharded_weights(ckpt)
+        else:
+            C.load_weights(self._unwrapped(), ckpt, peft=self.use_peft)
+        set_optimizer_state_dict(self._optimizer_model(), _inner_optimizer(self.optimizer), tensors["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(tensors["scheduler"])
         if self.accelerator.scaler is not None and tensors["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(tensors["scaler"])
@@ -914,6 +955,10 @@ class Trainer:
         self._meter = MeanMeter.from_state(info["meter"])
         log(f"resumed from {ckpt} at step {self.global_step} "
             f"(epoch {self._position[0]}, micro-batch {self._position[1]})")
+
+
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
