@@ -49,3 +49,28 @@ def test_unknown_preset_is_refused():
 def test_trl_micro_batch_must_divide_the_step():
     with pytest.raises(ValueError, match="do not divide"):
         bench.run("cpu-tiny", pairs_per_step=8, trl_micro_batches=[3])
+
+
+def test_long_preset_runs_both_sides_on_synthetic_pairs_and_searches_lengths(tmp_path, monkeypatch):
+    """The `long` machinery on a CPU-sized stand-in: synthetic pairs of a given length through both sides (same
+    first-step loss), and the longest-sequence search (here bounded by `limit`, as a GPU run is by memory)."""
+    pytest.importorskip("trl")
+    import dataclasses
+
+    tiny = dataclasses.replace(bench.PRESETS["long"], hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2, vocab_size=512, precision="fp32",
+                               device="cpu", steps=1, warmup_steps=1, synthetic_lengths=(64,), token_budget=256)
+    monkeypatch.setitem(bench.PRESETS, "long-cpu", tiny)
+    result = bench.run("long-cpu", threads=1, tokenizer=LLAMA2_TOKENIZER, log=lambda *_: None)
+    r = result["lengths"]["64"]
+    assert r["dpokit"]["first_step_loss"] == pytest.approx(r["trl"]["first_step_loss"], abs=1e-5)
+    assert r["dpokit"]["tokens_per_second"] > 0 and "long-cpu" in result["preset"]["name"]
+    assert "64 tokens per sequence" in bench.format_table(result)
+    model_dir = tmp_path / "model"
+    bench.build_model(tiny).save_pretrained(str(model_dir))
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(LLAMA2_TOKENIZER)).save_pretrained(str(model_dir))
+    job = bench.Job(preset=dataclasses.asdict(tiny), model_dir=str(model_dir), pairs_file=str(tmp_path / "p.json"),
+                    threads=1)
+    assert bench._longest(job, tiny, "dpokit", tmp_path, lambda *_: None, start=32, limit=64) == 64

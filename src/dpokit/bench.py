@@ -71,6 +71,7 @@ class Preset:
     beta: float = 0.1
     seed: int = 0
     description: str = ""
+    synthetic_lengths: tuple = ()  # `long` presets: random-token pairs of these sequence lengths instead of HH pairs
 
 
 PRESETS = {
@@ -83,6 +84,12 @@ PRESETS = {
     "tinyllama-1.1b": Preset("llama", 2048, 5632, 22, 32, 4, 32000, pairs_per_step=32, steps=10, max_length=1024,
                              token_budget=16384, trl_micro_batches=(4, 8, 16), precision="bf16", device="cuda",
                              warmup_steps=2, description="TinyLlama-1.1B shape"),
+    # One pair per step of synthetic sequences (prompt and each completion half the length), gradient checkpointing on
+    # both sides: the long-context regime, where packing gains nothing and memory decides.
+    "long": Preset("llama", 2048, 8192, 16, 32, 8, 128256, pairs_per_step=1, steps=3, max_length=32768,
+                   token_budget=49152, trl_micro_batches=(1,), precision="bf16", device="cuda", warmup_steps=1,
+                   gradient_checkpointing=True, synthetic_lengths=(8192, 32768),
+                   description="Llama-3.2-1B shape, synthetic 8K and 32K pairs, 1 pair per step"),
     "qwen-0.5b": Preset("qwen2", 896, 4864, 24, 14, 2, 151936, pairs_per_step=32, steps=10, max_length=1024,
                         token_budget=16384, trl_micro_batches=(4, 8, 16), precision="bf16", device="cuda",
                         warmup_steps=2, tie_word_embeddings=True, description="Qwen2.5-0.5B shape"),
@@ -114,7 +121,7 @@ def build_model(p: Preset):
 
     common = dict(vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
                   num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
-                  num_key_value_heads=p.num_key_value_heads, max_position_embeddings=max(2048, p.max_length),
+                  num_key_value_heads=p.num_key_value_heads, max_position_embeddings=max(2048, p.max_length, *p.synthetic_lengths),
                   tie_word_embeddings=p.tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(p.seed)
     if p.model_type == "llama":
@@ -140,6 +147,28 @@ def load_pairs(p: Preset, tokenizer_path: Path, data_path: Path, n_pairs: int):
     if len(pairs) < n_pairs:
         raise ValueError(f"{data_path} gave only {len(pairs)} usable pairs; {n_pairs} needed")
     return pairs[:n_pairs]
+
+
+def synthetic_pairs(p: Preset, length: int, n_pairs: int):
+    """`n_pairs` pairs of random token ids (seeded): prompt length/2 tokens, chosen and rejected length/2 each (the
+    last an EOS), so each sequence is `length` tokens."""
+    import numpy as np
+
+    from dpokit.data.tokenize import TokenizedPair
+
+    rng = np.random.default_rng(p.seed)
+    half = length // 2
+
+    def ids(n):
+        out = rng.integers(3, min(p.vocab_size, 32000), size=n).astype(np.int32)
+        return out
+
+    pairs = []
+    for i in range(n_pairs):
+        chosen, rejected = ids(length - half), ids(length - half)
+        chosen[-1] = rejected[-1] = 2  # EOS
+        pairs.append(TokenizedPair(ids(half), chosen, rejected, i))
+    return pairs
 
 
 def _save_pairs(pairs, path: Path) -> None:
@@ -385,8 +414,10 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         trl_micro_batches: Optional[list] = None, token_budget: Optional[int] = None, shared_prompt: bool = True,
         precompute_ref: bool = False, threads: Optional[int] = None, skip_trl: bool = False,
         tokenizer: Path = DEFAULT_TOKENIZER, data: Path = DEFAULT_DATA, peak_tflops: Optional[float] = None,
-        compile: bool = False, log=print) -> dict:
-    """Run the benchmark; returns {"preset": ..., "dpokit": {...}, "trl": {...}} (no "trl" with skip_trl)."""
+        compile: bool = False, find_max_length: bool = False, log=print) -> dict:
+    """Run the benchmark; returns {"preset": ..., "dpokit": {...}, "trl": {...}} (no "trl" with skip_trl). A `long`
+    preset returns {"preset": ..., "lengths": {"8192": {"dpokit": ..., "trl": ...}, ...}} and, with
+    `find_max_length`, "max_length": {"dpokit": N, "trl": N} (the longest that trained; null if none did)."""
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
     p = dataclasses.replace(PRESETS[preset_name])
@@ -406,32 +437,86 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         work = Path(tmp)
         from transformers import AutoTokenizer
 
-        n_pairs = p.pairs_per_step * (p.steps + p.warmup_steps)
-        pairs = load_pairs(p, tokenizer, data, n_pairs)
-        _save_pairs(pairs, work / "pairs.json")
         model_dir = work / "model"
         build_model(p).save_pretrained(str(model_dir))
         AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(model_dir))
         base = Job(preset=dataclasses.asdict(p), model_dir=str(model_dir), pairs_file=str(work / "pairs.json"),
                    threads=threads, shared_prompt=shared_prompt, precompute_ref=precompute_ref,
                    peak_flops=peak_tflops * 1e12 if peak_tflops else None, extra={"compile": compile})
-        log(f"[bench] {preset_name}: {p.description}; {n_pairs} HH pairs, {p.pairs_per_step} per step, "
-            f"{p.warmup_steps}+{p.steps} steps, {p.precision}, {threads} threads")
         result = {"preset": {"name": preset_name, **dataclasses.asdict(p)}}
-        log("[bench] dpokit ...")
-        result["dpokit"] = _spawn("dpokit", base, work)
-        if not skip_trl:
-            trials = []
-            for mb in p.trl_micro_batches:
-                log(f"[bench] TRL, micro-batch {mb} ...")
-                trials.append(_spawn("trl", dataclasses.replace(base, trl_micro_batch=mb), work))
-            best = max(trials, key=lambda r: r["tokens_per_second"])
-            result["trl"] = {**best, "micro_batch_trials": [
-                {"micro_batch": t["micro_batch"], "tokens_per_second": t["tokens_per_second"]} for t in trials]}
+        n_pairs = p.pairs_per_step * (p.steps + p.warmup_steps)
+        if not p.synthetic_lengths:
+            _save_pairs(load_pairs(p, tokenizer, data, n_pairs), work / "pairs.json")
+            log(f"[bench] {preset_name}: {p.description}; {n_pairs} HH pairs, {p.pairs_per_step} per step, "
+                f"{p.warmup_steps}+{p.steps} steps, {p.precision}, {threads} threads")
+            result.update(_both_sides(base, p, work, skip_trl, log))
+            return result
+        result["lengths"] = {}
+        for length in p.synthetic_lengths:
+            log(f"[bench] {preset_name}: {p.description}; {n_pairs} synthetic pairs of {length} tokens")
+            result["lengths"][str(length)] = _at_length(base, p, length, work, skip_trl, log)
+        if find_max_length:
+            result["max_length"] = {side: _longest(base, p, side, work, log)
+                                    for side in (("dpokit",) if skip_trl else ("dpokit", "trl"))}
     return result
 
 
+def _both_sides(base: Job, p: Preset, work: Path, skip_trl: bool, log) -> dict:
+    """dpokit, then TRL at each of the preset's micro-batch sizes (the fastest reported), on base's pairs."""
+    log("[bench] dpokit ...")
+    out = {"dpokit": _spawn("dpokit", base, work)}
+    if not skip_trl:
+        trials = []
+        for mb in p.trl_micro_batches:
+            log(f"[bench] TRL, micro-batch {mb} ...")
+            trials.append(_spawn("trl", dataclasses.replace(base, trl_micro_batch=mb), work))
+        best = max(trials, key=lambda r: r["tokens_per_second"])
+        out["trl"] = {**best, "micro_batch_trials": [
+            {"micro_batch": t["micro_batch"], "tokens_per_second": t["tokens_per_second"]} for t in trials]}
+    return out
+
+
+def _at_length(base: Job, p: Preset, length: int, work: Path, skip_trl: bool, log, steps: Optional[int] = None,
+               warmup: Optional[int] = None) -> dict:
+    """Both sides on synthetic pairs of `length` tokens per sequence."""
+    q = dataclasses.replace(p, max_length=length, token_budget=max(p.token_budget, 2 * length),
+                            steps=p.steps if steps is None else steps,
+                            warmup_steps=p.warmup_steps if warmup is None else warmup)
+    _save_pairs(synthetic_pairs(q, length, q.pairs_per_step * (q.steps + q.warmup_steps)), work / "pairs.json")
+    job = dataclasses.replace(base, preset=dataclasses.asdict(q), pairs_file=str(work / "pairs.json"))
+    return _both_sides(job, q, work, skip_trl, log)
+
+
+def _longest(base: Job, p: Preset, side: str, work: Path, log, start: int = 8192,
+             limit: int = 1 << 20) -> Optional[int]:
+    """The longest sequence (doubling from `start`) `side` trains at one pair per step before running out of memory:
+    one warmup and one timed step per length; only an out-of-memory failure ends the search (others are raised)."""
+    best, length = None, start
+    while length <= limit:
+        log(f"[bench] {side}: trying {length} tokens ...")
+        q = dataclasses.replace(p, max_length=length, token_budget=max(p.token_budget, 2 * length), steps=1,
+                                warmup_steps=1)
+        _save_pairs(synthetic_pairs(q, length, 2 * q.pairs_per_step), work / "pairs.json")
+        job = dataclasses.replace(base, preset=dataclasses.asdict(q), pairs_file=str(work / "pairs.json"),
+                                  trl_micro_batch=1 if side == "trl" else None)
+        try:
+            _spawn(side, job, work)
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+            log(f"[bench] {side}: out of memory at {length} tokens")
+            break
+        best, length = length, length * 2
+    return best
+
+
 def format_table(result: dict) -> str:
+    if "lengths" in result:
+        parts = [f"-- {length} tokens per sequence --\n" + format_table(r) for length, r in result["lengths"].items()]
+        if "max_length" in result:
+            parts.append("longest sequence trained at 1 pair per step: " + ", ".join(
+                f"{side} {n if n else 'none'}" for side, n in result["max_length"].items()))
+        return "\n".join(parts)
     sides = [s for s in ("dpokit", "trl") if s in result]
     rows = [("tokens/s (non-padding)", "tokens_per_second", "{:,.0f}"), ("pairs/s", "pairs_per_second", "{:.2f}"),
             ("median step (s)", "median_step_seconds", "{:.3f}"), ("peak memory (MiB)", "peak_memory_bytes", None),
@@ -470,6 +555,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-shared-prompt", action="store_true", help="dpokit: pack prompt twice per pair")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="both sides precompute the reference log-probs before training (not timed)")
+    parser.add_argument("--find-max-length", action="store_true",
+                        help="long presets: also find the longest sequence each side trains before running out of memory")
     parser.add_argument("--compile", action="store_true", help="dpokit: torch_compile=true (decoder layers)")
     parser.add_argument("--threads", type=int, help="CPU threads per side (default: all available)")
     parser.add_argument("--skip-trl", action="store_true", help="run the dpokit side only")
@@ -497,7 +584,7 @@ def run_from_args(args) -> int:
                  trl_micro_batches=args.trl_micro_batches, token_budget=args.token_budget,
                  shared_prompt=not args.no_shared_prompt, precompute_ref=args.precompute_ref, threads=args.threads,
                  skip_trl=args.skip_trl, peak_tflops=args.peak_tflops, tokenizer=args.tokenizer, data=args.data,
-                 compile=args.compile)
+                 compile=args.compile, find_max_length=args.find_max_length)
     print(format_table(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
