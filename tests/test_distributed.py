@@ -60,10 +60,11 @@ def launch(assets: Path, out: Path, nproc: int, per_device: int, engine: str = "
     cli = ["-m", "dpokit", "dpo", *[f"{k}={v}" for k, v in args.items()]]
     if nproc == 1:
         cmd = [sys.executable, *cli]
-    elif engine == "fsdp":
-        # The way users launch it: accelerate's launcher with the shipped config (FSDP2), here on CPU over gloo.
+    elif engine in ("fsdp", "zero2", "zero3"):
+        # The way users launch it: accelerate's launcher with the shipped config (FSDP2, DeepSpeed ZeRO-2/3), here on
+        # CPU over gloo.
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "examples" / "accelerate" / "fsdp.yaml"), "--num_processes", str(nproc),
+               str(ROOT / "examples" / "accelerate" / f"{engine}.yaml"), "--num_processes", str(nproc),
                "--main_process_port", str(_free_port()), *cli]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
@@ -94,19 +95,28 @@ CASES = {  # name: (engine, overrides)
     "fsdp": ("fsdp", {}),
     "fsdp_precomputed_ref": ("fsdp", {"precompute_ref_log_probs": "true"}),
     "fsdp_lora": ("fsdp", {"use_peft": "true", "lora_dropout": 0.0}),
+    # DeepSpeed ZeRO-2 / ZeRO-3 over gloo (accelerate launch with examples/accelerate/zero{2,3}.yaml): the engine
+    # clips and steps inside the last micro-batch's backward, with dpokit's loss scaling, schedule and clipping.
+    "zero2": ("zero2", {}),
+    "zero3": ("zero3", {}),
+    "zero3_lora": ("zero3", {"use_peft": "true", "lora_dropout": 0.0}),
+    "zero3_precomputed_ref": ("zero3", {"precompute_ref_log_probs": "true"}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, case):
     engine, overrides = CASES[case]
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
     one, two = tmp_path / "one", tmp_path / "two"
     launch(assets, one, nproc=1, per_device=4, **overrides)
     # The plain and fsdp cases also checkpoint at step 2, to resume them below.
     resumed = case in ("plain", "fsdp", "fsdp_lora")
     run = launch(assets, two, nproc=2, per_device=2, engine=engine, **overrides, save_steps=2 if resumed else 0)
-    wrapper = "FSDPPolicyCall" if engine == "fsdp" else "DistributedDataParallel"
-    assert f"2 processes on cpu, engine {engine} ({wrapper})" in run.stdout
+    name = "deepspeed" if engine.startswith("zero") else engine
+    wrapper = {"fsdp": "FSDPPolicyCall", "deepspeed": "DeepSpeedEngine"}.get(name, "DistributedDataParallel")
+    assert f"2 processes on cpu, engine {name} ({wrapper})" in run.stdout
     a, b = metrics(one), metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 3]
     for ra, rb in zip(a, b):
@@ -134,6 +144,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, ca
                 pytest.approx([r.get("loss", r.get("eval/loss")) for r in b], rel=1e-4), (nproc, how)
             for k, v in weights(two).items():
                 torch.testing.assert_close(v, wa[k], rtol=1e-4, atol=1e-6, msg=f"{nproc} x {how}: {k}")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"save_steps": 2}, "checkpoints are not supported under DeepSpeed"),
+    ({"on_nonfinite": "skip"}, "on_nonfinite=skip is not supported under DeepSpeed"),
+])
+def test_deepspeed_refuses_what_it_cannot_do(assets, tmp_path, overrides, message):
+    pytest.importorskip("deepspeed")
+    with pytest.raises(AssertionError) as failed:
+        launch(assets, tmp_path / "out", nproc=2, per_device=2, engine="zero2", **{"save_steps": 0, **overrides})
+    assert message in str(failed.value)
 
 
 def test_rank_parts_are_disjoint_balanced_and_in_dataset_order():

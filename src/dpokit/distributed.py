@@ -1,4 +1,5 @@
-"""One training run over several processes (accelerate's DDP or FSDP) with the numbers of a single process.
+"""One training run over several processes (accelerate's DDP, FSDP or DeepSpeed ZeRO-2/3) with the numbers of a
+single process.
 
 The rules that make N processes equal one process whose per-device batch is N times larger:
 
@@ -6,7 +7,7 @@ The rules that make N processes equal one process whose per-device batch is N ti
   the epoch's permutation (exactly the micro-batch a single process with that batch size would take), and each rank
   takes its own disjoint part of it (`rank_part`);
 - the loss of an optimizer step is the sum over the *global* batch divided by the *global* weight (pairs or tokens,
-  all-reduced once per step); DDP and FSDP average gradients over ranks, so each rank backpropagates
+  all-reduced once per step); DDP, FSDP and DeepSpeed average gradients over ranks, so each rank backpropagates
   `local_sum * num_processes / global_weight`;
 - every rank runs the same number of forward/backward passes per step (a rank whose part is empty runs a zero-weight
   pass), because the engines' collectives must pair up;
@@ -19,7 +20,7 @@ parameter all-gather) even though `dpokit.logps` calls the decoder and the LM he
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from dpokit.errors import ConfigError
 class PolicyCall(nn.Module):
     """`PolicyCall(model)(fn, *args, **kw) == fn(model, *args, **kw)`, as a module forward.
 
-    accelerate wraps *this* module (DDP, FSDP); calling it runs the wrapper's forward, hence its hooks, and then any
+    accelerate wraps *this* module (DDP, FSDP, DeepSpeed); calling it runs the wrapper's forward, hence its hooks, and then any
     log-prob function on the inner Hugging Face / peft model (`completion_logps`, the packed path, an adapter-off
     reference pass). `model` stays the plain model for saving and for peft's `disable_adapter`."""
 
@@ -52,6 +53,8 @@ def make_accelerator(mixed_precision: str):
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = distributed and not _has_accelerator_device()
+    if _asked("ACCELERATE_USE_DEEPSPEED"):
+        return _deepspeed_accelerator(mixed_precision, cpu=not _has_accelerator_device())
     plugin = None
     if cpu and _asked("ACCELERATE_USE_FSDP"):
         plugin = _cpu_fsdp_plugin()
@@ -60,6 +63,96 @@ def make_accelerator(mixed_precision: str):
         _enable_fsdp_on_cpu(acc, plugin)
     check_engine(acc)
     return acc
+
+
+def _deepspeed_accelerator(mixed_precision: str, cpu: bool):
+    """The `Accelerator` of an `accelerate launch` with a DeepSpeed config (examples/accelerate/zero2.yaml, zero3.yaml).
+
+    On CPU (the tests: gloo, 2 processes) two things differ from a GPU launch: accelerate picks no process-group
+    backend for DeepSpeed without a GPU (and `cpu=True` would turn DeepSpeed off), so gloo is named here, else every
+    process silently runs alone; and DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce op with
+    g++ at start (about 90 s) for a speed-up that does not matter at test sizes, so it is skipped."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("the accelerate config asks for DeepSpeed, which is not installed: "
+                          "pip install 'dpokit[deepspeed]' (or use examples/accelerate/fsdp.yaml)")
+    if mixed_precision == "fp16":
+        # DeepSpeed's fp16 loss scaler skips overflowing updates inside its engine, and dpokit cannot tell those from
+        # real non-finite gradients there; bf16 needs no scaler.
+        raise ConfigError("fp16 is not supported under DeepSpeed in dpokit; use bf16")
+    handlers = []
+    if cpu:
+        import importlib
+        import sys
+
+        importlib.import_module("deepspeed.comm.torch")
+        # `import deepspeed.comm.torch as m` would give torch itself (the package re-exports it under that name).
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    check_engine(acc)
+    plugin = acc.state.deepspeed_plugin
+    if plugin.zero_stage == 3 and plugin.zero3_init_flag:
+        raise ConfigError("zero3_init_flag: true is not supported by dpokit (it loads the whole model on every "
+                          "process before DeepSpeed shards it, e.g. to copy the reference); set zero3_init_flag: "
+                          "false in the accelerate config (examples/accelerate/zero3.yaml)")
+    # accelerate registers its DeepSpeed config with transformers, whose from_pretrained then builds the model
+    # already partitioned under ZeRO-3 (zero.Init) whatever zero3_init_flag says; dpokit needs the whole model.
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return acc
+
+
+def configure_deepspeed(acc, *, micro_batch_size: int, gradient_accumulation_steps: int,
+                        max_grad_norm: float) -> None:
+    """Fill the DeepSpeed config with dpokit's values before `prepare` builds the engine.
+
+    dpokit prepares no dataloader, so DeepSpeed cannot infer the micro-batch size ("auto" would fail); clipping
+    happens inside DeepSpeed's step, so it takes dpokit's `max_grad_norm`; under ZeRO-3 the final model is gathered
+    from the shards (`stage3_gather_16bit_weights_on_model_save`). DeepSpeed's gradient accumulation count only
+    checks the batch arithmetic here: dpokit marks each step's last micro-batch itself (their number may vary with
+    token_budget) and scales the loss itself."""
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise ConfigError(f"the DeepSpeed config sets a {key}; remove it: dpokit builds its own AdamW and "
+                              "learning-rate schedule from its config")
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = gradient_accumulation_steps
+    config["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * acc.num_processes
+    config["gradient_clipping"] = float(max_grad_norm or 0.0)
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    # DeepSpeed would refuse a torch optimizer under CPU offload otherwise; dpokit's AdamW is a torch one.
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    acc.gradient_accumulation_steps = gradient_accumulation_steps
+
+
+def deepspeed_grad_norm(policy) -> float:
+    """The global gradient norm (before clipping) of the update the DeepSpeed engine just made."""
+    norm = policy.get_global_grad_norm()
+    return float(norm.item() if hasattr(norm, "item") else norm) if norm is not None else float("nan")
+
+
+def deepspeed_fp32_weights(acc, engine, state: Optional[dict]) -> Optional[dict]:
+    """`state` (the engine's gathered 16-bit weights: DeepSpeed runs the module in bf16) with each trained parameter
+    replaced by DeepSpeed's float32 master copy, so the saved model is float32 as under the other engines. A
+    collective (every rank gathers every trained parameter, in the same order); rank 0 keeps the result."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, param in acc.unwrap_model(engine).named_parameters():
+        if not param.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(param)
+        if full is not None and state is not None and name in state:
+            state[name] = full.detach().cpu()
+    return state
 
 
 def _asked(variable: str) -> bool:
@@ -128,12 +221,17 @@ def check_engine(acc) -> None:
     if asked_fsdp and acc.num_processes > 1 and acc.distributed_type != DistributedType.FSDP:
         raise ConfigError(f"FSDP was requested but accelerate set up {acc.distributed_type.value} on "
                           f"{acc.device.type}; launch with examples/accelerate/fsdp.yaml")
-    if asked_ds or acc.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed's engine steps the optimizer inside backward(): dpokit's global-weight loss normalisation over
-        # accumulated micro-batches and its check for non-finite gradients before the update cannot run there.
-        raise ConfigError("DeepSpeed is not supported by this dpokit version (its engine steps the optimizer inside "
-                          "backward, bypassing dpokit's accumulation and non-finite checks); use "
-                          "examples/accelerate/fsdp.yaml for sharded training")
+    if asked_ds and acc.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(f"DeepSpeed was requested but accelerate set up {acc.distributed_type.value} on "
+                          f"{acc.device.type}; launch with examples/accelerate/zero2.yaml or zero3.yaml")
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if acc.num_processes != world:
+            raise ConfigError(f"DeepSpeed: accelerate set up {acc.num_processes} process(es) of the {world} "
+                              "launched (no process group); launch with accelerate launch and a DeepSpeed config")
+        stage = int(acc.state.deepspeed_plugin.zero_stage)
+        if stage not in (2, 3):
+            raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported by dpokit; use zero_stage 2 or 3")
 
 
 def _accelerate_version() -> str:

@@ -100,7 +100,27 @@ def target_logps(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, *
 
     With `with_sq`, also returns log sum_v p_v^2 per row (detached), for WPO weights.
     """
-    return _ChunkedTargetLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, scale, softcap, with_sq)
+    def apply(hidden, targets):
+        return _ChunkedTargetLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, scale, softcap, with_sq)
+
+    if hasattr(head.weight, "ds_id"):
+        # DeepSpeed ZeRO-3 holds each rank's shard of the weight and gathers it in hooks around the module's forward
+        # (and again before its backward): run the chunked head as `head`'s forward so that those hooks run.
+        return _as_forward(head, apply, hidden, targets)
+    return apply(hidden, targets)
+
+
+def _as_forward(module: nn.Module, fn, *args):
+    """`fn(*args)` called as `module`'s forward, so that the module's forward and backward hooks run around it."""
+    saved = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, float, Optional[float]]:

@@ -300,6 +300,8 @@ class Trainer:
             raise ConfigError("fp16 needs a CUDA GPU; on CPU use bf16 or neither")
         self.accelerator = dist.make_accelerator("bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
         self.engine = dist.engine_name(self.accelerator)
+        if self.engine == "deepspeed":
+            self._check_deepspeed_config(cfg.resume_from_checkpoint)
         self.tokenizer = load_tokenizer(processing_class, model, cfg)
         # Data before the model: a bad row should fail in seconds, not after loading billions of weights.
         train_source = train_dataset if train_dataset is not None else cfg.train_file
@@ -335,6 +337,23 @@ class Trainer:
         self.global_step = 0
         self.optimizer = self.scheduler = None
 
+    def _check_deepspeed_config(self, resume) -> None:
+        """What dpokit cannot do under DeepSpeed, refused before any work. DeepSpeed clips and applies the update
+        inside its engine (in the step's last backward), so an update cannot be skipped; and its optimizer state is
+        partitioned in its own layout, which dpokit's engine-independent checkpoints (full state keyed by parameter
+        name) cannot hold."""
+        cfg = self.args
+        if cfg.on_nonfinite == "skip":
+            raise ConfigError("on_nonfinite=skip is not supported under DeepSpeed (its engine applies the update "
+                              "inside backward, so an update cannot be skipped); use on_nonfinite=stop, or FSDP/DDP")
+        if cfg.save_steps:
+            raise ConfigError(f"save_steps={cfg.save_steps}: checkpoints are not supported under DeepSpeed (its "
+                              "partitioned optimizer state does not fit dpokit's checkpoints); set save_steps=0, or "
+                              "use examples/accelerate/fsdp.yaml or ddp.yaml to checkpoint and resume")
+        if resume not in (None, False):
+            raise ConfigError("resume_from_checkpoint is not supported under DeepSpeed (no checkpoints are written "
+                              "under it); resume with examples/accelerate/fsdp.yaml or ddp.yaml")
+
     # ----- hooks for subclasses -----
     def setup_reference_before_peft(self) -> None:
         pass
@@ -353,6 +372,10 @@ class Trainer:
 
     # ----- pieces of the loop -----
     def autocast(self):
+        if self.engine == "deepspeed" and self.args.bf16:
+            # DeepSpeed runs the policy in bf16 itself (accelerate's autocast is then a no-op); a separate float32
+            # reference model, not wrapped by the engine, still needs autocast to be computed in bf16 like it.
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
         return self.accelerator.autocast()
 
     def token_budget(self) -> Optional[int]:
@@ -470,6 +493,10 @@ class Trainer:
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.engine == "deepspeed":
+            # ZeRO-3 drops empty parameter groups from the optimizer (e.g. LoRA has no 1-D parameters), and the
+            # schedule must see the groups DeepSpeed keeps.
+            groups = [g for g in groups if g["params"]]
         fused = self.accelerator.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_epsilon, fused=fused)
@@ -550,6 +577,8 @@ class Trainer:
             raise ConfigError("no training data: pass train_dataset= or set train_file")
         resume = cfg.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         resume = C.LATEST if resume is True else None if resume is False else resume
+        if self.engine == "deepspeed":
+            self._check_deepspeed_config(resume)
         self._check_token_budget()
         ckpt = self._check_output_dir(resume)
         saved = C.load_state(ckpt) if ckpt is not None else None
@@ -564,6 +593,10 @@ class Trainer:
             self._write_data_report()
         total_steps = self._total_steps()
         self._make_optimizer(total_steps)
+        if self.engine == "deepspeed":
+            dist.configure_deepspeed(acc, micro_batch_size=cfg.per_device_train_batch_size,
+                                     gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                     max_grad_norm=cfg.max_grad_norm)
         self.policy, self.optimizer = acc.prepare(self.policy, self.optimizer)
         if acc.num_processes > 1:
             log(f"{acc.num_processes} processes on {acc.device.type}, engine {self.engine} "
@@ -650,10 +683,15 @@ class Trainer:
         stops the run or skips the update per `on_nonfinite`. Returns the step's mean metrics over all ranks (none
         when skipped) and its token count over all ranks.
 
-        The step's loss is sum over the global batch / global weight. DDP and FSDP average gradients over ranks, so
-        each rank backpropagates local_sum * num_processes / global_weight; fillers count with weight zero."""
+        The step's loss is sum over the global batch / global weight. DDP, FSDP and DeepSpeed average gradients over
+        ranks, so each rank backpropagates local_sum * num_processes / global_weight; fillers count with weight zero.
+
+        Under DeepSpeed the engine clips and applies the update inside the backward of the step's last micro-batch
+        (accelerate's sync flag, set here per micro-batch, marks it): a non-finite loss is still caught before any
+        backward, but the gradient norm can only be read after the update (a non-finite one stops the run)."""
         acc = self.accelerator
         world = acc.num_processes
+        deepspeed = self.engine == "deepspeed"
         local_weight = float(sum(self.batch_weight(b) for b, filler in micro if not filler))
         total_weight = dist.all_reduce_sum(acc, [local_weight])[0]
         step_metrics, tokens, problem, grad_norm = MeanMeter(), 0, None, float("nan")
@@ -670,7 +708,7 @@ class Trainer:
                         bad_rows = dist.gather_objects(acc, batch["row"].tolist() if bad else [])
                         problem = (f"loss ({float(loss_sum.detach().float().sum())})" if bad else "loss (on another "
                                    "process)", [{"row": torch.tensor(sum(bad_rows, []))}])
-                        if sync:
+                        if sync and not deepspeed:
                             # DDP expects this synchronised forward's backward; run it with no effect on the update.
                             acc.backward(loss_sum * 0.0)
                         break
@@ -679,12 +717,25 @@ class Trainer:
                         problem = (f"loss ({float(loss_sum.detach().float().sum())})", [batch])
                         break
                     scale = 0.0 if filler else world / total_weight
-                    acc.backward(loss_sum * scale)
+                    if deepspeed:
+                        # The last micro-batch's backward runs DeepSpeed's step: clip, update, zero the gradients.
+                        # dpokit scales the loss itself (global weight), so DeepSpeed must not divide it again.
+                        acc.gradient_state._set_sync_gradients(sync)
+                        try:
+                            acc.backward(loss_sum * scale, scale_wrt_gas=False)
+                        finally:
+                            acc.gradient_state._set_sync_gradients(True)
+                    else:
+                        acc.backward(loss_sum * scale)
                 if not filler:
                     step_metrics.add(metrics, weight)
                     # Non-padding tokens the step covered (a shared prompt counts for chosen and rejected, as TRL sees it).
                     tokens += int(batch.get("logical_tokens", batch["attention_mask"].sum()))
-            if problem is None:
+            if problem is None and deepspeed:
+                grad_norm = dist.deepspeed_grad_norm(self.policy)
+                if not math.isfinite(grad_norm):
+                    self._nonfinite_after_update(grad_norm, [b for b, filler in micro if not filler])
+            elif problem is None:
                 grad_norm, problem = self._clip_and_check([b for b, filler in micro if not filler])
             if problem is None:
                 self.optimizer.step()
@@ -715,6 +766,16 @@ class Trainer:
             # and lowers the scale itself. (A non-finite *loss* is still caught above.)
             return norm, None
         return norm, (f"gradient norm ({norm})", micro)
+
+    def _nonfinite_after_update(self, norm: float, batches: list) -> None:
+        """DeepSpeed: the gradient was non-finite, and the engine has already applied the update."""
+        rows = sorted(int(r) for b in batches for r in b["row"].tolist())
+        report = getattr(self, "data_reports", {}).get("train")
+        where = f": {', '.join(report.where(r) for r in rows[:8])}{', ...' if len(rows) > 8 else ''}" if report else ""
+        raise NonFiniteError(f"non-finite gradient norm ({norm}) at step {self.global_step + 1} (rows {rows}{where}); "
+                             "DeepSpeed applied this update inside its engine before dpokit could check it, so the "
+                             "weights may now hold NaN/Inf; stopped (no checkpoints are written under DeepSpeed); "
+                             "start again from the original model, e.g. with a lower learning_rate")
 
     def _nonfinite(self, what: str, batches: list) -> None:
         cfg = self.args
@@ -789,11 +850,16 @@ class Trainer:
         return self.model
 
     def _gathered_state(self) -> Optional[dict]:
-        """Under FSDP, the full state dict (a collective: every rank must call it; rank 0 receives the tensors);
-        elsewhere None: every rank holds the full model and `save_pretrained` reads it directly."""
-        if self.engine != "fsdp":
+        """Under FSDP and DeepSpeed, the full state dict (a collective: every rank must call it; rank 0 receives the
+        tensors; ZeRO-3 gathers its shards); elsewhere None: every rank holds the full model and `save_pretrained`
+        reads it directly."""
+        if self.engine not in ("fsdp", "deepspeed"):
             return None
         state = self.accelerator.get_state_dict(self.policy)
+        if self.engine == "deepspeed" and self.args.bf16:
+            state = dist.deepspeed_fp32_weights(self.accelerator, self.policy, state)
+        if state is None:  # DeepSpeed ZeRO-3 hands the gathered weights to rank 0 only
+            return None
         prefix = "model."  # PolicyCall's attribute name
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
