@@ -111,8 +111,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, ca
         pytest.importorskip("deepspeed")
     one, two = tmp_path / "one", tmp_path / "two"
     launch(assets, one, nproc=1, per_device=4, **overrides)
-    # The plain and fsdp cases also checkpoint at step 2, to resume them below.
-    resumed = case in ("plain", "fsdp", "fsdp_lora")
+    # The plain, FSDP and DeepSpeed cases also checkpoint at step 2, to resume them below.
+    resumed = case in ("plain", "fsdp", "fsdp_lora", "zero2", "zero3", "zero3_lora")
     run = launch(assets, two, nproc=2, per_device=2, engine=engine, **overrides, save_steps=2 if resumed else 0)
     name = "deepspeed" if engine.startswith("zero") else engine
     wrapper = {"fsdp": "FSDPPolicyCall", "deepspeed": "DeepSpeedEngine"}.get(name, "DistributedDataParallel")
@@ -134,9 +134,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, ca
     assert run.stdout.count("[dpokit] tokenizer has no pad token") == 1
     if resumed:
         # The data position counts global micro-batches: the same 4 per micro-step from 1 process x 4 resumes exactly,
-        # and checkpoints hold full weights and a full optimizer state keyed by parameter name (FSDP's shards are
-        # gathered on save and scattered on load), so a run resumes on another engine or number of processes.
-        resumes = [(1, 4, "ddp")] + ([(2, 2, "fsdp")] if engine == "fsdp" else [])
+        # and checkpoints hold full weights and a full optimizer state keyed by parameter name (FSDP's shards and
+        # DeepSpeed's ZeRO partitions are gathered on save and scattered on load), so a run resumes on another engine
+        # or number of processes.
+        resumes = [(1, 4, "ddp")] + ([(2, 2, engine)] if engine != "ddp" else [])
         for nproc, per_device, how in resumes:
             launch(assets, two, nproc=nproc, per_device=per_device, engine=how, **overrides,
                    resume_from_checkpoint=str(two / "checkpoint-2"))
@@ -147,7 +148,6 @@ def test_two_processes_equal_one_with_the_same_global_batch(assets, tmp_path, ca
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"save_steps": 2}, "checkpoints are not supported under DeepSpeed"),
     ({"on_nonfinite": "skip"}, "on_nonfinite=skip is not supported under DeepSpeed"),
 ])
 def test_deepspeed_refuses_what_it_cannot_do(assets, tmp_path, overrides, message):

@@ -9,6 +9,7 @@ lengths? WPO weights?) and never tests a loss name.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -338,21 +339,13 @@ class Trainer:
         self.optimizer = self.scheduler = None
 
     def _check_deepspeed_config(self, resume) -> None:
-        """What dpokit cannot do under DeepSpeed, refused before any work. DeepSpeed clips and applies the update
-        inside its engine (in the step's last backward), so an update cannot be skipped; and its optimizer state is
-        partitioned in its own layout, which dpokit's engine-independent checkpoints (full state keyed by parameter
-        name) cannot hold."""
+        """What dpokit cannot do under DeepSpeed, refused before any work: DeepSpeed clips and applies the update
+        inside its engine (in the step's last backward), so an update cannot be skipped. (Checkpoints work: their
+        full, name-keyed optimizer state is gathered from and scattered into DeepSpeed's partitions.)"""
         cfg = self.args
         if cfg.on_nonfinite == "skip":
             raise ConfigError("on_nonfinite=skip is not supported under DeepSpeed (its engine applies the update "
                               "inside backward, so an update cannot be skipped); use on_nonfinite=stop, or FSDP/DDP")
-        if cfg.save_steps:
-            raise ConfigError(f"save_steps={cfg.save_steps}: checkpoints are not supported under DeepSpeed (its "
-                              "partitioned optimizer state does not fit dpokit's checkpoints); set save_steps=0, or "
-                              "use examples/accelerate/fsdp.yaml or ddp.yaml to checkpoint and resume")
-        if resume not in (None, False):
-            raise ConfigError("resume_from_checkpoint is not supported under DeepSpeed (no checkpoints are written "
-                              "under it); resume with examples/accelerate/fsdp.yaml or ddp.yaml")
 
     # ----- hooks for subclasses -----
     def setup_reference_before_peft(self) -> None:
@@ -488,10 +481,8 @@ class Trainer:
         from transformers import get_scheduler
 
         cfg = self.args
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        params = dict(self.model.named_parameters())
+        decay, no_decay = ([params[n] for n in names] for names in self._group_names(prefix=""))
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if self.engine == "deepspeed":
             # ZeRO-3 drops empty parameter groups from the optimizer (e.g. LoRA has no 1-D parameters), and the
@@ -503,6 +494,17 @@ class Trainer:
         warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=total_steps)
+
+    def _group_names(self, prefix: str = "model.") -> list[list[str]]:
+        """The names of the trained parameters in each of the optimizer's groups (weight decay, none), empty ones
+        included; with `prefix`, as the optimizer state's keys name them (PolicyCall's attribute)."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                # ZeRO-3 leaves each parameter a flat partition; its shape is then `ds_shape`.
+                ndim = len(getattr(p, "ds_shape", p.shape))
+                (no_decay if ndim < 2 or "norm" in name.lower() else decay).append(prefix + name)
+        return [decay, no_decay]
 
     def _check_output_dir(self, resume: Optional[str]) -> Optional[Path]:
         """Refuse to write into another run; on resume, find the checkpoint (None: there is nothing to resume yet)."""
@@ -774,8 +776,8 @@ class Trainer:
         where = f": {', '.join(report.where(r) for r in rows[:8])}{', ...' if len(rows) > 8 else ''}" if report else ""
         raise NonFiniteError(f"non-finite gradient norm ({norm}) at step {self.global_step + 1} (rows {rows}{where}); "
                              "DeepSpeed applied this update inside its engine before dpokit could check it, so the "
-                             "weights may now hold NaN/Inf; stopped (no checkpoints are written under DeepSpeed); "
-                             "start again from the original model, e.g. with a lower learning_rate")
+                             "weights may now hold NaN/Inf; stopped; resume from the last checkpoint (written "
+                             "before this update) or start again, e.g. with a lower learning_rate")
 
     def _nonfinite(self, what: str, batches: list) -> None:
         cfg = self.args
@@ -907,8 +909,8 @@ class Trainer:
         acc = self.accelerator
         # Each rank's RNG state (collective), so a resume on the same number of processes restores every rank's.
         rng_ranks = dist.gather_objects(acc, C.capture_rng())
-        # Under FSDP the weights and the optimizer state are sharded: gathering them is a collective (every rank
-        # calls it; rank 0 receives full copies, on CPU).
+        # Under FSDP and DeepSpeed the weights and the optimizer state are sharded: gathering them is a collective
+        # (every rank calls it; rank 0 receives full copies, on CPU).
         state, optimizer = self._gathered_state(), self._optimizer_state()
         if acc.is_main_process:
             self._write_checkpoint(tmp, ckpt, rng_ranks, state, optimizer)
@@ -921,8 +923,13 @@ class Trainer:
 
     def _optimizer_state(self) -> dict:
         """The full optimizer state keyed by parameter name (not by position), so that a checkpoint written by one
-        engine or number of processes loads into another (FSDP's sharded state is gathered)."""
+        engine or number of processes loads into another (FSDP's sharded state is gathered; DeepSpeed's partitions
+        are gathered into the same format). A collective under FSDP and DeepSpeed; under DeepSpeed only rank 0
+        receives it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if self.engine == "deepspeed":
+            return dist.deepspeed_optimizer_state(self.accelerator, self.policy, self._group_names())
 
         return get_optimizer_state_dict(self._optimizer_model(), _inner_optimizer(self.optimizer),
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -933,7 +940,7 @@ class Trainer:
             shutil.rmtree(tmp)
         self._write_model(tmp, state)
         scaler = self.accelerator.scaler
-        tensors = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+        tensors = {"optimizer": optimizer, "scheduler": self._scheduler_state(),
                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": dict(rng_ranks[0])}
         if len(rng_ranks) > 1:
             tensors["rng"]["other_ranks"] = rng_ranks[1:]
@@ -956,6 +963,28 @@ class Trainer:
         C.write_latest(self.output_dir, ckpt)
         self._rotate_checkpoints()
 
+    def _scheduler_state(self) -> dict:
+        """The schedule's state with one entry per dpokit parameter group, empty ones included. DeepSpeed drops
+        empty groups (LoRA has no 1-D parameters), so its per-group lists are widened to the other engines' layout,
+        the dropped group taking the first kept group's values (the same schedule)."""
+        state = self.scheduler.state_dict()
+        keep = [bool(names) for names in self._group_names()]
+        if self.engine != "deepspeed" or all(keep):
+            return state
+        for key, value in list(state.items()):
+            if isinstance(value, list) and len(value) == sum(keep):
+                kept = iter(value)
+                state[key] = [next(kept) if k else copy.deepcopy(value[0]) for k in keep]
+        return state
+
+    def _load_scheduler_state(self, state: dict) -> None:
+        """`_scheduler_state`'s inverse: under DeepSpeed, only the entries of the groups it keeps."""
+        keep = [bool(names) for names in self._group_names()]
+        if self.engine == "deepspeed" and not all(keep):
+            state = {key: [v for v, k in zip(value, keep) if k] if isinstance(value, list) and len(value) == len(keep)
+                     else value for key, value in state.items()}
+        self.scheduler.load_state_dict(state)
+
     def _rotate_checkpoints(self) -> None:
         limit = self.args.save_total_limit
         if not limit:
@@ -970,6 +999,12 @@ class Trainer:
         """FSDP: the checkpoint's full weights (every rank reads the files) scattered into this rank's shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        weights = self._checkpoint_weights(ckpt)
+        set_model_state_dict(self.policy, {"model." + k: v for k, v in weights.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def _checkpoint_weights(self, ckpt: Path) -> dict:
+        """The checkpoint's weights keyed by this model's state-dict names (every trained parameter is there)."""
         files = C.read_weights(ckpt, peft=self.use_peft)
         # Names as the engine's root sees them: PolicyCall's "model." prefix; a peft adapter file drops the adapter
         # name ("lora_A.weight" for the module's "lora_A.default.weight").
@@ -984,8 +1019,7 @@ class Trainer:
         if unknown or missing:
             raise C.CheckpointError(f"{ckpt} does not fit this model (unknown {unknown[:3]}, missing {missing[:3]}); "
                                     "resume with the run's own model")
-        set_model_state_dict(self.policy, {"model." + names[k]: v for k, v in files.items()},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+        return {names[k]: v for k, v in files.items()}
 
     def _restore(self, ckpt: Path, tensors: dict, info: dict, total_steps: int) -> None:
         """Put weights, optimizer, scheduler, scaler, data position and counters back where `ckpt` left them, after
@@ -1006,13 +1040,20 @@ class Trainer:
                                     f"this run has {total_steps}")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        if self.engine == "fsdp":
-            self._load_sharded_weights(ckpt)
+        if self.engine == "deepspeed":
+            # The float32 master weights and Adam's moments go into DeepSpeed's partitions (the module's weights
+            # are refreshed from them); frozen weights (a LoRA base) never change, so the loaded model has them.
+            weights = {"model." + k: v for k, v in self._checkpoint_weights(ckpt).items()}
+            dist.deepspeed_load_state(self.accelerator, self.policy, weights, tensors["optimizer"],
+                                      self._group_names())
         else:
-            C.load_weights(self._unwrapped(), ckpt, peft=self.use_peft)
-        set_optimizer_state_dict(self._optimizer_model(), _inner_optimizer(self.optimizer), tensors["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        self.scheduler.load_state_dict(tensors["scheduler"])
+            if self.engine == "fsdp":
+                self._load_sharded_weights(ckpt)
+            else:
+                C.load_weights(self._unwrapped(), ckpt, peft=self.use_peft)
+            set_optimizer_state_dict(self._optimizer_model(), _inner_optimizer(self.optimizer), tensors["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        self._load_scheduler_state(tensors["scheduler"])
         if self.accelerator.scaler is not None and tensors["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(tensors["scaler"])
         self.global_step = info["global_step"]
