@@ -160,8 +160,7 @@ def synthetic_pairs(p: Preset, length: int, n_pairs: int):
     half = length // 2
 
     def ids(n):
-        out = rng.integers(3, min(p.vocab_size, 32000), size=n).astype(np.int32)
-        return out
+        return rng.integers(3, min(p.vocab_size, 32000), size=n).astype(np.int32)
 
     pairs = []
     for i in range(n_pairs):

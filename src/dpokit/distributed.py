@@ -51,10 +51,10 @@ def make_accelerator(mixed_precision: str):
     accelerator, accelerate needs `cpu=True` to set up gloo (without it every process silently runs alone)."""
     from accelerate import Accelerator
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = distributed and not _has_accelerator_device()
+    on_cpu = not _has_accelerator_device()
     if _asked("ACCELERATE_USE_DEEPSPEED"):
-        return _deepspeed_accelerator(mixed_precision, cpu=not _has_accelerator_device())
+        return _deepspeed_accelerator(mixed_precision, cpu=on_cpu)
+    cpu = on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
     plugin = None
     if cpu and _asked("ACCELERATE_USE_FSDP"):
         plugin = _cpu_fsdp_plugin()

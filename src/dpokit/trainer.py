@@ -302,7 +302,7 @@ class Trainer:
         self.accelerator = dist.make_accelerator("bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
         self.engine = dist.engine_name(self.accelerator)
         if self.engine == "deepspeed":
-            self._check_deepspeed_config(cfg.resume_from_checkpoint)
+            self._check_deepspeed_config()
         self.tokenizer = load_tokenizer(processing_class, model, cfg)
         # Data before the model: a bad row should fail in seconds, not after loading billions of weights.
         train_source = train_dataset if train_dataset is not None else cfg.train_file
@@ -338,7 +338,7 @@ class Trainer:
         self.global_step = 0
         self.optimizer = self.scheduler = None
 
-    def _check_deepspeed_config(self, resume) -> None:
+    def _check_deepspeed_config(self) -> None:
         """What dpokit cannot do under DeepSpeed, refused before any work: DeepSpeed clips and applies the update
         inside its engine (in the step's last backward), so an update cannot be skipped. (Checkpoints work: their
         full, name-keyed optimizer state is gathered from and scattered into DeepSpeed's partitions.)"""
@@ -579,8 +579,6 @@ class Trainer:
             raise ConfigError("no training data: pass train_dataset= or set train_file")
         resume = cfg.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         resume = C.LATEST if resume is True else None if resume is False else resume
-        if self.engine == "deepspeed":
-            self._check_deepspeed_config(resume)
         self._check_token_budget()
         ckpt = self._check_output_dir(resume)
         saved = C.load_state(ckpt) if ckpt is not None else None
