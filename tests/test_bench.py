@@ -11,6 +11,7 @@ import pytest
 
 from conftest import HH_FILE, LLAMA2_TOKENIZER
 from dpokit import bench
+from dpokit.errors import ConfigError
 
 KEYS = {"tokens_per_second", "pairs_per_second", "median_step_seconds", "peak_memory_bytes", "mfu", "first_step_loss"}
 
@@ -42,12 +43,19 @@ def test_bench_json_schema_and_first_step_loss_agree(tmp_path, capsys):
 
 
 def test_unknown_preset_is_refused():
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ConfigError, match="unknown preset"):
         bench.run("gpt-9")
 
 
+def test_trl_liger_needs_a_gpu_preset_and_the_trl_side():
+    with pytest.raises(ConfigError, match="--trl-liger needs a CUDA preset"):
+        bench.run("cpu-tiny", trl_liger=True)
+    with pytest.raises(ConfigError, match="--trl-liger needs a CUDA preset and the TRL side"):
+        bench.run("llama-1b", trl_liger=True, skip_trl=True)
+
+
 def test_trl_micro_batch_must_divide_the_step():
-    with pytest.raises(ValueError, match="do not divide"):
+    with pytest.raises(ConfigError, match="do not divide"):
         bench.run("cpu-tiny", pairs_per_step=8, trl_micro_batches=[3])
 
 

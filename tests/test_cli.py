@@ -101,3 +101,43 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, base_dir):
 def test_python_dash_m_is_the_command():
     r = run_cli("--help")
     assert r.returncode == 0 and "dpo" in r.stdout and "demo" in r.stdout
+
+
+def test_a_trl_recipe_runs_from_the_command_line(tmp_path, base_dir, capsys):
+    """A TRL-script YAML (dataset_name with splits, eval_strategy, fractions, TrainingArguments-only keys) runs as
+    written; a key dpokit cannot honour is a one-line error with exit code 2, before anything is written."""
+    import datasets
+
+    data = tmp_path / "prefs"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS),
+                          "test": datasets.Dataset.from_list(PAIRS[:2])}).save_to_disk(str(data))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""model_name_or_path: {base_dir}
+dataset_name: {data}
+output_dir: {tmp_path / 'out'}
+do_eval: true
+eval_strategy: steps
+eval_steps: 0.5
+logging_steps: 1
+per_device_train_batch_size: 2
+learning_rate: 1.0e-3
+num_train_epochs: 1
+optim: adamw_torch
+lr_scheduler_type: cosine
+warmup_steps: 0.1
+save_strategy: "no"
+gradient_checkpointing: true
+gradient_checkpointing_kwargs: {{use_reentrant: false}}
+remove_unused_columns: false
+dataloader_num_workers: 2
+report_to: none
+disable_tqdm: true
+""")
+    assert main(["dpo", "--config", str(recipe)]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "eval/loss" in r] == [2, 3]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    r = run_cli("dpo", "--config", recipe, f"output_dir={tmp_path / 'out2'}", "push_to_hub=true")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "push_to_hub: 'true' is not supported" in r.stderr
+    assert not (tmp_path / "out2").exists()

@@ -76,3 +76,150 @@ def test_sft_config_has_its_own_defaults():
     assert SFTConfig().learning_rate == 2e-5 and DPOConfig().learning_rate == 1e-6
     with pytest.raises(ConfigError, match="unknown config key 'beta'"):
         build_config(SFTConfig, overrides={"beta": "0.1"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Porting a TRL config: every key of TRL's DPOConfig / SFTConfig (TrainingArguments included) and of its scripts'
+# ModelConfig / ScriptArguments is either a dpokit field or listed in FOREIGN_KEYS, so none is "unknown".
+
+def _trl_classes():
+    trl = pytest.importorskip("trl")
+    return trl
+
+
+def test_every_key_of_trl_configs_is_a_field_or_a_listed_foreign_key():
+    trl = _trl_classes()
+    from dpokit.config import ALIASES, FOREIGN_KEYS
+
+    for ours, theirs in ((DPOConfig, (trl.DPOConfig, trl.ModelConfig, trl.ScriptArguments)),
+                         (SFTConfig, (trl.SFTConfig, trl.ModelConfig, trl.ScriptArguments))):
+        names = {f.name for f in dataclasses.fields(ours)}
+        for cls in theirs:
+            missing = [f.name for f in dataclasses.fields(cls)
+                       if f.name not in names and f.name not in FOREIGN_KEYS and f.name not in ALIASES]
+            assert not missing, (ours.__name__, cls.__name__, missing)
+    for key, (default, reason) in FOREIGN_KEYS.items():
+        assert reason and "\n" not in reason, key
+
+
+def test_trl_defaults_port_unchanged():
+    """Each TRL class's defaults, written out as a YAML, build a dpokit config; a foreign key at TRL's default asks
+    for nothing dpokit does differently."""
+    trl = _trl_classes()
+    import yaml
+
+    from dpokit.config import FOREIGN_KEYS
+
+    for ours, cls in ((DPOConfig, trl.ModelConfig), (DPOConfig, trl.ScriptArguments), (SFTConfig, trl.ModelConfig)):
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+        values = {k: v for k, v in values.items() if v is not None or k in FOREIGN_KEYS}
+        build_config(ours, overrides=yaml.safe_load(yaml.safe_dump(values)))
+
+
+def test_a_trl_recipe_yaml_ports_without_renames(tmp_path):
+    """An alignment-handbook style recipe (TRL's scripts' keys, TrainingArguments' keys, v5 fractions)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("""
+model_name_or_path: runs/sft
+model_revision: main
+dtype: bfloat16
+attn_implementation: sdpa
+dataset_name: data/prefs
+dataset_train_split: train_prefs
+dataset_test_split: test_prefs
+dataset_num_proc: 12
+bf16: true
+beta: 0.01
+do_eval: true
+eval_strategy: steps
+eval_steps: 100
+gradient_accumulation_steps: 2
+gradient_checkpointing: true
+gradient_checkpointing_kwargs:
+  use_reentrant: false
+hub_model_id: zephyr-7b-dpo-full
+learning_rate: 5.0e-7
+log_level: info
+logging_steps: 10
+lr_scheduler_type: cosine
+max_length: 1024
+num_train_epochs: 1
+optim: adamw_torch
+output_dir: data/zephyr-7b-dpo-full
+per_device_train_batch_size: 8
+push_to_hub: false
+remove_unused_columns: false
+report_to: [tensorboard]
+save_strategy: "steps"
+save_steps: 0.25
+save_total_limit: 1
+seed: 42
+warmup_steps: 0.1
+use_peft: true
+lora_r: 16
+lora_alpha: 16
+lora_modules_to_save: [lm_head]
+use_rslora: true
+""")
+    cfg = build_config(DPOConfig, recipe)
+    assert (cfg.dataset_name, cfg.dataset_train_split, cfg.dataset_test_split) == ("data/prefs", "train_prefs", "test_prefs")
+    assert (cfg.dtype, cfg.attn_implementation, cfg.optim, cfg.eval_strategy) == ("bfloat16", "sdpa", "adamw_torch", "steps")
+    assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert cfg.save_steps == 0.25 and cfg.warmup_steps == 0.1 and cfg.eval_steps == 100
+    assert cfg.lora_modules_to_save == ["lm_head"] and cfg.use_rslora
+    assert set(cfg.inert_keys) == {"dataset_num_proc", "do_eval", "hub_model_id", "push_to_hub",
+                                   "remove_unused_columns"}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("push_to_hub", "true", r"push_to_hub: 'true' is not supported: dpokit does not upload"),
+    ("use_liger_kernel", True, r"use_liger_kernel: True is not supported: dpokit does not use Liger"),
+    ("sync_ref_model", "yes", r"sync_ref_model: 'yes' is not supported: TR-DPO"),
+    ("load_in_4bit", True, r"load_in_4bit: True is not supported: quantized"),
+    ("torch_dtype", "bfloat16", r"torch_dtype: 'bfloat16' is not supported: transformers v5 calls it dtype"),
+    ("deepspeed", "ds.json", r"deepspeed: 'ds.json' is not supported: the engine .* accelerate launch"),
+    ("label_smoothing_factor", 0.1, r"label_smoothing_factor: 0.1 is not supported: .*label_smoothing \(cDPO\)"),
+    ("dataloader_drop_last", True, r"dataloader_drop_last: True is not supported: every pair is trained on"),
+    ("average_tokens_across_devices", "false", r"average_tokens_across_devices: 'false' is not supported"),
+    ("optim", "adamw_8bit", r"optim: 'adamw_8bit' is not one of adamw_torch_fused, adamw_torch"),
+    ("eval_strategy", "best", r"eval_strategy: 'best' is not one of steps, epoch, no"),
+    ("save_strategy", "best", r"save_strategy: 'best' is not one of steps, epoch, no"),
+    ("warmup_steps", 1.5, r"warmup_steps must be an integer >= 0 or a fraction of the run's steps in \(0, 1\)"),
+    ("logging_steps", 0, r"logging_steps must be an integer >= 1 or a fraction"),
+    ("dtype", "float64", r"dtype: 'float64' is not one of float32, bfloat16, float16, auto"),
+])
+def test_trl_keys_dpokit_cannot_honour_are_refused_with_the_reason(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(DPOConfig, overrides={key: value})
+
+
+def test_a_trl_config_object_is_read_as_its_keys():
+    """`args=trl.DPOConfig(...)`: dpokit fields take TRL's values (TRL's defaults included, e.g. gradient
+    checkpointing on), other keys only when they differ from TRL's defaults."""
+    trl = _trl_classes()
+    from dpokit.config import config_from_args
+
+    theirs = trl.DPOConfig(output_dir="out", learning_rate=5e-7, beta=0.3, eval_strategy="steps", eval_steps=0.2,
+                           warmup_steps=0.1, dataloader_num_workers=4, use_cpu=True, bf16=False)
+    cfg = config_from_args(DPOConfig, theirs)
+    assert (cfg.output_dir, cfg.learning_rate, cfg.beta, cfg.eval_steps, cfg.warmup_steps) == ("out", 5e-7, 0.3, 0.2, 0.1)
+    assert cfg.gradient_checkpointing and cfg.use_cpu and cfg.loss_type == ["sigmoid"]
+    assert set(cfg.inert_keys) == {"dataloader_num_workers", "do_eval"}
+    with pytest.raises(ConfigError, match="use_liger_kernel: True is not supported"):
+        config_from_args(DPOConfig, trl.DPOConfig(output_dir="o", use_liger_kernel=True, use_cpu=True, bf16=False))
+    sft = config_from_args(SFTConfig, trl.SFTConfig(output_dir="o", use_cpu=True, bf16=False))
+    assert sft.completion_only_loss and sft.learning_rate == 2e-5
+
+
+def test_step_intervals_may_be_fractions_of_the_run():
+    from dpokit.config import steps_from
+
+    assert steps_from(0.1, 95) == 10 and steps_from(0.25, 4) == 1 and steps_from(10, 95) == 10
+    assert steps_from(None, 10) is None and steps_from(0, 10) == 0
+    cfg = build_config(DPOConfig, overrides={"logging_steps": "0.5", "eval_steps": "3", "warmup_steps": "0.05"})
+    assert (cfg.logging_steps, cfg.eval_steps, cfg.warmup_steps) == (0.5, 3, 0.05)

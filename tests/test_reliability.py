@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from conftest import LLAMA2_TOKENIZER, tiny_llama
 from dpokit import DPOConfig, DPOTrainer
 from dpokit import checkpoint as C
 from dpokit.cli import main
-from dpokit.errors import ConfigError, DpokitError
+from dpokit.errors import ConfigError
 from dpokit.trainer import NonFiniteError, OutOfMemory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +288,7 @@ def test_overwrite_output_dir_removes_the_old_runs_checkpoints(tmp_path, tok):
 
 def _step_rows(trainer, step):
     """Row ids of the micro-batches of optimizer step `step` (1-based), from the trainer's own data order."""
-    gas, rows, epoch, flat = trainer.args.gradient_accumulation_steps, [], 0, []
+    gas, epoch, flat = trainer.args.gradient_accumulation_steps, 0, []
     while len(flat) < step * gas:
         flat += [[trainer.train_examples[i].row for i in b] for b in trainer._epoch_batches(epoch)]
         epoch += 1

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dpokit.errors import ConfigError, DataError
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "llama2"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
@@ -145,7 +147,7 @@ def load_pairs(p: Preset, tokenizer_path: Path, data_path: Path, n_pairs: int):
     picked = [examples[i] for i in order[: int(n_pairs * 1.1) + 8]]  # a few spare for rows dropped by truncation
     pairs = D.tokenize_preference(picked, tok, max_length=p.max_length, truncation_mode="keep_end", report=report)
     if len(pairs) < n_pairs:
-        raise ValueError(f"{data_path} gave only {len(pairs)} usable pairs; {n_pairs} needed")
+        raise DataError(f"{data_path} gave only {len(pairs)} usable pairs; {n_pairs} needed")
     return pairs[:n_pairs]
 
 
@@ -369,7 +371,7 @@ def _run_trl(job: Job) -> dict:
                     logging_steps=1, report_to="none", save_strategy="no", seed=p.seed, bf16=p.precision == "bf16",
                     use_cpu=device.type == "cpu", gradient_checkpointing=p.gradient_checkpointing,
                     precompute_ref_log_probs=job.precompute_ref, dataloader_num_workers=0, disable_tqdm=True,
-                    model_init_kwargs={"dtype": torch.float32})
+                    model_init_kwargs={"dtype": torch.float32}, use_liger_kernel=job.extra.get("liger", False))
     tok = AutoTokenizer.from_pretrained(job.model_dir)
     timer = Timer()
     trainer = BenchDPOTrainer(model=job.model_dir, args=cfg, train_dataset=data, processing_class=tok,
@@ -387,16 +389,17 @@ def _run_trl(job: Job) -> dict:
     losses = [float(log["loss"]) for log in timer.logs]
     return _summary(times, tokens, [len(g) for g in groups], flops, p.warmup_steps, peak, _peak_memory(device),
                     losses, float(timer.logs[0]["logps/chosen"]),
-                    {"micro_batch": mb, "gradient_accumulation_steps": p.pairs_per_step // mb})
+                    {"micro_batch": mb, "gradient_accumulation_steps": p.pairs_per_step // mb,
+                     "use_liger_kernel": bool(job.extra.get("liger", False))})
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Orchestration
 
 
-def _spawn(side: str, job: Job, work: Path) -> dict:
+def _spawn(side: str, job: Job, work: Path, tag: str = "") -> dict:
     """Run one side in a fresh interpreter; its result comes back as JSON."""
-    name = f"{side}-{job.trl_micro_batch or 'packed'}"
+    name = f"{side}{tag}-{job.trl_micro_batch or 'packed'}"
     job_file, result_file = work / f"{name}.job.json", work / f"{name}.result.json"
     job_file.write_text(json.dumps(dataclasses.asdict(job)))
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
@@ -413,13 +416,16 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         trl_micro_batches: Optional[list] = None, token_budget: Optional[int] = None, shared_prompt: bool = True,
         precompute_ref: bool = False, threads: Optional[int] = None, skip_trl: bool = False,
         tokenizer: Path = DEFAULT_TOKENIZER, data: Path = DEFAULT_DATA, peak_tflops: Optional[float] = None,
-        compile: bool = False, find_max_length: bool = False, log=print) -> dict:
-    """Run the benchmark; returns {"preset": ..., "dpokit": {...}, "trl": {...}} (no "trl" with skip_trl). A `long`
+        compile: bool = False, find_max_length: bool = False, trl_liger: bool = False, log=print) -> dict:
+    """Run the benchmark; returns {"preset": ..., "dpokit": {...}, "trl": {...}} (no "trl" with skip_trl; with
+    `trl_liger` also "trl_liger": TRL with use_liger_kernel, at its fastest micro-batch too). A `long`
     preset returns {"preset": ..., "lengths": {"8192": {"dpokit": ..., "trl": ...}, ...}} and, with
     `find_max_length`, "max_length": {"dpokit": N, "trl": N} (the longest that trained; null if none did)."""
     if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
     p = dataclasses.replace(PRESETS[preset_name])
+    if trl_liger and (skip_trl or p.device != "cuda"):
+        raise ConfigError("--trl-liger needs a CUDA preset and the TRL side (Liger's kernels are Triton, GPU only)")
     if steps is not None:
         p.steps = steps
     if pairs_per_step is not None:
@@ -430,7 +436,7 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         p.trl_micro_batches = tuple(trl_micro_batches)
     bad = [m for m in p.trl_micro_batches if p.pairs_per_step % m]
     if bad:
-        raise ValueError(f"TRL micro-batch sizes {bad} do not divide pairs_per_step={p.pairs_per_step}")
+        raise ConfigError(f"TRL micro-batch sizes {bad} do not divide pairs_per_step={p.pairs_per_step}")
     threads = threads or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="dpokit-bench-") as tmp:
         work = Path(tmp)
@@ -441,7 +447,8 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(model_dir))
         base = Job(preset=dataclasses.asdict(p), model_dir=str(model_dir), pairs_file=str(work / "pairs.json"),
                    threads=threads, shared_prompt=shared_prompt, precompute_ref=precompute_ref,
-                   peak_flops=peak_tflops * 1e12 if peak_tflops else None, extra={"compile": compile})
+                   peak_flops=peak_tflops * 1e12 if peak_tflops else None,
+                   extra={"compile": compile, "trl_liger": trl_liger})
         result = {"preset": {"name": preset_name, **dataclasses.asdict(p)}}
         n_pairs = p.pairs_per_step * (p.steps + p.warmup_steps)
         if not p.synthetic_lengths:
@@ -464,13 +471,17 @@ def _both_sides(base: Job, p: Preset, work: Path, skip_trl: bool, log) -> dict:
     """dpokit, then TRL at each of the preset's micro-batch sizes (the fastest reported), on base's pairs."""
     log("[bench] dpokit ...")
     out = {"dpokit": _spawn("dpokit", base, work)}
-    if not skip_trl:
+    if skip_trl:
+        return out
+    variants = [("trl", False)] + ([("trl_liger", True)] if base.extra.get("trl_liger") else [])
+    for name, liger in variants:
         trials = []
         for mb in p.trl_micro_batches:
-            log(f"[bench] TRL, micro-batch {mb} ...")
-            trials.append(_spawn("trl", dataclasses.replace(base, trl_micro_batch=mb), work))
+            log(f"[bench] TRL{' with use_liger_kernel' if liger else ''}, micro-batch {mb} ...")
+            job = dataclasses.replace(base, trl_micro_batch=mb, extra={**base.extra, "liger": liger})
+            trials.append(_spawn("trl", job, work, tag="liger" if liger else ""))
         best = max(trials, key=lambda r: r["tokens_per_second"])
-        out["trl"] = {**best, "micro_batch_trials": [
+        out[name] = {**best, "micro_batch_trials": [
             {"micro_batch": t["micro_batch"], "tokens_per_second": t["tokens_per_second"]} for t in trials]}
     return out
 
@@ -516,7 +527,7 @@ def format_table(result: dict) -> str:
             parts.append("longest sequence trained at 1 pair per step: " + ", ".join(
                 f"{side} {n if n else 'none'}" for side, n in result["max_length"].items()))
         return "\n".join(parts)
-    sides = [s for s in ("dpokit", "trl") if s in result]
+    sides = [s for s in ("dpokit", "trl", "trl_liger") if s in result]
     rows = [("tokens/s (non-padding)", "tokens_per_second", "{:,.0f}"), ("pairs/s", "pairs_per_second", "{:.2f}"),
             ("median step (s)", "median_step_seconds", "{:.3f}"), ("peak memory (MiB)", "peak_memory_bytes", None),
             ("MFU", "mfu", None), ("first-step loss", "first_step_loss", "{:.6f}"),
@@ -535,12 +546,13 @@ def format_table(result: dict) -> str:
             else:
                 cells.append(fmt.format(v))
         lines.append(f"{label:<26}" + "".join(f"{c:>16}" for c in cells))
-    if len(sides) == 2:
-        d, t = result["dpokit"], result["trl"]
-        lines.append(f"dpokit / TRL: {d['tokens_per_second'] / t['tokens_per_second']:.2f}x tokens/s, "
-                     f"{d['peak_memory_bytes'] / t['peak_memory_bytes']:.2f}x peak memory, first-step loss "
-                     f"difference {abs(d['first_step_loss'] - t['first_step_loss']):.2e} "
-                     f"(TRL micro-batch {t['micro_batch']} x {t['gradient_accumulation_steps']} accumulation)")
+    for other, label in (("trl", "TRL"), ("trl_liger", "TRL+Liger")):
+        if "dpokit" in result and other in result:
+            d, t = result["dpokit"], result[other]
+            lines.append(f"dpokit / {label}: {d['tokens_per_second'] / t['tokens_per_second']:.2f}x tokens/s, "
+                         f"{d['peak_memory_bytes'] / t['peak_memory_bytes']:.2f}x peak memory, first-step loss "
+                         f"difference {abs(d['first_step_loss'] - t['first_step_loss']):.2e} "
+                         f"({label} micro-batch {t['micro_batch']} x {t['gradient_accumulation_steps']} accumulation)")
     return "\n".join(lines)
 
 
@@ -559,6 +571,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="dpokit: torch_compile=true (decoder layers)")
     parser.add_argument("--threads", type=int, help="CPU threads per side (default: all available)")
     parser.add_argument("--skip-trl", action="store_true", help="run the dpokit side only")
+    parser.add_argument("--trl-liger", action="store_true",
+                        help="also run TRL with use_liger_kernel (CUDA presets; needs liger-kernel), as trl_liger")
     parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs only)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Llama-2 tokenizer directory")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HH-RLHF jsonl(.gz) file")
@@ -583,7 +597,7 @@ def run_from_args(args) -> int:
                  trl_micro_batches=args.trl_micro_batches, token_budget=args.token_budget,
                  shared_prompt=not args.no_shared_prompt, precompute_ref=args.precompute_ref, threads=args.threads,
                  skip_trl=args.skip_trl, peak_tflops=args.peak_tflops, tokenizer=args.tokenizer, data=args.data,
-                 compile=args.compile, find_max_length=args.find_max_length)
+                 compile=args.compile, find_max_length=args.find_max_length, trl_liger=args.trl_liger)
     print(format_table(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))

@@ -53,6 +53,15 @@ def _config_help(command: str, cls: type) -> str:
         default = f.default if f.default is not dataclasses.MISSING else None
         out.append(f"  {f.name} (default: {default!r})")
         out.append(textwrap.fill(docs.get(f.name, ""), 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    from dpokit.config import ALIASES, ANY, FOREIGN_KEYS
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out += ["", "Other TRL / transformers keys, so a TRL config ports unchanged:",
+            "  " + ", ".join(f"{a} (= {n})" for a, n in ALIASES.items())]
+    for title, accepted in (("accepted with any value; they change nothing in dpokit:", True),
+                            ("accepted only at TRL's default; any other value is refused with the reason:", False)):
+        names = [k for k, (d, _) in FOREIGN_KEYS.items() if k not in fields and (d is ANY) == accepted]
+        out += [f"  {title}", textwrap.fill(", ".join(names), 100, initial_indent=" " * 6, subsequent_indent=" " * 6)]
     return "\n".join(out)
 
 
@@ -102,8 +111,8 @@ def _train(command: str, argv: list[str]) -> int:
     if resume is not None:
         overrides["resume_from_checkpoint"] = resume
     cfg = build_config(cls, config_file, overrides)
-    if cfg.train_file is None:
-        raise DpokitError(f"dpokit {command}: set train_file (in --config or as train_file=PATH)")
+    if cfg.train_file is None and cfg.dataset_name is None:
+        raise DpokitError(f"dpokit {command}: set train_file (in --config or as train_file=PATH) or dataset_name")
     from dpokit.trainer import DPOTrainer, SFTTrainer
 
     trainer_cls = SFTTrainer if command == "sft" else DPOTrainer
@@ -113,6 +122,11 @@ def _train(command: str, argv: list[str]) -> int:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "epoch")
     if trainer.accelerator.is_main_process:
         print(f"[dpokit] saved {out} after {trainer.global_step} steps; last: {shown}")
+    if trainer.accelerator.num_processes > 1:
+        # Once every rank is here, tear the process group down in order, rather than
+        # leave it to interpreter exit, where its threads can abort the process after the work is done.
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
     return 0
 
 

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -35,12 +36,30 @@ class TrainConfig:
     """Tokenizer directory or hub id; defaults to `model_name_or_path`."""
     model_init_kwargs: Optional[dict] = None
     """Extra keyword arguments for `AutoModelForCausalLM.from_pretrained` (e.g. {attn_implementation: sdpa})."""
+    model_revision: str = "main"
+    """Branch, tag or commit of a hub model (and of its tokenizer) to load."""
+    dtype: str = "float32"
+    """Dtype the weights are loaded in: float32 (master weights for bf16/fp16 autocast), bfloat16, float16 or auto
+    (the checkpoint's own). A `dtype` in `model_init_kwargs` wins."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel of the loaded model, e.g. sdpa, eager, flash_attention_2 (default: transformers' choice).
+    With `padding_free`, packed rows use dpokit's exact variable-length attention whatever this says."""
     trust_remote_code: bool = False
     """Allow model code from the model's repository to run. Off unless asked: it executes code you did not write."""
     train_file: Optional[str] = None
     """Training data: .jsonl/.json/.csv/.tsv/.parquet/.arrow (optionally .gz) or a `save_to_disk` directory."""
     eval_file: Optional[str] = None
-    """Held-out data in the same formats; evaluated every `eval_steps` and at the end of training."""
+    """Held-out data in the same formats; evaluated as `eval_strategy` says (by default at the end of training)."""
+    dataset_name: Optional[str] = None
+    """TRL scripts' data source, used when `train_file` is not set: a hub id, a `save_to_disk` directory or a file.
+    Training reads its `dataset_train_split`; evaluation reads its `dataset_test_split` when `eval_strategy` is steps
+    or epoch and no `eval_file` is given."""
+    dataset_config: Optional[str] = None
+    """Configuration name of a hub `dataset_name` (the `name` of `datasets.load_dataset`)."""
+    dataset_train_split: str = "train"
+    """Split trained on when the data source has splits (a DatasetDict, a `save_to_disk` directory, a hub id)."""
+    dataset_test_split: str = "test"
+    """Split evaluated on when the evaluation source has splits."""
     dataset_format: str = "auto"
     """Row format: `auto` (detected from the columns) or a format name from `dpokit.data`."""
     column_map: Optional[dict] = None
@@ -52,6 +71,8 @@ class TrainConfig:
     """Drop rows that repeat an earlier row exactly (counted as `deduplicated` in the data report)."""
     chat_template: Optional[str] = None
     """Jinja chat template (or a path to a file holding one) for conversational data when the tokenizer has none."""
+    pad_token: Optional[str] = None
+    """Token used for padding (it must be in the vocabulary); default: the tokenizer's pad token, else its EOS."""
     max_length: Optional[int] = 1024
     """Longest prompt+completion in tokens; longer rows are cut per `truncation_mode`, and counted."""
     max_prompt_length: Optional[int] = None
@@ -75,12 +96,18 @@ class TrainConfig:
     """Micro-batches summed before each optimizer step."""
     learning_rate: float = 1e-6
     """Peak learning rate of AdamW."""
+    optim: str = "adamw_torch_fused"
+    """Optimizer: adamw_torch_fused (torch's fused AdamW where the device has it: CUDA) or adamw_torch (its
+    multi-tensor AdamW). The same update either way; other transformers optimizer names are refused."""
     lr_scheduler_type: str = "linear"
-    """A transformers scheduler name: linear, cosine, constant, constant_with_warmup, ..."""
+    """A transformers scheduler name: linear, cosine, constant, constant_with_warmup, cosine_with_min_lr, ..."""
+    lr_scheduler_kwargs: Optional[dict] = None
+    """Extra arguments of the scheduler, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr, {power: 2.0} for polynomial."""
     warmup_ratio: float = 0.0
     """Fraction of the optimizer steps spent warming up linearly (ignored when `warmup_steps` > 0)."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup; overrides `warmup_ratio` when > 0."""
+    warmup_steps: Union[int, float] = 0
+    """Optimizer steps of linear warmup: an integer, or a float in (0, 1) for that fraction of all steps (as in
+    transformers v5); overrides `warmup_ratio` when > 0."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norm weights)."""
     adam_beta1: float = 0.9
@@ -96,13 +123,24 @@ class TrainConfig:
     max_steps: int = -1
     """Total optimizer steps; > 0 overrides `num_train_epochs`."""
     seed: int = 42
-    """Seed for python, numpy and torch (weights of new heads, data order, dropout)."""
+    """Seed for python, numpy and torch (weights of new heads, dropout) and, unless `data_seed` is set, data order."""
+    data_seed: Optional[int] = None
+    """Seed of the order in which training examples are drawn (default: `seed`)."""
+    full_determinism: bool = False
+    """Deterministic kernels everywhere (transformers' `enable_full_determinism`): reproducible on GPU, slower."""
     bf16: bool = False
     """Mixed precision with bfloat16 autocast (weights stay in their loaded dtype)."""
     fp16: bool = False
     """Mixed precision with float16 autocast and a gradient scaler (GPU only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    gradient_checkpointing_kwargs: Optional[dict] = None
+    """Arguments of torch's checkpoint (default: {use_reentrant: false}); with transformers >= 5.2x also
+    `every_n_layers` (checkpoint only every n-th layer) and `offload` (saved activations in host memory)."""
+    tf32: Optional[bool] = None
+    """TF32 matmuls on an Ampere or newer NVIDIA GPU (true/false; null leaves torch's setting). Needs CUDA."""
+    use_cpu: bool = False
+    """Train on the CPU even when a GPU is present."""
     torch_compile: bool = False
     """Compile each decoder layer of the policy (and of a reference model) with `torch.compile` (regional
     compilation: one compile serves every layer). Pays on a GPU after the first steps; shapes vary from batch to
@@ -115,12 +153,30 @@ class TrainConfig:
     """Set every dropout probability to 0 in policy and reference, so log-probs are deterministic."""
 
     # ----- logging, evaluation, checkpoints -----
-    logging_steps: int = 10
-    """Log averaged metrics every this many optimizer steps."""
-    eval_steps: Optional[int] = None
-    """Evaluate on `eval_file` every this many optimizer steps (None: only at the end)."""
-    save_steps: int = 500
-    """Write a checkpoint every this many optimizer steps (0: none)."""
+    run_name: Optional[str] = None
+    """A name for the run, shown by `dpokit report` (default: the output directory's name)."""
+    logging_strategy: str = "steps"
+    """When averaged training metrics are logged: `steps` (every `logging_steps`), `epoch` (at each epoch's end) or
+    `no`. The last step is always logged."""
+    logging_steps: Union[int, float] = 10
+    """Log every this many optimizer steps (a float in (0, 1): that fraction of all steps)."""
+    logging_first_step: bool = False
+    """Also log the first optimizer step."""
+    log_level: str = "passive"
+    """dpokit's notices on stdout: passive/debug/info/warning print them; error/critical keep only errors."""
+    eval_strategy: Optional[str] = None
+    """When to evaluate (with `eval_file` or `dataset_name`'s test split): `steps` (every `eval_steps`, which defaults
+    to `logging_steps`, and at the end), `epoch` (at each epoch's end), `no` (never). null: every `eval_steps` if it is
+    set, and at the end of training."""
+    eval_steps: Optional[Union[int, float]] = None
+    """Evaluate every this many optimizer steps (a float in (0, 1): that fraction of all steps)."""
+    eval_on_start: bool = False
+    """Also evaluate before the first step (the starting model's numbers, as a baseline)."""
+    save_strategy: str = "steps"
+    """When checkpoints are written: `steps` (every `save_steps`), `epoch` (at each epoch's end) or `no`. The final
+    model is always written to `output_dir`."""
+    save_steps: Union[int, float] = 500
+    """Write a checkpoint every this many optimizer steps (0: none; a float in (0, 1): that fraction of all steps)."""
     save_total_limit: Optional[int] = None
     """Keep at most this many checkpoints, deleting the oldest once a new one is complete."""
     resume_from_checkpoint: Optional[str] = None
@@ -150,6 +206,26 @@ class TrainConfig:
     """Dropout on the LoRA input (kept even with `disable_dropout`, as in TRL, since it regularises the adapter)."""
     lora_target_modules: Optional[Union[str, list]] = None
     """Module names to adapt (list or comma-separated); None means every linear layer but the LM head."""
+    lora_modules_to_save: Optional[Union[str, list]] = None
+    """Modules trained in full beside the adapters and saved with them (e.g. [lm_head, embed_tokens])."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by lora_alpha / sqrt(lora_r) (arXiv 2312.03732)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA, arXiv 2402.09353)."""
+
+    # ----- processes (DDP) -----
+    ddp_backend: Optional[str] = None
+    """Process-group backend (nccl, gloo, ...; default: accelerate's choice for the device)."""
+    ddp_timeout: int = 1800
+    """Seconds a collective may wait before the process group gives up."""
+    ddp_find_unused_parameters: Optional[bool] = None
+    """DDP's find_unused_parameters (null: torch's default, false)."""
+    ddp_bucket_cap_mb: Optional[int] = None
+    """DDP gradient bucket size in MiB (null: torch's default)."""
+    ddp_broadcast_buffers: Optional[bool] = None
+    """DDP's broadcast_buffers (null: torch's default)."""
+    ddp_static_graph: Optional[bool] = None
+    """DDP's static_graph (null: torch's default)."""
 
     # ----- performance -----
     logps_chunk_size: int = 1024
@@ -159,11 +235,26 @@ class TrainConfig:
         """Check values and their combinations; raise ConfigError with one line naming the field."""
         _check_choice(self, "truncation_mode", ("keep_start", "keep_end"))
         _check_choice(self, "on_bad_rows", ("error", "skip"))
+        _check_choice(self, "optim", OPTIMIZERS)
+        _check_choice(self, "dtype", ("float32", "bfloat16", "float16", "auto"))
+        _check_choice(self, "logging_strategy", ("steps", "epoch", "no"))
+        _check_choice(self, "save_strategy", ("steps", "epoch", "no"))
+        _check_choice(self, "log_level", ("passive", "debug", "info", "warning", "error", "critical"))
+        if self.eval_strategy is not None:
+            _check_choice(self, "eval_strategy", ("steps", "epoch", "no"))
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logps_chunk_size", "logging_steps"):
+                     "logps_chunk_size", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("max_length", "max_prompt_length", "max_completion_length", "eval_steps", "save_total_limit"):
+        for name in ("logging_steps", "eval_steps", "save_steps", "warmup_steps"):
+            value = getattr(self, name)
+            zero_ok = name in ("save_steps", "warmup_steps")
+            if value is None or 0 < value < 1:
+                continue
+            if not (float(value).is_integer() and (value >= 1 or (zero_ok and value == 0))):
+                raise ConfigError(f"{name} must be an integer >= {0 if zero_ok else 1} or a fraction of the run's "
+                                  f"steps in (0, 1) (got {value})")
+        for name in ("max_length", "max_prompt_length", "max_completion_length", "save_total_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null (got {value})")
@@ -178,6 +269,10 @@ class TrainConfig:
             raise ConfigError("resume_from_checkpoint and overwrite_output_dir are both set; choose one")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both set; choose one")
+        if self.use_cpu and (self.fp16 or self.tf32):
+            raise ConfigError(f"use_cpu is set with {'fp16' if self.fp16 else 'tf32'}, which needs a CUDA GPU")
+        if self.dataset_name and self.train_file:
+            raise ConfigError("train_file and dataset_name are both set; choose one data source")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
         sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
@@ -247,6 +342,8 @@ class DPOConfig(TrainConfig):
     """Use a uniform reference (log pi_ref = 0): no reference model is loaded or run."""
     precompute_ref_log_probs: bool = False
     """Run the reference once over the data before training, cache its log-probs on disk and free it."""
+    precompute_ref_batch_size: Optional[int] = None
+    """Pairs per batch of that precomputing pass (default: `per_device_eval_batch_size`)."""
     rpo_alpha: Optional[float] = None
     """Add rpo_alpha x the chosen completions' per-token NLL to the loss (RPO, arXiv 2404.19733)."""
     simpo_gamma: float = 0.5
@@ -275,6 +372,8 @@ class DPOConfig(TrainConfig):
                                   f"valid: {', '.join(losses.LOSS_TYPES)}")
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
             raise ConfigError(f"loss_weights has {len(self.loss_weights)} values for {len(names)} loss types")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise ConfigError(f"precompute_ref_batch_size must be >= 1 or null (got {self.precompute_ref_batch_size})")
         if self.share_prompt and not self.padding_free:
             raise ConfigError("share_prompt needs padding_free=true")
         if self.token_budget is not None:
@@ -312,6 +411,176 @@ class DPOConfig(TrainConfig):
         return losses.loss_spec(self.loss_type, **self.loss_params())
 
 
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
+
+
+def steps_from(value: Optional[Union[int, float]], total_steps: int) -> Optional[int]:
+    """An interval field (`logging_steps`, `eval_steps`, `save_steps`, `warmup_steps`) in optimizer steps: a float in
+    (0, 1) is that fraction of the run's `total_steps`, rounded up, as transformers reads it."""
+    if value is None:
+        return None
+    return max(1, math.ceil(value * total_steps)) if 0 < value < 1 else int(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TRL / transformers keys without a dpokit field
+#
+# A TRL config must port without edits, and nothing it asks for may be dropped silently. So every other key of TRL's
+# DPOConfig (TrainingArguments included) and of its scripts' ModelConfig / ScriptArguments is listed here: ANY keys
+# change nothing in dpokit whatever their value (they tune machinery dpokit does not have: dataloader workers, hub
+# uploads, integrations); the others are accepted at TRL's default, which asks for nothing dpokit does differently,
+# and any other value is refused with the reason.
+
+ANY = object()
+
+_INPUT = "dpokit tokenizes in the main process and builds batches in memory, without dataloader workers"
+_EVAL = "dpokit's evaluation sums per-pair metrics batch by batch; no predictions are gathered"
+_ENGINE = ("the engine (DDP, FSDP, DeepSpeed) comes from the launch: accelerate launch --config_file "
+           "examples/accelerate/{ddp,fsdp,zero2,zero3}.yaml (see the README, Scaling out)")
+_HUB = "it acts only with push_to_hub, and dpokit does not upload"
+_LOG = "only the first process prints"
+
+FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
+    # for scripts, not trainers (in transformers too)
+    "do_train": (ANY, "it is for scripts; the trainer does not read it"),
+    "do_eval": (ANY, "it is for scripts; the trainer does not read it"),
+    "do_predict": (ANY, "it is for scripts; the trainer does not read it"),
+    "local_rank": (ANY, "dpokit reads the launch from the environment (torchrun, accelerate launch)"),
+    # input pipeline
+    "dataset_num_proc": (ANY, _INPUT),
+    "dataloader_num_workers": (ANY, _INPUT),
+    "dataloader_pin_memory": (ANY, _INPUT),
+    "dataloader_persistent_workers": (ANY, _INPUT),
+    "dataloader_prefetch_factor": (ANY, _INPUT),
+    "dataloader_multiprocessing_context": (ANY, _INPUT),
+    "dataloader_in_order": (ANY, _INPUT),
+    "remove_unused_columns": (ANY, "dpokit reads only the columns its data format needs"),
+    "ignore_bias_buffers": (ANY, "dpokit's DDP wrapper does not broadcast buffers of a frozen kind"),
+    "length_column_name": (ANY, "it acts only with train_sampling_strategy: group_by_length"),
+    "label_names": (ANY, _EVAL),
+    "dataset_streaming": (False, "dpokit reads the whole data set first, so every row is checked and counted"),
+    "dataloader_drop_last": (False, "every pair is trained on; a smaller last batch is weighted exactly"),
+    "train_sampling_strategy": ("random", "pairs are drawn in a seeded random order (data_seed); for batches of "
+                                          "similar length use padding_free with token_budget"),
+    "pad_to_multiple_of": ("auto", "batches are padded to their longest sequence, or not at all with padding_free"),
+    # evaluation
+    "eval_accumulation_steps": (ANY, _EVAL),
+    "eval_do_concat_batches": (ANY, _EVAL),
+    "eval_use_gather_object": (ANY, _EVAL),
+    "include_for_metrics": ([], "dpokit's evaluation metrics are fixed (dpokit eval computes more)"),
+    "batch_eval_metrics": (False, _EVAL),
+    "prediction_loss_only": (False, _EVAL),
+    "eval_delay": (0, "evaluation follows eval_strategy and eval_steps"),
+    "bf16_full_eval": (False, "evaluation runs in the training precision (bf16/fp16 autocast)"),
+    "fp16_full_eval": (False, "evaluation runs in the training precision (bf16/fp16 autocast)"),
+    "load_best_model_at_end": (False, "not implemented: the final model is the last step's"),
+    "metric_for_best_model": (ANY, "it acts only with load_best_model_at_end, which dpokit does not do"),
+    "greater_is_better": (ANY, "it acts only with load_best_model_at_end, which dpokit does not do"),
+    # logging and integrations
+    "log_on_each_node": (ANY, _LOG),
+    "log_level_replica": (ANY, _LOG),
+    "logging_nan_inf_filter": (ANY, "a non-finite loss never reaches the log: on_nonfinite stops or skips the step"),
+    "skip_memory_metrics": (ANY, "dpokit logs no memory metrics"),
+    "include_num_input_tokens_seen": (ANY, "dpokit logs tokens_per_second instead"),
+    "project": (ANY, "it names a trackio project; report_to knows none and tensorboard"),
+    "trackio_space_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
+    "trackio_bucket_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
+    "trackio_static_space_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
+    "logging_dir": (None, "TensorBoard events are written under output_dir"),
+    # saving and the hub
+    "push_to_hub": (False, "dpokit does not upload: the final model is a Hugging Face directory in output_dir "
+                           "(upload it with `hf upload`)"),
+    "hub_model_id": (ANY, _HUB),
+    "hub_token": (ANY, _HUB),
+    "hub_private_repo": (ANY, _HUB),
+    "hub_strategy": (ANY, _HUB),
+    "hub_always_push": (ANY, _HUB),
+    "hub_revision": (ANY, _HUB),
+    "save_only_model": (False, "a checkpoint always holds optimizer, scheduler and RNG state so a resume is exact; "
+                               "the final model in output_dir holds the weights only"),
+    "save_on_each_node": (False, "only the first process writes"),
+    "enable_jit_checkpoint": (False, "checkpoints are written every save_steps, atomically; a killed run resumes "
+                                     "from the last one"),
+    "ignore_data_skip": (False, "a resume always continues at the exact next batch"),
+    "restore_callback_states_from_checkpoint": (False, "dpokit has no callbacks"),
+    # optimisation and model
+    "optim_args": (None, "the optimizer takes adam_beta1, adam_beta2, adam_epsilon and weight_decay only"),
+    "optim_target_modules": (ANY, "it acts only with GaLore/APOLLO optimizers, which dpokit does not have"),
+    "label_smoothing_factor": (0.0, "that is transformers' cross-entropy smoothing; DPO's label noise is "
+                                    "label_smoothing (cDPO)"),
+    "average_tokens_across_devices": (True, "dpokit's loss is always the exact mean over the global batch"),
+    "auto_find_batch_size": (False, "an out-of-memory error names the setting to lower instead"),
+    "neftune_noise_alpha": (None, "NEFTune embedding noise is not implemented"),
+    "use_liger_kernel": (False, "dpokit does not use Liger kernels; its LM head never holds full-vocabulary logits "
+                                "anyway (logps_chunk_size)"),
+    "liger_kernel_config": (ANY, "it acts only with use_liger_kernel"),
+    "activation_offloading": (False, "not implemented; use gradient_checkpointing"),
+    "torch_empty_cache_steps": (ANY, "emptying the allocator's cache does not lower the peak a step needs"),
+    "use_cache": (ANY, "training forwards never use the KV cache"),
+    "router_aux_loss_coef": (None, "the load-balancing loss of mixture-of-experts models is not added"),
+    "sync_ref_model": (False, "TR-DPO reference updates are not implemented; the reference stays fixed"),
+    "ref_model_mixup_alpha": (ANY, "it acts only with sync_ref_model"),
+    "ref_model_sync_steps": (ANY, "it acts only with sync_ref_model"),
+    "torch_dtype": (None, "transformers v5 calls it dtype: rename the key"),
+    "evaluation_strategy": (None, "transformers calls it eval_strategy: rename the key"),
+    "load_in_8bit": (False, "quantized (bitsandbytes) training is not supported"),
+    "load_in_4bit": (False, "quantized (bitsandbytes) training is not supported"),
+    "bnb_4bit_quant_type": (ANY, "it acts only with load_in_4bit"),
+    "use_bnb_nested_quant": (ANY, "it acts only with load_in_4bit"),
+    "bnb_4bit_quant_storage": (ANY, "it acts only with load_in_4bit"),
+    "lora_task_type": ("CAUSAL_LM", "dpokit trains causal LMs"),
+    "lora_target_parameters": (None, "LoRA on bare parameters (MoE experts) is not supported; use "
+                                     "lora_target_modules"),
+    # TRL's SFTConfig (keys that DPOConfig has as fields are read as fields there)
+    "dataset_text_field": ("text", "dpokit detects the text column; rename yours with column_map: {your_column: text}"),
+    "dataset_kwargs": (None, "dpokit reads the data set itself"),
+    "chat_template_path": (None, "use chat_template (a template, or the path of a file holding one)"),
+    "eos_token": (None, "the tokenizer's EOS ends each completion"),
+    "shuffle_dataset": (ANY, "pairs are always drawn in a seeded random order (data_seed)"),
+    "packing": (False, "SFT packing is not implemented (DPO has padding_free)"),
+    "packing_strategy": (ANY, "it acts only with packing"),
+    "eval_packing": (ANY, "it acts only with packing"),
+    "assistant_only_loss": (False, "use completion_only_loss with prompt/completion or messages rows"),
+    "loss_type": ("nll", "dpokit's SFT loss is the negative log-likelihood"),
+    "padding_free": (False, "SFT batches are padded (DPO has padding_free)"),
+    # engines
+    "fsdp": (None, _ENGINE),
+    "fsdp_config": (None, _ENGINE),
+    "deepspeed": (None, _ENGINE),
+    "accelerator_config": (None, _ENGINE),
+    "parallelism_config": (None, _ENGINE),
+    "debug": ("", "use dpokit's --debug for tracebacks"),
+}
+
+
+# transformers' newer names for the same settings (its own aliases): read into the dpokit field.
+ALIASES = {"activation_checkpointing": "gradient_checkpointing",
+           "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+
+
+def _at_default(value: Any, default: Any) -> bool:
+    """Whether a value read from YAML or the command line is TRL's default `default` (None, "", [] and "auto" count
+    as one another's default where TRL means "nothing asked for")."""
+    nothing = (None, "", "none", "null", "auto", "[]")
+    if isinstance(value, str) and value.strip().lower() in nothing:
+        value = None
+    if isinstance(value, (list, dict)) and not value:
+        value = None
+    if default in (None, "", "auto") or default == []:
+        return value is None or value == default
+    if isinstance(default, bool):
+        try:
+            return _coerce("", value, bool) is default
+        except ConfigError:
+            return False
+    if isinstance(default, (int, float)):
+        try:
+            return float(value) == float(default)
+        except (TypeError, ValueError):
+            return False
+    return str(value) == str(default)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Building a config from YAML and key=value overrides
 
@@ -345,8 +614,7 @@ def _check_choice(cfg, name: str, choices) -> None:
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the field."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {"Optional": Optional, "Union": Union})  # noqa: S307 (own code)
+    annotation = _annotation(annotation)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (Union, types.UnionType):
@@ -434,30 +702,76 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
             raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
         values.update(loaded)
     values.update(overrides or {})
+    for alias, name in ALIASES.items():
+        if alias in values:
+            value = values.pop(alias)
+            if value is None:
+                continue
+            if name in values and values[name] is not None and values[name] != value:
+                raise ConfigError(f"{alias} ({value!r}) and {name} ({values[name]!r}) disagree; they are one setting")
+            values[name] = value
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs, inert = {}, {}
     for key, value in values.items():
-        if key not in fields:
-            where = f" in {config_file}" if config_file and key not in (overrides or {}) else ""
-            raise ConfigError(f"unknown config key {key!r}{where}{_closest(key, fields)}")
-        kwargs[key] = _coerce(key, value, fields[key].type)
+        where = f" in {config_file}" if config_file and key not in (overrides or {}) else ""
+        if key in fields:
+            kwargs[key] = _coerce(key, value, fields[key].type)
+        elif key in FOREIGN_KEYS:
+            default, reason = FOREIGN_KEYS[key]
+            if default is not ANY and not _at_default(value, default):
+                raise ConfigError(f"{key}: {value!r}{where} is not supported: {reason}")
+            inert[key] = reason
+        else:
+            # dpokit's own keys first: a typo of one (lora_rank) should not be read as a TRL-only key (local_rank).
+            raise ConfigError(f"unknown config key {key!r}{where}{_closest(key, fields) or _closest(key, FOREIGN_KEYS)}")
     cfg = cls(**kwargs)
     cfg.validate()
+    cfg.inert_keys = inert  # TRL keys that change nothing here; the trainer names them once
     return cfg
 
 
 def config_from_args(cls: type, args: Any) -> TrainConfig:
-    """Turn the `args=` of a trainer (None, a dict, or a config of this class) into a validated config."""
+    """Turn the `args=` of a trainer (None, a dict, a config of this class, or a TRL / transformers config object
+    such as `trl.DPOConfig`) into a validated config."""
     if args is None:
         cfg = cls()
     elif isinstance(args, dict):
         return build_config(cls, overrides=args)
     elif isinstance(args, cls):
         cfg = args
+    elif dataclasses.is_dataclass(args) and callable(getattr(args, "to_dict", None)):
+        return build_config(cls, overrides=_ported(cls, args))
     else:
-        raise ConfigError(f"args must be a {cls.__name__} or a dict, got {type(args).__name__}")
+        raise ConfigError(f"args must be a {cls.__name__}, a dict or a TRL config, got {type(args).__name__}")
     cfg.validate()
     return cfg
+
+
+def _ported(cls: type, args: Any) -> dict:
+    """The keys of a TRL / transformers config object (e.g. `trl.DPOConfig`) as dpokit overrides: every key that is a
+    dpokit field, with TRL's value (None, TRL's "decide later", leaves dpokit's default), and every other key whose
+    value differs from a default object of the same class, so that it is checked against FOREIGN_KEYS."""
+    values = args.to_dict()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    try:
+        # The same device flags, since transformers checks them against the machine when the object is made.
+        base = type(args)(**{k: getattr(args, k) for k in ("use_cpu", "bf16", "fp16") if hasattr(args, k)}).to_dict()
+    except Exception:  # noqa: BLE001 - a class that cannot be made bare: every foreign key is checked as given
+        base = {}
+    out = {}
+    for key, value in values.items():
+        if key in fields:
+            if value is not None or type(None) in typing.get_args(_annotation(fields[key].type)):
+                out[key] = value
+        elif key not in base or value != base[key]:
+            out[key] = value
+    return out
+
+
+def _annotation(annotation: Any) -> Any:
+    if isinstance(annotation, str):
+        return eval(annotation, vars(typing), {"Optional": Optional, "Union": Union})  # noqa: S307 (own code)
+    return annotation
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:

@@ -20,7 +20,7 @@ parameter all-gather) even though `dpokit.logps` calls the decoder and the LM he
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,26 +46,49 @@ class PolicyCall(nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, cfg: Any = None):
     """An `Accelerator` for this launch. Under `torchrun` or `accelerate launch --cpu` on a machine without an
-    accelerator, accelerate needs `cpu=True` to set up gloo (without it every process silently runs alone)."""
+    accelerator, accelerate needs `cpu=True` to set up gloo (without it every process silently runs alone).
+    `cfg` (a TrainConfig) supplies `use_cpu` and the process-group / DDP settings (`ddp_*`)."""
     from accelerate import Accelerator
 
-    on_cpu = not _has_accelerator_device()
+    use_cpu = bool(cfg is not None and cfg.use_cpu)
+    on_cpu = use_cpu or not _has_accelerator_device()
     if _asked("ACCELERATE_USE_DEEPSPEED"):
-        return _deepspeed_accelerator(mixed_precision, cpu=on_cpu)
-    cpu = on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if use_cpu:
+            raise ConfigError("use_cpu is set but the launch asks for DeepSpeed; launch without a DeepSpeed config")
+        return _deepspeed_accelerator(mixed_precision, cpu=on_cpu, cfg=cfg)
+    cpu = use_cpu or (on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     plugin = None
     if cpu and _asked("ACCELERATE_USE_FSDP"):
         plugin = _cpu_fsdp_plugin()
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **({"fsdp_plugin": plugin} if plugin else {}))
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=_handlers(cfg),
+                      **({"fsdp_plugin": plugin} if plugin else {}))
     if plugin is not None:
         _enable_fsdp_on_cpu(acc, plugin)
     check_engine(acc)
     return acc
 
 
-def _deepspeed_accelerator(mixed_precision: str, cpu: bool):
+def _handlers(cfg: Any, backend: Optional[str] = None) -> list:
+    """accelerate's kwargs handlers for the process group (backend, timeout) and DDP, from the config's `ddp_*`
+    fields; only what the config sets, so torch's and accelerate's defaults stay otherwise."""
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    if cfg is None:
+        return [InitProcessGroupKwargs(backend=backend)] if backend else []
+    group = {"timeout": timedelta(seconds=cfg.ddp_timeout)}
+    if cfg.ddp_backend or backend:
+        group["backend"] = cfg.ddp_backend or backend
+    ddp = {name: getattr(cfg, f"ddp_{name}") for name in ("find_unused_parameters", "bucket_cap_mb",
+                                                          "broadcast_buffers", "static_graph")
+           if getattr(cfg, f"ddp_{name}") is not None}
+    return [InitProcessGroupKwargs(**group)] + ([DistributedDataParallelKwargs(**ddp)] if ddp else [])
+
+
+def _deepspeed_accelerator(mixed_precision: str, cpu: bool, cfg: Any = None):
     """The `Accelerator` of an `accelerate launch` with a DeepSpeed config (examples/accelerate/zero2.yaml, zero3.yaml).
 
     On CPU (the tests: gloo, 2 processes) two things differ from a GPU launch: accelerate picks no process-group
@@ -73,7 +96,6 @@ def _deepspeed_accelerator(mixed_precision: str, cpu: bool):
     process silently runs alone; and DeepSpeed's CPU accelerator would JIT-compile a shared-memory all-reduce op with
     g++ at start (about 90 s) for a speed-up that does not matter at test sizes, so it is skipped."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
     import importlib.util
 
@@ -84,7 +106,6 @@ def _deepspeed_accelerator(mixed_precision: str, cpu: bool):
         # DeepSpeed's fp16 loss scaler skips overflowing updates inside its engine, and dpokit cannot tell those from
         # real non-finite gradients there; bf16 needs no scaler.
         raise ConfigError("fp16 is not supported under DeepSpeed in dpokit; use bf16")
-    handlers = []
     if cpu:
         import importlib
         import sys
@@ -92,8 +113,7 @@ def _deepspeed_accelerator(mixed_precision: str, cpu: bool):
         importlib.import_module("deepspeed.comm.torch")
         # `import deepspeed.comm.torch as m` would give torch itself (the package re-exports it under that name).
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=_handlers(cfg, "gloo" if cpu else None))
     check_engine(acc)
     plugin = acc.state.deepspeed_plugin
     if plugin.zero_stage == 3 and plugin.zero3_init_flag:

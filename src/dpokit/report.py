@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import yaml
+
 from dpokit.errors import ConfigError, DataError
 
 
@@ -123,10 +125,22 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
-    # Runs are named by their directory; two runs both called `out` (a/out, b/out) get their paths as given instead,
-    # since a legend with the same name twice cannot be read.
-    names = [p.name or str(p) for p in paths]
+    # Runs are named by their config's `run_name`, else their directory; two runs with the same name (a/out, b/out)
+    # get their paths as given instead, since a legend with the same name twice cannot be read.
+    names = [_run_name(p) or p.name or str(p) for p in paths]
     return [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+def _run_name(path: Path) -> Optional[str]:
+    config = path / "dpokit_config.yaml"  # trainer.RUN_MARKER (not imported: the report needs no torch)
+    if not config.is_file():
+        return None
+    try:
+        values = yaml.safe_load(config.read_text())
+    except yaml.YAMLError:
+        return None
+    name = values.get("run_name") if isinstance(values, dict) else None
+    return str(name) if name else None
 
 
 def load_runs(run_dirs: Sequence) -> list[Run]:

@@ -30,7 +30,7 @@ from dpokit import checkpoint as C
 from dpokit import data as D
 from dpokit import distributed as dist
 from dpokit import losses
-from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
+from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args, steps_from
 from dpokit.data.collate import collate_packed, collate_pairs, collate_sft
 from dpokit.errors import ConfigError, DataError, DpokitError
 from dpokit.logps import CompletionLogps, completion_logps
@@ -45,7 +45,8 @@ RUN_MARKER = "dpokit_config.yaml"  # its presence marks an output_dir holding a 
 RESUME_MAY_CHANGE = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "eval_file",
     "per_device_eval_batch_size", "save_steps", "save_total_limit", "report_to", "disable_tqdm", "on_nonfinite",
-    "max_nonfinite_steps",
+    "max_nonfinite_steps", "run_name", "logging_strategy", "logging_first_step", "log_level", "eval_strategy",
+    "eval_on_start", "save_strategy", "dataset_test_split", "ddp_timeout", "precompute_ref_batch_size",
 })
 
 
@@ -57,17 +58,24 @@ class OutOfMemory(DpokitError):
     """A batch that does not fit in memory; the message names the settings that shrink it."""
 
 
+_QUIET = {"quiet": False}  # log_level error/critical: notices off (errors are raised, never logged)
+
+
 def log(msg: str) -> None:
     """Run notices (counts of truncated/dropped rows, substitutions like pad=EOS) go to stdout, from the first
     process only (RANK is set by torchrun / accelerate launch before any dpokit code runs)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and not _QUIET["quiet"]:
         print(f"[dpokit] {msg}", flush=True)
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int, full_determinism: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if full_determinism:
+        from transformers import enable_full_determinism
+
+        enable_full_determinism(seed)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -93,8 +101,13 @@ def load_model(model: Any, cfg: TrainConfig, what: str = "model") -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(cfg.model_init_kwargs or {})
-    kwargs.setdefault("dtype", torch.float32)  # master weights in float32; bf16/fp16 come from autocast
+    # float32 by default: master weights, with bf16/fp16 from autocast.
+    kwargs.setdefault("dtype", cfg.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype))
     kwargs.setdefault("trust_remote_code", cfg.trust_remote_code)
+    if cfg.attn_implementation is not None:
+        kwargs.setdefault("attn_implementation", cfg.attn_implementation)
+    if cfg.model_revision != "main":
+        kwargs.setdefault("revision", cfg.model_revision)
     try:
         return AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -114,12 +127,17 @@ def load_tokenizer(processing_class: Any, model_source: Any, cfg: TrainConfig):
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+            extra = {"revision": cfg.model_revision} if cfg.model_revision != "main" else {}
+            tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code, **extra)
         except (OSError, ValueError) as exc:
             raise DpokitError(f"cannot load tokenizer {str(source)!r}: {str(exc).splitlines()[0]}") from exc
     if cfg.chat_template:
         path = Path(cfg.chat_template)
         tok.chat_template = path.read_text() if path.is_file() else cfg.chat_template
+    if cfg.pad_token is not None:
+        if tok.convert_tokens_to_ids(cfg.pad_token) in (None, tok.unk_token_id) and cfg.pad_token != tok.unk_token:
+            raise ConfigError(f"pad_token: {cfg.pad_token!r} is not a token of the tokenizer's vocabulary")
+        tok.pad_token = cfg.pad_token
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ConfigError("the tokenizer has neither a pad token nor an EOS token; add one")
@@ -146,12 +164,30 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, peft_config: Any = None) -> n
         targets = cfg.lora_target_modules
         if isinstance(targets, str) and targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
+        to_save = cfg.lora_modules_to_save
+        if isinstance(to_save, str):
+            to_save = [t.strip() for t in to_save.split(",") if t.strip()]
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=targets or "all-linear", task_type="CAUSAL_LM")
+                                 target_modules=targets or "all-linear", task_type="CAUSAL_LM",
+                                 modules_to_save=to_save or None, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     try:
         return get_peft_model(model, peft_config)
     except ValueError as exc:
         raise ConfigError(f"LoRA: {str(exc).splitlines()[0]}") from exc
+
+
+def enable_checkpointing(model: nn.Module, kwargs: Optional[dict]) -> None:
+    """Activation checkpointing with torch's non-reentrant checkpoint unless asked otherwise; transformers'
+    `every_n_layers` / `offload` go to its `activation_checkpointing_enable` (transformers >= 5.2x)."""
+    kwargs = {"use_reentrant": False, **(kwargs or {})}
+    extra = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
+    if not extra:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    if not hasattr(model, "activation_checkpointing_enable"):
+        raise ConfigError(f"gradient_checkpointing_kwargs {sorted(extra)} need a transformers with "
+                          "activation_checkpointing_enable (this one has none); drop them")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **extra)
 
 
 def compile_layers(model: nn.Module, cfg: TrainConfig) -> None:
@@ -296,17 +332,23 @@ class Trainer:
         if cfg.resume_from_checkpoint is not None:
             C.resolve(cfg.resume_from_checkpoint, self.output_dir)  # a mistyped path fails now, not after loading
         self.ref_cache_keys: dict[str, str] = {}  # split -> key of the precomputed reference log-probs
-        set_seed(cfg.seed)
+        _QUIET["quiet"] = cfg.log_level in ("error", "critical")
+        set_seed(cfg.seed, cfg.full_determinism)
         if cfg.fp16 and not torch.cuda.is_available():
             raise ConfigError("fp16 needs a CUDA GPU; on CPU use bf16 or neither")
-        self.accelerator = dist.make_accelerator("bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
+        if cfg.tf32 is not None:
+            if cfg.tf32 and not torch.cuda.is_available():
+                raise ConfigError("tf32 needs an Ampere or newer NVIDIA GPU; on CPU leave it unset")
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        self.accelerator = dist.make_accelerator("bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no", cfg)
         self.engine = dist.engine_name(self.accelerator)
         if self.engine == "deepspeed":
             self._check_deepspeed_config()
+        if getattr(cfg, "inert_keys", None):
+            log(f"TRL keys accepted that change nothing in dpokit: {', '.join(sorted(cfg.inert_keys))}")
         self.tokenizer = load_tokenizer(processing_class, model, cfg)
         # Data before the model: a bad row should fail in seconds, not after loading billions of weights.
-        train_source = train_dataset if train_dataset is not None else cfg.train_file
-        eval_source = eval_dataset if eval_dataset is not None else cfg.eval_file
+        train_source, eval_source = self._sources(train_dataset, eval_dataset)
         self.train_examples = self.prepare_data(train_source, "train") if train_source is not None else None
         self.eval_examples = self.prepare_data(eval_source, "eval") if eval_source is not None else None
         self.model = load_model(model, cfg)
@@ -321,7 +363,7 @@ class Trainer:
         if self.use_peft:
             self.model = apply_lora(self.model, cfg, peft_config)
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model, cfg.gradient_checkpointing_kwargs)
             if hasattr(self.model, "enable_input_require_grads"):
                 self.model.enable_input_require_grads()  # so checkpointed blocks see a grad path under LoRA
         self.model.train()
@@ -337,6 +379,30 @@ class Trainer:
         self.policy: nn.Module = dist.PolicyCall(self.model)
         self.global_step = 0
         self.optimizer = self.scheduler = None
+
+    def _sources(self, train_dataset, eval_dataset) -> tuple:
+        """The training and evaluation sources: the objects passed in, else `train_file` / `eval_file`, else TRL's
+        `dataset_name` (its test split evaluated only when `eval_strategy` asks for evaluation, as TRL's scripts do).
+        An `eval_strategy` that asks for evaluation without evaluation data is refused, as in TRL."""
+        cfg = self.args
+        train = train_dataset if train_dataset is not None else cfg.train_file
+        evaluation = eval_dataset if eval_dataset is not None else cfg.eval_file
+        if train is None and cfg.dataset_name:
+            train = cfg.dataset_name
+        if evaluation is None and cfg.dataset_name and cfg.eval_strategy in ("steps", "epoch"):
+            evaluation = cfg.dataset_name
+        if cfg.eval_strategy in ("steps", "epoch") and evaluation is None:
+            raise ConfigError(f"eval_strategy is {cfg.eval_strategy!r} but there is no evaluation data: set eval_file "
+                              "(or pass eval_dataset=), or set eval_strategy: no")
+        if cfg.eval_strategy == "no":
+            evaluation = None
+        return train, evaluation
+
+    def _load_rows(self, source, split: str):
+        """Rows of a data source; a source with splits gives `dataset_train_split` or `dataset_test_split`."""
+        cfg = self.args
+        return D.load_rows(source, split=cfg.dataset_train_split if split == "train" else cfg.dataset_test_split,
+                           config_name=cfg.dataset_config)
 
     def _check_deepspeed_config(self) -> None:
         """What dpokit cannot do under DeepSpeed, refused before any work: DeepSpeed clips and applies the update
@@ -401,7 +467,8 @@ class Trainer:
         epoch, seeded by (seed, epoch), and nothing else: the data order is a pure function of the config and the
         global micro-batch size, so resuming at (epoch, micro-batch) needs no sampler state beyond those two numbers,
         draws nothing from the global RNGs that dropout uses, and is the same on every rank."""
-        order = data_order(len(self.train_examples), self.args.seed, epoch)
+        cfg = self.args
+        order = data_order(len(self.train_examples), cfg.seed if cfg.data_seed is None else cfg.data_seed, epoch)
         size = self._global_micro_batch_size()
         return [order[i:i + size] for i in range(0, len(order), size)]
 
@@ -488,12 +555,19 @@ class Trainer:
             # ZeRO-3 drops empty parameter groups from the optimizer (e.g. LoRA has no 1-D parameters), and the
             # schedule must see the groups DeepSpeed keeps.
             groups = [g for g in groups if g["params"]]
-        fused = self.accelerator.device.type == "cuda"
+        # The same update either way; the fused kernel only where torch has it for the device (CUDA).
+        fused = cfg.optim == "adamw_torch_fused" and self.accelerator.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_epsilon, fused=fused)
-        warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=total_steps)
+        warmup = (steps_from(cfg.warmup_steps, total_steps) if cfg.warmup_steps > 0
+                  else math.ceil(cfg.warmup_ratio * total_steps))
+        try:
+            self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                           num_training_steps=total_steps,
+                                           scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"lr_scheduler_kwargs {cfg.lr_scheduler_kwargs} for {cfg.lr_scheduler_type!r}: "
+                              f"{str(exc).splitlines()[0]}") from None
 
     def _group_names(self, prefix: str = "model.") -> list[list[str]]:
         """The names of the trained parameters in each of the optimizer's groups (weight decay, none), empty ones
@@ -557,6 +631,8 @@ class Trainer:
                     f"{n} process(es)); set per_device_train_batch_size to {global_micro_batch}/{n} or launch "
                     f"{global_micro_batch}/{cfg.per_device_train_batch_size} processes")
             may_change.add("per_device_train_batch_size")
+        # A key the checkpoint lacks was added to dpokit after it was written: it had that key's default meaning.
+        saved_config = {**type(self.args)().to_dict(), **saved_config}
         diffs = C.config_differences(saved_config, self.args.to_dict(), may_change)
         if diffs:
             raise C.CheckpointError(f"cannot resume {what}: the config differs in {', '.join(diffs)}; resume with "
@@ -621,6 +697,11 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total_steps, initial=self.global_step, desc=type(self).__name__, dynamic_ncols=True)
+        log_every, eval_every, save_every = self._intervals(total_steps)
+        groups = math.ceil(len(self.train_examples) / self._global_micro_batch_size())  # data groups per epoch
+        epochs_done = self._position[0] + (self._position[1] >= groups)
+        if cfg.eval_on_start and self.eval_examples is not None and saved is None:
+            sink.write(0, self.evaluate())
         self.policy.train()
         if saved is not None:
             # Last, so that nothing between here and the first step draws from the restored generators.
@@ -639,7 +720,12 @@ class Trainer:
                     bar.update(1)
                     if "loss" in record:
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if self.global_step % cfg.logging_steps == 0 or self.global_step == total_steps:
+                # A step can end an epoch (its last data group) or, with accumulation, run across the boundary.
+                done = epoch + (position >= groups)
+                epoch_end, epochs_done = done > epochs_done, done
+                step, last_step = self.global_step, self.global_step == total_steps
+                if last_step or (step == 1 and cfg.logging_first_step) or _due(cfg.logging_strategy, log_every, step,
+                                                                                 epoch_end):
                     last = {**self._meter.means(), "epoch": epoch}
                     if cfg.on_nonfinite == "skip":
                         last["nonfinite_steps"] = self.nonfinite_steps
@@ -652,10 +738,10 @@ class Trainer:
                         with (self.output_dir / "warnings.jsonl").open("a") as f:
                             f.write(json.dumps({"step": self.global_step, "kind": "likelihood_displacement",
                                                 "message": warning}) + "\n")
-                if self.eval_examples is not None and cfg.eval_steps and self.global_step % cfg.eval_steps == 0 \
-                        and self.global_step < total_steps:
+                if self.eval_examples is not None and not last_step and _due(self._eval_strategy(), eval_every,
+                                                                              step, epoch_end):
                     sink.write(self.global_step, self.evaluate())
-                if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < total_steps:
+                if not last_step and _due(cfg.save_strategy, save_every, step, epoch_end):
                     self._save_checkpoint()
             if self.eval_examples is not None:
                 sink.write(self.global_step, self.evaluate())
@@ -664,6 +750,21 @@ class Trainer:
                 bar.close()
             sink.close()
         return last
+
+    def _eval_strategy(self) -> str:
+        """`eval_strategy`, with dpokit's default (null) read as steps when `eval_steps` is set, else end only."""
+        cfg = self.args
+        if cfg.eval_strategy is None:
+            return "steps" if cfg.eval_steps else "no"
+        return cfg.eval_strategy
+
+    def _intervals(self, total_steps: int) -> tuple[int, Optional[int], int]:
+        """Logging, evaluation and save intervals in optimizer steps (fractions of the run resolved; evaluation
+        every `logging_steps` when `eval_strategy: steps` names no `eval_steps`, as in transformers)."""
+        cfg = self.args
+        log_every = steps_from(cfg.logging_steps, total_steps)
+        eval_every = steps_from(cfg.eval_steps, total_steps) or log_every
+        return log_every, eval_every, steps_from(cfg.save_steps, total_steps)
 
     def batch_weight(self, batch: dict) -> float:
         raise NotImplementedError
@@ -1083,7 +1184,7 @@ class SFTTrainer(Trainer):
 
     def prepare_data(self, source, split: str):
         cfg = self.args
-        rows, name = D.load_rows(source)
+        rows, name = self._load_rows(source, split)
         examples, report = D.sft_examples(rows, name, dataset_format=cfg.dataset_format,
                                           column_map=cfg.column_map, on_bad_rows=cfg.on_bad_rows,
                                           deduplicate=cfg.deduplicate)
@@ -1132,7 +1233,7 @@ class DPOTrainer(Trainer):
             return _finish_data(self, _pretokenized(source, cfg.max_length), D.DataReport(
                 read=len(source), kept=len(source), skipped=0, format="tokenized", source="<tokenized>"),
                 "<tokenized>", split)
-        rows, name = D.load_rows(source)
+        rows, name = self._load_rows(source, split)
         examples, report = D.preference_examples(rows, name, dataset_format=cfg.dataset_format,
                                                  column_map=cfg.column_map, on_bad_rows=cfg.on_bad_rows,
                                                  chat_template_available=bool(self.tokenizer.chat_template),
@@ -1209,8 +1310,8 @@ class DPOTrainer(Trainer):
             key = _sha(ref_fp, data_fingerprint(examples), str(cfg.ld_alpha), str(cfg.bf16), str(cfg.fp16))
             # Each rank computes its share (before the engine wraps anything: the model is whole on every rank
             # here, so no collective runs inside); `precompute` gathers the shares into the full table.
-            loader = DataLoader(self._rank_slice(examples), batch_size=cfg.per_device_eval_batch_size,
-                                shuffle=False, collate_fn=self.collate)
+            loader = DataLoader(self._rank_slice(examples), shuffle=False, collate_fn=self.collate,
+                                batch_size=cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size)
             batches = (self._to_device(b) for b in loader)
             num_rows = max(int(p.row) for p in examples) + 1
             self.reference[split] = precompute(ref, batches, num_rows, cache_key=key, accelerator=self.accelerator)
@@ -1263,6 +1364,13 @@ class DPOTrainer(Trainer):
         for k, v in (result.metrics or {}).items():
             metrics[k] = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
         return result.losses.sum(), float(b), metrics
+
+
+def _due(strategy: str, every: Optional[int], step: int, epoch_end: bool) -> bool:
+    """Whether an interval action (logging, evaluation, saving) runs after optimizer step `step`."""
+    if strategy == "steps":
+        return bool(every) and step % every == 0
+    return strategy == "epoch" and epoch_end
 
 
 def data_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -210,6 +210,19 @@ def test_implicit_conversational_splits_at_the_last_assistant_turn():
     assert (ex.prompt, ex.chosen, ex.rejected) == (history, [assistant("good")], [assistant("bad")])
 
 
+def test_text_prompt_beside_whole_conversations_is_redundant_as_in_trl():
+    """UltraFeedback-binarized rows: a text prompt plus chosen/rejected that hold the whole conversation. As in TRL
+    (`maybe_extract_prompt`), the prompt comes from the conversations; the text must be one of their user turns."""
+    conversation = [user("What is 2+2?")]
+    row = {"prompt": "What is 2+2?", "chosen": conversation + [assistant("4")],
+           "rejected": conversation + [assistant("5")], "score_chosen": 8.0, "score_rejected": 3.0}
+    (ex,), report = preference_examples([row], "<list>")
+    assert report.format == "implicit_conversational"
+    assert (ex.prompt, ex.chosen, ex.rejected) == (conversation, [assistant("4")], [assistant("5")])
+    message = bad_row_message(dict(row, prompt="What is 3+3?"))
+    assert "field 'prompt': does not match any user turn of the conversation in 'chosen'" in message
+
+
 def test_implicit_hh_keeps_text():
     row = {"chosen": "\n\nHuman: hi\n\nAssistant: hey\n\nHuman: joke?\n\nAssistant: Knock knock.",
            "rejected": "\n\nHuman: hi\n\nAssistant: hey\n\nHuman: joke?\n\nAssistant: No."}
@@ -329,7 +342,7 @@ def test_error_mode_counts_further_problems_and_skip_mode_records_them():
 def test_empty_and_all_bad_datasets_are_errors(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
-    with pytest.raises(DataError, match=r"empty\.jsonl: cannot detect a preference format from columns \[\]"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: no rows$"):
         examples_of(path)
     with pytest.raises(DataError, match=r"empty\.jsonl: no rows$"):
         examples_of(path, dataset_format="standard")
@@ -426,7 +439,7 @@ def test_hub_names_go_through_datasets_load_dataset(monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(name, split):
+    def fake_load_dataset(name, config_name=None, split="train"):
         calls.append((name, split))
         return datasets.Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}])
 
@@ -434,7 +447,7 @@ def test_hub_names_go_through_datasets_load_dataset(monkeypatch):
     rows, name = load_rows("someorg/prefs", split="test")
     assert calls == [("someorg/prefs", "test")] and name == "someorg/prefs" and len(rows) == 1
 
-    def offline(name, split):
+    def offline(name, config_name=None, split="train"):
         raise ConnectionError("offline mode is enabled")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)

@@ -27,8 +27,7 @@ BAD_FILES = {
     "invalid_utf8.jsonl": "{p}:1: invalid UTF-8 (byte 0xe9 at column 16)",
     "truncated_gzip.jsonl.gz": "{p}: cannot read gzip file (Compressed file ended before the end-of-stream marker was reached)",
     "not_gzip.jsonl.gz": "{p}: cannot read gzip file (Not a gzipped file (b'{\"'))",
-    "empty.jsonl": "{p}: cannot detect a preference format from columns []; expected prompt+chosen+rejected, "
-                   "chosen+rejected, prompt+completions or prompt+responses+scores (rename columns with column_map)",
+    "empty.jsonl": "{p}: no rows",
     "unknown_columns.jsonl": "{p}: cannot detect a preference format from columns [answer, question]; expected "
                              "prompt+chosen+rejected, chosen+rejected, prompt+completions or prompt+responses+scores (rename columns with column_map)",
     "empty_chosen.jsonl": ROW + "field 'chosen': empty string",
@@ -57,6 +56,14 @@ BAD_FILES = {
     "not_an_array.json": "{p}: expected a JSON array of objects, got string",
     "garbage.parquet": "{p}: not a readable parquet file (Could not open Parquet input source '<Buffer>': Parquet file "
                        "size is 29 bytes, smaller than the size reported by footer's (544499061bytes))",
+    "images_column.jsonl": "{p}: column 'images' holds images, and dpokit trains text-only causal LMs; remove the "
+                           "column to train on the text alone",
+    "kto_unpaired.jsonl": "{p}: rows of prompt, completion and label are unpaired feedback (KTO's format); DPO needs a "
+                          "chosen and a rejected completion per prompt",
+    "text_prompt_assistant_lists.jsonl": "{p}: 'prompt' is text but 'chosen'/'rejected' are message lists; give the "
+                                         "prompt as messages too ([{role: user, content: ...}]) or the completions as text",
+    "prompt_not_in_conversation.jsonl": ROW + "field 'prompt': does not match any user turn of the conversation in "
+                                              "'chosen' (with whole conversations in chosen/rejected the prompt is read from them)",
     "notes.txt": "{p}: unsupported file type .txt; expected one of .jsonl, .json, .csv, .tsv, .parquet, .arrow "
                  "(optionally .gz) or a datasets save_to_disk directory",
 }

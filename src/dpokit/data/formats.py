@@ -10,7 +10,9 @@ Preference formats (`dataset_format=`; `auto` detects them from the columns and 
   user (or tool) message; ``chosen`` / ``rejected`` lists of assistant messages. An optional ``system`` string column
   becomes a leading system message.
 - ``implicit_conversational``: only ``chosen`` / ``rejected``, each a whole conversation (message list). The prompt is
-  the messages before the trailing assistant turn; both conversations must share it exactly.
+  the messages before the trailing assistant turn; both conversations must share it exactly. A text ``prompt``
+  column beside such conversations (UltraFeedback-binarized) is redundant, as TRL treats it: the prompt still comes
+  from the conversations, and the text must equal one of its user turns (else the row is an error).
 - ``implicit_hh``: only ``chosen`` / ``rejected``, each a raw Anthropic HH transcript
   ``"\\n\\nHuman: ... \\n\\nAssistant: ..."``. The data stays text: the prompt is the transcript up to and including
   the ``"\\n\\nAssistant:"`` marker that answers the last Human turn, the completions are the text after it (see
@@ -61,7 +63,7 @@ import zlib
 from array import array
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from dpokit.errors import ConfigError, DataError
 
@@ -180,12 +182,13 @@ def _one_line(text: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_rows(source: Any, *, split: str = "train") -> tuple[list[dict] | Any, str]:
+def load_rows(source: Any, *, split: str = "train", config_name: Optional[str] = None) -> tuple[list[dict] | Any, str]:
     """Read rows from `source`; returns ``(rows, source_name)``.
 
     `source` is a path (``.jsonl .json .csv .tsv .parquet .arrow``, each optionally ``.gz``, or a directory written by
     ``datasets.save_to_disk``), a list of dicts, or a ``datasets.Dataset`` / ``DatasetDict`` (`split` picks the split
-    of a dict). `source_name` is the path as given, ``"<list>"`` or ``"<dataset>"``; it starts every error message.
+    of a dict, a ``save_to_disk`` directory or a hub data set; `config_name` is a hub data set's configuration).
+    `source_name` is the path as given, ``"<list>"`` or ``"<dataset>"``; it starts every error message.
     JSON Lines are read line by line (rows come back as a `RowList` that remembers line numbers), CSV/TSV with the
     `csv` module (every value a string), Parquet/Arrow/``save_to_disk`` through `datasets`.
     Unreadable input (no such file, invalid JSON or UTF-8, a broken archive) raises a one-line `DataError`.
@@ -206,7 +209,7 @@ def load_rows(source: Any, *, split: str = "train") -> tuple[list[dict] | Any, s
         return _load_from_disk(path, name, split), name
     if not path.exists():
         if _looks_like_hub_id(name):
-            return _load_from_hub(name, split), name
+            return _load_from_hub(name, split, config_name), name
         raise DataError(f"{name}: no such file or directory")
     suffixes = [s.lower() for s in path.suffixes]
     gz = bool(suffixes) and suffixes[-1] == ".gz"
@@ -231,12 +234,12 @@ def _looks_like_hub_id(name: str) -> bool:
             and not Path(parts[-1]).suffix and os.sep not in name.replace("/", ""))
 
 
-def _load_from_hub(name: str, split: str):
+def _load_from_hub(name: str, split: str, config_name: Optional[str] = None):
     """A Hugging Face Hub data set through `datasets.load_dataset` (needs network access, or a local HF cache)."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, config_name, split=split)
     except Exception as exc:  # datasets raises many types (connection, not found, offline mode); all mean "unusable"
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise DataError(f"{name}: no such file or directory, and loading it as a Hub data set failed ({reason})") from None
@@ -584,6 +587,13 @@ def _implicit_conversational(row: dict, index: int) -> PreferenceExample:
     if prompt != prompt_r:
         at = next((i for i, (a, b) in enumerate(zip(prompt, prompt_r)) if a != b), min(len(prompt), len(prompt_r)))
         raise _RowProblem("rejected", f"conversation differs from 'chosen' at message {at}, before the final assistant turn")
+    if row.get("prompt") is not None:
+        # A redundant text prompt beside whole conversations: it must be one of their user turns, or the row says
+        # two different things and neither reading is safe.
+        text = _text(row, "prompt").strip()
+        if not any(m["role"] == "user" and m["content"].strip() == text for m in prompt):
+            raise _RowProblem("prompt", "does not match any user turn of the conversation in 'chosen' (with whole "
+                                        "conversations in chosen/rejected the prompt is read from them)")
     _not_identical(chosen, rejected)
     return PreferenceExample(_with_system(row, prompt), chosen, rejected, index)
 
@@ -796,13 +806,34 @@ def _first_value(rows, name: str):
     return None
 
 
+def _not_empty(rows, source_name: str) -> None:
+    if len(rows) == 0:
+        raise DataError(f"{source_name}: no rows")
+
+
 def detect_preference_format(rows, source_name: str) -> str:
     """Name of the preference format of `rows` (already column-mapped), from its columns and first values."""
+    _not_empty(rows, source_name)
     cols = set(_columns(rows))
     if {"prompt", "completions"} <= cols or {"prompt", "responses", "scores"} <= cols:
         return "scored"
+    if {"images", "image"} & cols:
+        raise DataError(f"{source_name}: column '{min({'images', 'image'} & cols)}' holds images, and dpokit trains "
+                        "text-only causal LMs; remove the column to train on the text alone")
+    if {"prompt", "completion", "label"} <= cols and not {"chosen", "rejected"} & cols:
+        raise DataError(f"{source_name}: rows of prompt, completion and label are unpaired feedback (KTO's format); "
+                        "DPO needs a chosen and a rejected completion per prompt")
     if {"prompt", "chosen", "rejected"} <= cols:
-        return "conversational" if isinstance(_first_value(rows, "prompt"), list) else "standard"
+        if isinstance(_first_value(rows, "prompt"), list):
+            return "conversational"
+        chosen = _first_value(rows, "chosen")
+        if isinstance(chosen, list):
+            first = chosen[0] if chosen and isinstance(chosen[0], dict) else {}
+            if first.get("role") in ("system", "user"):
+                return "implicit_conversational"  # whole conversations beside a redundant text prompt
+            raise DataError(f"{source_name}: 'prompt' is text but 'chosen'/'rejected' are message lists; give the "
+                            "prompt as messages too ([{role: user, content: ...}]) or the completions as text")
+        return "standard"
     if {"chosen", "rejected"} <= cols:
         return "implicit_conversational" if isinstance(_first_value(rows, "chosen"), list) else "implicit_hh"
     raise DataError(f"{source_name}: cannot detect a preference format from columns [{', '.join(sorted(cols))}]; "
@@ -811,6 +842,7 @@ def detect_preference_format(rows, source_name: str) -> str:
 
 def detect_sft_format(rows, source_name: str) -> str:
     """Name of the SFT format of `rows` (already column-mapped), from its columns and first values."""
+    _not_empty(rows, source_name)
     cols = set(_columns(rows))
     if "messages" in cols:
         return "messages"
