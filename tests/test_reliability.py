@@ -174,6 +174,25 @@ def test_resume_refuses_another_run(tmp_path, tok):
         lora.train()
 
 
+def test_a_checkpoint_without_keys_added_since_resumes(tmp_path, tok):
+    """A checkpoint written before a config key existed had that key's default: it resumes, and a changed value of
+    such a key is still refused."""
+    DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "a", max_steps=2, save_steps=1), train_dataset=PAIRS,
+               processing_class=tok).train()
+    ckpt = tmp_path / "a" / "checkpoint-1"
+    state = json.loads((ckpt / C.STATE_JSON).read_text())
+    for key in ("optim", "data_seed", "lr_scheduler_kwargs", "dtype"):
+        del state["config"][key]
+    (ckpt / C.STATE_JSON).write_text(json.dumps(state))
+    DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "b", max_steps=2, resume_from_checkpoint=str(ckpt)),
+               train_dataset=PAIRS, processing_class=tok).train()
+    other = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "c", max_steps=2, data_seed=3,
+                                                               resume_from_checkpoint=str(ckpt)),
+                       train_dataset=PAIRS, processing_class=tok)
+    with pytest.raises(C.CheckpointError, match=r"the config differs in data_seed \(None -> 3\)"):
+        other.train()
+
+
 def test_resume_latest_without_a_checkpoint_starts_over(tmp_path, tok, capsys):
     """A job script passing --resume on every start: the first start has nothing to resume."""
     t = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "run", max_steps=2, resume_from_checkpoint="latest"),
@@ -429,6 +448,14 @@ def _mistakes(tmp_path, base_dir, pairs_file, finished_run):
         "output_dir holding a run": (["dpo", model, f"output_dir={finished_run}", *common], "already holds a run"),
         "resume from a missing checkpoint": (["dpo", model, o("r"), "--resume", str(tmp_path / "nope"), *common],
                                              "resume_from_checkpoint: no checkpoint directory"),
+        "output_dir that is a file": (["dpo", model, f"output_dir={pairs_file}", *common],
+                                      f"output_dir '{pairs_file}' exists and is not a directory"),
+        "chat_template file that does not exist": (["dpo", model, o("t"), f"chat_template={tmp_path / 'chat.jinja'}",
+                                                    *common], "is neither a Jinja template nor a file"),
+        "TRL key dpokit cannot honour": (["dpo", model, o("h"), "push_to_hub=true", *common],
+                                         "push_to_hub: 'true' is not supported: dpokit does not upload"),
+        "unknown torch.compile backend": (["dpo", model, o("b"), "torch_compile=true", "torch_compile_backend=nope",
+                                           *common], "torch_compile_backend: unknown 'nope'"),
         "resume with other settings": (["dpo", model, f"output_dir={finished_run}", "--resume", "max_steps=2",
                                         "save_steps=1", "per_device_train_batch_size=2", "disable_tqdm=true",
                                         f"train_file={pairs_file}", "beta=0.5"],

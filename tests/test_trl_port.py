@@ -190,3 +190,29 @@ def test_checkpointing_under_its_new_transformers_name(tmp_path, tok):
         _, recs = train(tmp_path / name, tok, max_steps=2, **extra)
         losses.append([r["loss"] for r in recs])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_trainer_state_is_transformers_trainer_state(tmp_path, tok):
+    from transformers import TrainerState
+
+    t, recs = train(tmp_path, tok, eval_dataset=PAIRS[:2], eval_strategy="epoch")
+    state = t.state
+    assert isinstance(state, TrainerState)
+    assert (state.global_step, state.max_steps, state.epoch) == (6, 6, 2.0)
+    assert state.log_history == recs
+
+
+def test_trl_trainer_keyword_arguments(tmp_path, tok):
+    """TRL's trainer keywords: None (TRL's default) is accepted, anything else refused with what dpokit does instead."""
+    from dpokit import SFTTrainer
+
+    DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "a"), train_dataset=PAIRS, processing_class=tok,
+               data_collator=None, callbacks=None, optimizers=(None, None), compute_metrics=None)
+    with pytest.raises(ConfigError, match=r"DPOTrainer: callbacks is not supported: metrics go to metrics.jsonl"):
+        DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "b"), train_dataset=PAIRS,
+                   processing_class=tok, callbacks=[object()])
+    with pytest.raises(ConfigError, match=r"SFTTrainer: formatting_func is not supported"):
+        SFTTrainer(tiny_llama(vocab_size=32000), args={"output_dir": str(tmp_path / "c")},
+                   train_dataset=[{"text": "hello"}], processing_class=tok, formatting_func=lambda r: r)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'train_data'"):
+        DPOTrainer(tiny_llama(vocab_size=32000), train_data=PAIRS)

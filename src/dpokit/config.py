@@ -271,6 +271,13 @@ class TrainConfig:
             raise ConfigError("bf16 and fp16 are both set; choose one")
         if self.use_cpu and (self.fp16 or self.tf32):
             raise ConfigError(f"use_cpu is set with {'fp16' if self.fp16 else 'tf32'}, which needs a CUDA GPU")
+        if self.torch_compile and self.torch_compile_backend:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.torch_compile_backend not in backends:
+                raise ConfigError(f"torch_compile_backend: unknown {self.torch_compile_backend!r}"
+                                  f"{_closest(self.torch_compile_backend, backends)}; valid: {', '.join(backends)}")
         if self.dataset_name and self.train_file:
             raise ConfigError("train_file and dataset_name are both set; choose one data source")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

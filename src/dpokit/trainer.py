@@ -132,8 +132,7 @@ def load_tokenizer(processing_class: Any, model_source: Any, cfg: TrainConfig):
         except (OSError, ValueError) as exc:
             raise DpokitError(f"cannot load tokenizer {str(source)!r}: {str(exc).splitlines()[0]}") from exc
     if cfg.chat_template:
-        path = Path(cfg.chat_template)
-        tok.chat_template = path.read_text() if path.is_file() else cfg.chat_template
+        tok.chat_template = read_chat_template(cfg.chat_template)
     if cfg.pad_token is not None:
         if tok.convert_tokens_to_ids(cfg.pad_token) in (None, tok.unk_token_id) and cfg.pad_token != tok.unk_token:
             raise ConfigError(f"pad_token: {cfg.pad_token!r} is not a token of the tokenizer's vocabulary")
@@ -145,6 +144,17 @@ def load_tokenizer(processing_class: Any, model_source: Any, cfg: TrainConfig):
         tok.pad_token = tok.eos_token
         log(f"tokenizer has no pad token; using EOS {tok.eos_token!r} (id {tok.eos_token_id}) for padding")
     return tok
+
+
+def read_chat_template(value: str) -> str:
+    """`chat_template`: a Jinja template, or the path of a file holding one. Text without Jinja tags ("{{", "{%") is
+    a path, and a missing file is an error (used as a template, the path would render every prompt as itself)."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"chat_template: {value!r} is neither a Jinja template nor a file")
+    return path.read_text()
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -204,6 +214,16 @@ def compile_layers(model: nn.Module, cfg: TrainConfig) -> None:
                           "_no_split_modules); turn torch_compile off")
     for layer in layers:
         layer.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode, dynamic=True)
+
+
+def _check_writable(output_dir: Path) -> None:
+    """An output_dir that is a file, or under a directory this process cannot write, is refused by name."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir {str(output_dir)!r} exists and is not a directory")
+    parent = output_dir if output_dir.exists() else next((a for a in output_dir.absolute().parents if a.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {str(output_dir)!r} cannot be written: {str(parent)!r} is not a writable "
+                          "directory")
 
 
 def check_vocab(examples, vocab_size: int, where) -> None:
@@ -329,6 +349,7 @@ class Trainer:
         if model is None:
             raise ConfigError("no model: pass a model or set model_name_or_path")
         self.output_dir = Path(cfg.output_dir)
+        _check_writable(self.output_dir)  # before anything slow: a run that cannot save should not start
         if cfg.resume_from_checkpoint is not None:
             C.resolve(cfg.resume_from_checkpoint, self.output_dir)  # a mistyped path fails now, not after loading
         self.ref_cache_keys: dict[str, str] = {}  # split -> key of the precomputed reference log-probs
@@ -538,11 +559,13 @@ class Trainer:
                 yield epoch, i, self.collate([self.train_examples[j] for j in (part or indices[:1])]), filler
             epoch, start = epoch + 1, 0
 
+    def _steps_per_epoch(self) -> int:
+        groups = math.ceil(len(self.train_examples) / self._global_micro_batch_size())
+        return groups if self.token_budget() else math.ceil(groups / self.args.gradient_accumulation_steps)
+
     def _total_steps(self) -> int:
         cfg = self.args
-        groups = math.ceil(len(self.train_examples) / self._global_micro_batch_size())
-        per_epoch = groups if self.token_budget() else math.ceil(groups / cfg.gradient_accumulation_steps)
-        return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * per_epoch))
+        return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * self._steps_per_epoch()))
 
     def _make_optimizer(self, total_steps: int) -> None:
         from transformers import get_scheduler
@@ -661,7 +684,10 @@ class Trainer:
         # Every rank has checked the output directory before the first process writes into it.
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create output_dir {str(self.output_dir)!r}: {exc.strerror}") from None
             removed = C.remove_partial_saves(self.output_dir)
             if removed:
                 log(f"removed {len(removed)} partial save(s) of an interrupted run: {', '.join(removed)}")
@@ -750,6 +776,21 @@ class Trainer:
                 bar.close()
             sink.close()
         return last
+
+    @property
+    def state(self):
+        """The run as transformers' `TrainerState` (global_step, max_steps, epoch, log_history: every record written
+        to metrics.jsonl), for code written against TRL's and transformers' trainers (`trainer.state.log_history`)."""
+        from transformers import TrainerState
+
+        data = self.train_examples is not None
+        total, per_epoch = (self._total_steps(), self._steps_per_epoch()) if data else (0, 0)
+        sink = getattr(self, "_sink", None)
+        return TrainerState(global_step=self.global_step, max_steps=total,
+                            epoch=self.global_step / per_epoch if per_epoch else 0.0,
+                            log_history=[dict(r) for r in sink.history] if sink is not None else [],
+                            logging_steps=self.args.logging_steps, save_steps=self.args.save_steps,
+                            eval_steps=self.args.eval_steps, train_batch_size=self.args.per_device_train_batch_size)
 
     def _eval_strategy(self) -> str:
         """`eval_strategy`, with dpokit's default (null) read as steps when `eval_steps` is set, else end only."""
@@ -1182,6 +1223,11 @@ class SFTTrainer(Trainer):
 
     config_class = SFTConfig
 
+    def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
+                 peft_config=None, **trl_arguments):
+        refuse_trl_arguments(type(self).__name__, trl_arguments)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, peft_config)
+
     def prepare_data(self, source, split: str):
         cfg = self.args
         rows, name = self._load_rows(source, split)
@@ -1216,7 +1262,8 @@ class DPOTrainer(Trainer):
     config_class = DPOConfig
 
     def __init__(self, model, ref_model=None, args=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None):
+                 processing_class=None, peft_config=None, **trl_arguments):
+        refuse_trl_arguments(type(self).__name__, trl_arguments)
         self._ref_model_arg = ref_model
         self.reference = None
         cfg = config_from_args(DPOConfig, args)
@@ -1364,6 +1411,30 @@ class DPOTrainer(Trainer):
         for k, v in (result.metrics or {}).items():
             metrics[k] = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
         return result.losses.sum(), float(b), metrics
+
+
+# Keyword arguments of TRL's trainers that dpokit's do not take, with what dpokit does instead. None (TRL's default)
+# is accepted, so code written for TRL runs unchanged; anything else is refused rather than silently ignored.
+TRL_TRAINER_ARGUMENTS = {
+    "data_collator": "dpokit builds its own batches (padded, or packed with padding_free) from the tokenized rows",
+    "compute_metrics": "evaluation reports the DPO metrics (eval/loss, eval/rewards/...); `dpokit eval` computes more",
+    "preprocess_logits_for_metrics": "evaluation never holds full-vocabulary logits",
+    "compute_loss_func": "the loss is chosen with loss_type (DPO) or is the completion NLL (SFT)",
+    "callbacks": "metrics go to metrics.jsonl and TensorBoard (report_to); trainer.state.log_history holds them",
+    "optimizers": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay, the schedule from "
+                  "lr_scheduler_type and lr_scheduler_kwargs",
+    "optimizer_cls_and_kwargs": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay",
+    "formatting_func": "rows are read by their format (prompt/completion, messages, text); rename columns with "
+                       "column_map",
+}
+
+
+def refuse_trl_arguments(trainer: str, arguments: dict) -> None:
+    for name, value in arguments.items():
+        if name not in TRL_TRAINER_ARGUMENTS:
+            raise TypeError(f"{trainer}() got an unexpected keyword argument {name!r}")
+        if value is not None and value != (None, None):
+            raise ConfigError(f"{trainer}: {name} is not supported: {TRL_TRAINER_ARGUMENTS[name]}")
 
 
 def _due(strategy: str, every: Optional[int], step: int, epoch_end: bool) -> bool:
