@@ -65,6 +65,13 @@ def test_sft_then_dpo_then_export_from_files(tmp_path, base_dir, capsys):
     assert ev["reference"] == str(tmp_path / "sft") and ev["pairs"]["num_pairs"] == 6
     # Export merges the adapter into a plain transformers model that loads and generates.
     assert main(["export", str(out), str(tmp_path / "merged"), "--merge"]) == 0
+    # A second export into the same, now non-empty directory must not replace it unasked.
+    capsys.readouterr()
+    assert main(["export", str(out), str(tmp_path / "merged"), "--merge"]) == 2
+    assert "already exists and is not empty; choose another output directory or pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(out), str(tmp_path / "merged"), "--merge", "--overwrite"]) == 0
+    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "m2"), "--merge"]) == 2
+    assert "nope: no such run directory" in capsys.readouterr().err
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

@@ -216,6 +216,15 @@ def test_a_trl_config_object_is_read_as_its_keys():
     assert sft.completion_only_loss and sft.learning_rate == 2e-5
 
 
+def test_null_is_trls_decide_for_me():
+    cfg = build_config(SFTConfig, overrides={"completion_only_loss": None, "bf16": "null"})
+    assert cfg.completion_only_loss is True  # TRL's choice for prompt/completion data, dpokit's default
+    import torch
+
+    assert cfg.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert build_config(DPOConfig, overrides={"bf16": None, "fp16": "true"}).bf16 is False
+
+
 def test_step_intervals_may_be_fractions_of_the_run():
     from dpokit.config import steps_from
 

@@ -115,6 +115,11 @@ def test_dataset_name_reads_the_named_splits(tmp_path, tok):
     t = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "b", dataset_name=str(source),
                                                            dataset_train_split="train_prefs"), processing_class=tok)
     assert t.eval_examples is None
+    one_file = tmp_path / "prefs.jsonl"
+    one_file.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    with pytest.raises(ConfigError, match="is a single file \\(one split, the training data\\); set eval_file"):
+        DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "d", dataset_name=str(one_file),
+                                                           eval_strategy="steps"), processing_class=tok)
     from dpokit.errors import DataError
 
     with pytest.raises(DataError, match=r"no split 'train' \(splits: train_prefs, test_prefs\)"):

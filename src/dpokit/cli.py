@@ -136,10 +136,11 @@ def _export(argv: list[str]) -> int:
     parser.add_argument("output_dir", help="where to write the merged model")
     parser.add_argument("--merge", action="store_true", required=True,
                         help="merge the adapter into the base weights (the only export so far)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output_dir")
     args = parser.parse_args(argv)
     from dpokit.export import merge_adapter
 
-    out = merge_adapter(args.adapter_dir, args.output_dir)
+    out = merge_adapter(args.adapter_dir, args.output_dir, overwrite=args.overwrite)
     print(f"[dpokit] merged model written to {out}")
     return 0
 

@@ -721,6 +721,12 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
     kwargs, inert = {}, {}
     for key, value in values.items():
         where = f" in {config_file}" if config_file and key not in (overrides or {}) else ""
+        if key in fields and _is_null(value) and type(None) not in typing.get_args(_annotation(fields[key].type)):
+            # TRL's "decide for me" (bf16: null, completion_only_loss: null): TRL's rule for the precision,
+            # dpokit's default (which is TRL's decision for its data) for the rest.
+            if key == "bf16":
+                kwargs[key] = _auto_bf16(values)
+            continue
         if key in fields:
             kwargs[key] = _coerce(key, value, fields[key].type)
         elif key in FOREIGN_KEYS:
@@ -735,6 +741,21 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
     cfg.validate()
     cfg.inert_keys = inert  # TRL keys that change nothing here; the trainer names them once
     return cfg
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))
+
+
+def _auto_bf16(values: dict) -> bool:
+    """TRL's `bf16: null`: bf16 unless fp16 is asked for, where the device supports it (a CUDA GPU that has it)."""
+    try:
+        fp16 = _coerce("fp16", values.get("fp16", False), bool)
+    except ConfigError:
+        fp16 = False
+    import torch
+
+    return not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def config_from_args(cls: type, args: Any) -> TrainConfig:
@@ -756,8 +777,8 @@ def config_from_args(cls: type, args: Any) -> TrainConfig:
 
 def _ported(cls: type, args: Any) -> dict:
     """The keys of a TRL / transformers config object (e.g. `trl.DPOConfig`) as dpokit overrides: every key that is a
-    dpokit field, with TRL's value (None, TRL's "decide later", leaves dpokit's default), and every other key whose
-    value differs from a default object of the same class, so that it is checked against FOREIGN_KEYS."""
+    dpokit field, with TRL's value, and every other key whose value differs from a default object of the same class,
+    so that it is checked against FOREIGN_KEYS."""
     values = args.to_dict()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     try:
@@ -765,14 +786,8 @@ def _ported(cls: type, args: Any) -> dict:
         base = type(args)(**{k: getattr(args, k) for k in ("use_cpu", "bf16", "fp16") if hasattr(args, k)}).to_dict()
     except Exception:  # noqa: BLE001 - a class that cannot be made bare: every foreign key is checked as given
         base = {}
-    out = {}
-    for key, value in values.items():
-        if key in fields:
-            if value is not None or type(None) in typing.get_args(_annotation(fields[key].type)):
-                out[key] = value
-        elif key not in base or value != base[key]:
-            out[key] = value
-    return out
+    return {key: value for key, value in values.items()
+            if key in fields or key not in base or value != base[key]}
 
 
 def _annotation(annotation: Any) -> Any:

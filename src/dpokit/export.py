@@ -11,12 +11,21 @@ import torch
 from dpokit.errors import DpokitError
 
 
-def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Load the adapter's base model (recorded in adapter_config.json), merge, save model and tokenizer atomically."""
+def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Load the adapter's base model (recorded in adapter_config.json), merge, save model and tokenizer atomically.
+    An existing, non-empty `output_dir` is replaced only with `overwrite` (it may hold another model)."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter_dir, out = Path(adapter_dir), Path(output_dir)
+    if not adapter_dir.is_dir():
+        raise DpokitError(f"{adapter_dir}: no such run directory")
+    if out.resolve() == adapter_dir.resolve():
+        raise DpokitError(f"{out}: the merged model cannot replace the adapter it is made from; choose another "
+                          "output directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DpokitError(f"{out} already exists and is not empty; choose another output directory or pass "
+                          "--overwrite")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DpokitError(f"{adapter_dir}: no adapter_config.json (not a LoRA run; a full model needs no merge)")
     base_path = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
@@ -33,7 +42,9 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike)
         shutil.rmtree(tmp)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
-    if out.exists():
+    if out.is_dir():
         shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
     os.replace(tmp, out)
     return out

@@ -411,6 +411,10 @@ class Trainer:
         if train is None and cfg.dataset_name:
             train = cfg.dataset_name
         if evaluation is None and cfg.dataset_name and cfg.eval_strategy in ("steps", "epoch"):
+            if Path(cfg.dataset_name).is_file():
+                # One file is one split: its "test split" would be the training rows themselves.
+                raise ConfigError(f"eval_strategy is {cfg.eval_strategy!r} but dataset_name {cfg.dataset_name!r} is "
+                                  "a single file (one split, the training data); set eval_file for evaluation")
             evaluation = cfg.dataset_name
         if cfg.eval_strategy in ("steps", "epoch") and evaluation is None:
             raise ConfigError(f"eval_strategy is {cfg.eval_strategy!r} but there is no evaluation data: set eval_file "
@@ -752,18 +756,7 @@ class Trainer:
                 step, last_step = self.global_step, self.global_step == total_steps
                 if last_step or (step == 1 and cfg.logging_first_step) or _due(cfg.logging_strategy, log_every, step,
                                                                                  epoch_end):
-                    last = {**self._meter.means(), "epoch": epoch}
-                    if cfg.on_nonfinite == "skip":
-                        last["nonfinite_steps"] = self.nonfinite_steps
-                    sink.write(self.global_step, last)
-                    self._meter = MeanMeter()
-                    warning = self._displacement.update(last) if acc.is_main_process else None
-                    if warning:
-                        log(f"warning at step {self.global_step}: {warning}")
-                        # On record beside the metrics, so `dpokit report` shows it too.
-                        with (self.output_dir / "warnings.jsonl").open("a") as f:
-                            f.write(json.dumps({"step": self.global_step, "kind": "likelihood_displacement",
-                                                "message": warning}) + "\n")
+                    last = self._log_training_metrics(epoch)
                 if self.eval_examples is not None and not last_step and _due(self._eval_strategy(), eval_every,
                                                                               step, epoch_end):
                     sink.write(self.global_step, self.evaluate())
@@ -776,6 +769,22 @@ class Trainer:
                 bar.close()
             sink.close()
         return last
+
+    def _log_training_metrics(self, epoch: int) -> dict:
+        """Write the mean metrics of the steps since the last log; warn (once per episode) about likelihood
+        displacement, in the log and in warnings.jsonl, so `dpokit report` shows it too."""
+        record = {**self._meter.means(), "epoch": epoch}
+        if self.args.on_nonfinite == "skip":
+            record["nonfinite_steps"] = self.nonfinite_steps
+        self._sink.write(self.global_step, record)
+        self._meter = MeanMeter()
+        warning = self._displacement.update(record) if self.accelerator.is_main_process else None
+        if warning:
+            log(f"warning at step {self.global_step}: {warning}")
+            with (self.output_dir / "warnings.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.global_step, "kind": "likelihood_displacement",
+                                    "message": warning}) + "\n")
+        return record
 
     @property
     def state(self):

@@ -148,6 +148,14 @@ def test_filter_dedup_and_length(tmp_path):
     assert filter_main([src, out, "--max_length", "20"]) == 2
 
 
+def test_filter_in_place_writes_whole_files_only(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "r", "chosen": "a", "rejected": "b"}]
+    src = _write(tmp_path, "in.jsonl", rows)
+    assert filter_main([src, src, "--dedup"]) == 0
+    assert [json.loads(line) for line in open(src)] == [rows[0], rows[3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no temporary file left behind
+
+
 def test_split_keeps_each_prompt_on_one_side(tmp_path):
     rows = [{"prompt": f"q{i % 10}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(40)]
     src = _write(tmp_path, "in.jsonl", rows)

@@ -25,6 +25,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -109,14 +110,19 @@ def write_jsonl(rows, path: str) -> None:
     if not (path.endswith(".jsonl") or path.endswith(".jsonl.gz")):
         raise ConfigError(f"{path}: output must be a .jsonl or .jsonl.gz file")
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    # Written beside the target and renamed into place: a crash never leaves half a file where a good one was
+    # (e.g. `dpokit data filter in.jsonl in.jsonl`).
+    tmp = Path(path).parent / f".{Path(path).name}.tmp-{os.getpid()}"
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         if path.endswith(".gz"):
-            with gzip.open(path, "wt", encoding="utf-8") as f:
+            with gzip.open(tmp, "wt", encoding="utf-8") as f:
                 f.write(text)
         else:
-            Path(path).write_text(text, encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
