@@ -221,3 +221,19 @@ def test_trl_trainer_keyword_arguments(tmp_path, tok):
                    train_dataset=[{"text": "hello"}], processing_class=tok, formatting_func=lambda r: r)
     with pytest.raises(TypeError, match="unexpected keyword argument 'train_data'"):
         DPOTrainer(tiny_llama(vocab_size=32000), train_data=PAIRS)
+
+
+def test_ddp_keys_become_accelerate_handlers():
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    from dpokit.distributed import _handlers
+
+    group, ddp = _handlers(DPOConfig(ddp_timeout=60, ddp_backend="gloo", ddp_find_unused_parameters=True,
+                                     ddp_bucket_cap_mb=10))
+    assert isinstance(group, InitProcessGroupKwargs) and (group.backend, group.timeout) == ("gloo", timedelta(seconds=60))
+    assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters and ddp.bucket_cap_mb == 10
+    assert ddp.static_graph is False  # unset keys keep torch's defaults
+    (only,) = _handlers(DPOConfig())
+    assert only.to_kwargs() == {"timeout": timedelta(seconds=1800)}  # the backend stays accelerate's choice

@@ -135,8 +135,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     gradient_checkpointing_kwargs: Optional[dict] = None
-    """Arguments of torch's checkpoint (default: {use_reentrant: false}); with transformers >= 5.2x also
-    `every_n_layers` (checkpoint only every n-th layer) and `offload` (saved activations in host memory)."""
+    """Arguments of torch's checkpoint (default: {use_reentrant: false}); with a transformers that has
+    `activation_checkpointing_enable` (5.24 has it) also `every_n_layers` (checkpoint only every n-th layer) and
+    `offload` (saved activations in host memory)."""
     tf32: Optional[bool] = None
     """TF32 matmuls on an Ampere or newer NVIDIA GPU (true/false; null leaves torch's setting). Needs CUDA."""
     use_cpu: bool = False

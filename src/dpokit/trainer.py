@@ -188,7 +188,7 @@ def apply_lora(model: nn.Module, cfg: TrainConfig, peft_config: Any = None) -> n
 
 def enable_checkpointing(model: nn.Module, kwargs: Optional[dict]) -> None:
     """Activation checkpointing with torch's non-reentrant checkpoint unless asked otherwise; transformers'
-    `every_n_layers` / `offload` go to its `activation_checkpointing_enable` (transformers >= 5.2x)."""
+    `every_n_layers` / `offload` go to its `activation_checkpointing_enable` (where transformers has it)."""
     kwargs = {"use_reentrant": False, **(kwargs or {})}
     extra = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
     if not extra:
