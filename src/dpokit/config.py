@@ -781,7 +781,7 @@ def _ported(cls: type, args: Any) -> dict:
     dpokit field, with TRL's value, and every other key whose value differs from a default object of the same class,
     so that it is checked against FOREIGN_KEYS."""
     values = args.to_dict()
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     try:
         # The same device flags, since transformers checks them against the machine when the object is made.
         base = type(args)(**{k: getattr(args, k) for k in ("use_cpu", "bf16", "fp16") if hasattr(args, k)}).to_dict()

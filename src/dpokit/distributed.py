@@ -46,13 +46,13 @@ class PolicyCall(nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
-def make_accelerator(mixed_precision: str, cfg: Any = None):
+def make_accelerator(mixed_precision: str, cfg: Any):
     """An `Accelerator` for this launch. Under `torchrun` or `accelerate launch --cpu` on a machine without an
     accelerator, accelerate needs `cpu=True` to set up gloo (without it every process silently runs alone).
     `cfg` (a TrainConfig) supplies `use_cpu` and the process-group / DDP settings (`ddp_*`)."""
     from accelerate import Accelerator
 
-    use_cpu = bool(cfg is not None and cfg.use_cpu)
+    use_cpu = cfg.use_cpu
     on_cpu = use_cpu or not _has_accelerator_device()
     if _asked("ACCELERATE_USE_DEEPSPEED"):
         if use_cpu:
@@ -77,8 +77,6 @@ def _handlers(cfg: Any, backend: Optional[str] = None) -> list:
 
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    if cfg is None:
-        return [InitProcessGroupKwargs(backend=backend)] if backend else []
     group = {"timeout": timedelta(seconds=cfg.ddp_timeout)}
     if cfg.ddp_backend or backend:
         group["backend"] = cfg.ddp_backend or backend
@@ -88,7 +86,7 @@ def _handlers(cfg: Any, backend: Optional[str] = None) -> list:
     return [InitProcessGroupKwargs(**group)] + ([DistributedDataParallelKwargs(**ddp)] if ddp else [])
 
 
-def _deepspeed_accelerator(mixed_precision: str, cpu: bool, cfg: Any = None):
+def _deepspeed_accelerator(mixed_precision: str, cpu: bool, cfg: Any):
     """The `Accelerator` of an `accelerate launch` with a DeepSpeed config (examples/accelerate/zero2.yaml, zero3.yaml).
 
     On CPU (the tests: gloo, 2 processes) two things differ from a GPU launch: accelerate picks no process-group

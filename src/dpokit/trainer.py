@@ -563,8 +563,12 @@ class Trainer:
                 yield epoch, i, self.collate([self.train_examples[j] for j in (part or indices[:1])]), filler
             epoch, start = epoch + 1, 0
 
+    def _groups_per_epoch(self) -> int:
+        """Global data groups (see `_global_micro_batch_size`) in one pass over the training examples."""
+        return math.ceil(len(self.train_examples) / self._global_micro_batch_size())
+
     def _steps_per_epoch(self) -> int:
-        groups = math.ceil(len(self.train_examples) / self._global_micro_batch_size())
+        groups = self._groups_per_epoch()
         return groups if self.token_budget() else math.ceil(groups / self.args.gradient_accumulation_steps)
 
     def _total_steps(self) -> int:
@@ -728,7 +732,7 @@ class Trainer:
 
             bar = tqdm(total=total_steps, initial=self.global_step, desc=type(self).__name__, dynamic_ncols=True)
         log_every, eval_every, save_every = self._intervals(total_steps)
-        groups = math.ceil(len(self.train_examples) / self._global_micro_batch_size())  # data groups per epoch
+        groups = self._groups_per_epoch()
         epochs_done = self._position[0] + (self._position[1] >= groups)
         if cfg.eval_on_start and self.eval_examples is not None and saved is None:
             sink.write(0, self.evaluate())
