@@ -7,6 +7,7 @@
     dpokit sweep --config FILE.yaml --prompts P --judge J beta=0.05,0.1,0.3
     dpokit export ADAPTER_DIR OUTPUT_DIR --merge
     dpokit data check|convert|filter|split ...
+    dpokit pairs --model M --prompts P --judge J --output pairs.jsonl
     dpokit demo [--quick] [--frontier]
 
 A user mistake (a `DpokitError`) prints one line to stderr and exits with code 2; `--debug` shows the traceback.
@@ -28,6 +29,7 @@ COMMANDS = {
     "eval": "a model against its reference: held-out pair accuracy and margins, sampled win rate and KL",
     "export": "write a LoRA run as a merged full model (--merge)",
     "data": "check, convert, filter and split preference data",
+    "pairs": "on-policy pair creation: sample completions from a model, score them with a judge, write pairs",
     "report": "a self-contained HTML page of training curves (metrics.jsonl) and eval tables; several runs overlaid",
     "sweep": "one DPO run per setting (beta=0.05,0.1,0.3 ...) and the reward-KL frontier of them",
     "bench": "dpokit vs TRL speed, memory and loss on the same model and pairs (--preset cpu-tiny)",
@@ -183,6 +185,12 @@ def _data(argv: list[str]) -> int:
     return data_main(argv)
 
 
+def _pairs(argv: list[str]) -> int:
+    from dpokit.pairs import main as pairs_main
+
+    return pairs_main(argv)
+
+
 def _report(argv: list[str]) -> int:
     from dpokit.report import main as report_main
 
@@ -223,7 +231,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     hf_logging.disable_progress_bar()
     handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "eval": _eval,
-                "export": _export, "data": _data, "report": _report, "sweep": _sweep, "bench": _bench, "demo": _demo}
+                "export": _export, "data": _data, "pairs": _pairs, "report": _report, "sweep": _sweep, "bench": _bench, "demo": _demo}
     if command not in handlers:
         import difflib
 

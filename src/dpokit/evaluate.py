@@ -17,6 +17,7 @@ functions are run on a difference without one cannot be read.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -72,16 +73,28 @@ def _completion_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> st
     return full_text[len(prompt_text):]
 
 
-def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *, num_samples: int = 1,
-                       temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                       batch_size: int = 32) -> list[list[str]]:
+@dataclass(frozen=True)
+class Sample:
+    """One sampled completion: its text (continuing the prompt) and whether the model ended it with EOS (False: cut
+    at max_new_tokens)."""
+
+    text: str
+    finished: bool
+
+
+def draw_samples(model: nn.Module, tokenizer, prompts: Sequence, *, num_samples: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 32
+                 ) -> list[list[Sample]]:
     """`num_samples` sampled completions of each prompt: result[i][j] is sample j of prompts[i].
+
+    A prompt is a text, or a message list, which is rendered by the tokenizer's chat template with the generation
+    prompt (`dpokit.data.tokenize.prompt_ids`: the tokens training puts before a completion).
 
     Sampling is ancestral at `temperature`, with nucleus truncation only when `top_p` < 1. The model's own generation
     config (top-k, repetition penalty, ...) is deliberately not used: the samples must come from pi itself for a
-    KL estimate or a reward mean to mean what it says. Generation stops at EOS or after `max_new_tokens`; a sample cut
-    by the limit is returned as is and `sequence_logps` would score it as finished (with an EOS it never sampled), so
-    set `max_new_tokens` above the longest completion you expect.
+    KL estimate or a reward mean to mean what it says. Generation stops at the tokenizer's EOS or after
+    `max_new_tokens`; a sample cut by the limit has ``finished=False`` (`sequence_logps` would score it as finished,
+    with an EOS it never sampled, so count or drop those, or raise `max_new_tokens`).
 
     The same seed, prompts, num_samples and batch_size give the same samples (the global RNG is left as it was).
     Completions are returned as text continuing the prompt, so that `prompt + completion` re-tokenizes to the sampled
@@ -89,6 +102,8 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *, n
     text-level evaluation.
     """
     from transformers import GenerationConfig
+
+    from dpokit.data.tokenize import prompt_ids
 
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0 for sampling (got {temperature})")
@@ -104,8 +119,9 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *, n
                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
                                   bos_token_id=tokenizer.bos_token_id)
     # Prompt-major order: sample j of prompt i is flat row i * num_samples + j.
-    flat = [tokenizer(p).input_ids for p in prompts for _ in range(num_samples)]
-    texts: list[str] = []
+    encoded = [prompt_ids(p, tokenizer, where=f"prompt {i + 1}") for i, p in enumerate(prompts)]
+    flat = [ids for ids in encoded for _ in range(num_samples)]
+    samples: list[Sample] = []
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
@@ -118,34 +134,44 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], *, n
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
                 for row, generated in zip(rows, out[:, ids.shape[1]:].tolist()):
                     # Everything after the first EOS is padding added for the longer rows of the batch.
-                    if eos_id is not None and eos_id in generated:
+                    finished = eos_id is not None and eos_id in generated
+                    if finished:
                         generated = generated[:generated.index(eos_id)]
-                    texts.append(_completion_text(tokenizer, row, generated))
+                    samples.append(Sample(_completion_text(tokenizer, row, generated), finished))
     finally:
         model.train(was_training)
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def sample_completions(model: nn.Module, tokenizer, prompts: Sequence, **kwargs) -> list[list[str]]:
+    """The texts of `draw_samples` (same arguments): result[i][j] is sample j of prompts[i]."""
+    return [[s.text for s in group] for group in draw_samples(model, tokenizer, prompts, **kwargs)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Scoring
 
 
-def completion_ids(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+def completion_ids(tokenizer, prompts: Sequence, completions: Sequence[str]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, EOS-terminated completion ids) of each pair, by exactly the rule training uses.
 
     The rule is `dpokit.data.tokenize_sft`'s (prompt ids = tokenizer(prompt).input_ids, completion ids = what
-    tokenizer(prompt + completion) adds after them, then EOS), so a completion is scored on the tokens the model was
-    trained to produce. An empty completion (a sample that stopped at once) is just EOS; the data layer refuses empty
+    tokenizer(prompt + completion) adds after them, then EOS; for a message-list prompt, the completion text is one
+    assistant message and both are rendered by the chat template), so a completion is scored on the tokens the model
+    was trained to produce. An empty completion (a sample that stopped at once) is just EOS; the data layer refuses empty
     completions in training data, so those are handled here.
     """
     from dpokit.data import SFTExample, tokenize_sft
+    from dpokit.data.tokenize import prompt_ids
 
     if len(prompts) != len(completions):
         raise DataError(f"{len(prompts)} prompts but {len(completions)} completions")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; set one (completions are scored with their EOS)")
     nonempty = [i for i, c in enumerate(completions) if c]
-    examples = [SFTExample(prompt=prompts[i], completion=completions[i], row=i) for i in nonempty]
+    # A message-list prompt is answered by one assistant message, rendered by the chat template as in training.
+    examples = [SFTExample(prompt=prompts[i], row=i, completion=completions[i] if isinstance(prompts[i], str)
+                           else [{"role": "assistant", "content": completions[i]}]) for i in nonempty]
     tokenized = {ex.row: ex for ex in tokenize_sft(examples, tokenizer)}  # no length limit: nothing is cut
     out = []
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
@@ -153,14 +179,14 @@ def completion_ids(tokenizer, prompts: Sequence[str], completions: Sequence[str]
             ex = tokenized[i]
             out.append((ex.prompt_ids.tolist(), ex.completion_ids.tolist()))
         else:
-            out.append((tokenizer(prompt).input_ids, [tokenizer.eos_token_id]))
+            out.append((prompt_ids(prompt, tokenizer, where=f"prompt {i + 1}"), [tokenizer.eos_token_id]))
         if not out[-1][0]:
-            raise DataError(f"prompt {prompt[:50]!r} has no tokens (and the tokenizer adds no BOS): the first "
+            raise DataError(f"prompt {str(prompt)[:50]!r} has no tokens (and the tokenizer adds no BOS): the first "
                             "completion token would have nothing to be predicted from")
     return out
 
 
-def sequence_logps(model: nn.Module, tokenizer, prompts: Sequence[str], completions: Sequence[str], *,
+def sequence_logps(model: nn.Module, tokenizer, prompts: Sequence, completions: Sequence[str], *,
                    batch_size: int = 32) -> torch.Tensor:
     """log pi(completion_i | prompt_i) summed over the completion's tokens and its EOS, float32 [N] on CPU.
 
@@ -287,9 +313,11 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
     """A scorer `score(prompts, completions) -> list[float]` from a spec:
 
     * `implicit` — the DPO implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) of the policy being evaluated;
-    * `module:function` — a Python function `function(prompt, completion) -> float`, imported from `module`;
+    * `module:function` — a Python function `function(prompt, completion) -> float`, imported from `module` (the
+      prompt is the text, or the message list, exactly as given);
     * `rm:PATH` (or a PATH whose config is a `...ForSequenceClassification`) — a reward model; the score is its
-      single logit on prompt + completion.
+      single logit on prompt + completion (a message-list prompt and its answer rendered by the reward model's chat
+      template).
     """
     import importlib
     import json as _json
@@ -327,12 +355,25 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
             rm_tok.pad_token = rm_tok.eos_token
         rm.config.pad_token_id = rm_tok.pad_token_id
 
+        def rm_text(prompt, completion) -> tuple[str, bool]:
+            """The reward model's input and whether to add special tokens: prompt + completion as text, or the
+            conversation rendered by the reward model's own chat template (which writes its special tokens)."""
+            if isinstance(prompt, str):
+                return prompt + completion, True
+            if not getattr(rm_tok, "chat_template", None):
+                raise ConfigError(f"judge {spec!r}: the prompts are conversations, but the reward model's tokenizer "
+                                  "has no chat template to render them with")
+            return rm_tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
+                                              tokenize=False), False
+
         @torch.no_grad()
         def reward_model(prompts, completions):
             scores = []
             for start in range(0, len(prompts), batch_size):
-                texts = [p + c for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
-                enc = rm_tok(texts, return_tensors="pt", padding=True)
+                inputs = [rm_text(p, c) for p, c in zip(prompts[start:start + batch_size],
+                                                         completions[start:start + batch_size])]
+                enc = rm_tok([t for t, _ in inputs], return_tensors="pt", padding=True,
+                             add_special_tokens=inputs[0][1])
                 scores += rm(**enc).logits[:, 0].float().tolist()
             return scores
 
@@ -430,19 +471,21 @@ def pair_logps(model, tokenizer, pairs_source, *, max_length=None, batch_size=16
     return torch.cat(chosen), torch.cat(rejected), report
 
 
-def read_prompts(source) -> list[str]:
+def read_prompts(source, column_map=None) -> list:
+    """The distinct prompts of a file, as the model is given them (`dpokit.data.prompt_examples`): texts (a system
+    prompt folded in) or message lists."""
     from dpokit import data as D
 
     rows, name = D.load_rows(source)
-    prompts = []
-    for i, row in enumerate(rows):
-        value = row.get("prompt") if isinstance(row, dict) else None
-        if not isinstance(value, str) or not value:
-            raise DataError(f"{name}: row {i + 1}: field 'prompt': expected a non-empty string")
-        prompts.append(value)
-    if not prompts:
-        raise DataError(f"{name}: no prompts")
-    return prompts
+    examples, _ = D.prompt_examples(rows, name, column_map=column_map)
+    return [e.model_prompt for e in examples]
+
+
+def prompt_text(prompt) -> str:
+    """A prompt for a person to read: the text, or the messages as ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge=None, output_dir=None,
@@ -472,8 +515,10 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
                            batch_size=batch_size)
         kw = dict(num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                   seed=seed, batch_size=batch_size)
-        pol = sample_completions(policy, tokenizer, texts, **kw)
-        ref = sample_completions(reference, tokenizer, texts, **kw)
+        pol_samples = draw_samples(policy, tokenizer, texts, **kw)
+        ref_samples = draw_samples(reference, tokenizer, texts, **kw)
+        pol = [[x.text for x in group] for group in pol_samples]
+        ref = [[x.text for x in group] for group in ref_samples]
         flat_p = [p for p, s in zip(texts, pol) for _ in s]
         pol_flat = [c for s in pol for c in s]
         ref_flat = [c for s in ref for c in s]
@@ -491,7 +536,10 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
             "win_rate": rate, "win_rate_se": rate_se, "policy_score": pol_mean, "policy_score_se": pol_se,
             "reference_score": ref_mean, "reference_score_se": ref_se, "kl": kl, "kl_se": kl_se,
             "policy_mean_tokens": pol_len, "reference_mean_tokens": ref_len,
-            "examples": [{"prompt": texts[i], "policy": pol[i][0], "reference": ref[i][0]}
+            # Samples cut at max_new_tokens are scored as if finished (with an EOS never sampled): counted.
+            "policy_unfinished": sum(not x.finished for g in pol_samples for x in g),
+            "reference_unfinished": sum(not x.finished for g in ref_samples for x in g),
+            "examples": [{"prompt": prompt_text(texts[i]), "policy": pol[i][0], "reference": ref[i][0]}
                          for i in range(min(show, len(texts)))],
         }
     out = Path(output_dir or model_path)
@@ -528,6 +576,8 @@ def eval_markdown(result: dict) -> str:
                   f"| judge score | {_pm(s['policy_score'], s['policy_score_se'])} | "
                   f"{_pm(s['reference_score'], s['reference_score_se'])} |",
                   f"| mean completion tokens | {s['policy_mean_tokens']:.1f} | {s['reference_mean_tokens']:.1f} |",
+                  *([f"| samples cut at {s['max_new_tokens']} tokens (scored as if finished) | "
+                     f"{s['policy_unfinished']} | {s['reference_unfinished']} |"] if "policy_unfinished" in s else []),
                   *(["", f"Warning: the policy's completions are {s['policy_mean_tokens'] / s['reference_mean_tokens']:.1f}x "
                      "as long as the reference's (length exploitation: the judge may be rewarding length)."]
                     if s["reference_mean_tokens"] > 0 and s["policy_mean_tokens"] > 1.5 * s["reference_mean_tokens"]

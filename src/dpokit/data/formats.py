@@ -119,6 +119,24 @@ class SFTExample:
     system: str | None = None
 
 
+@dataclass(slots=True)
+class PromptExample:
+    """A prompt to sample completions from (``dpokit eval --prompts``, ``dpokit pairs``): text, which the model sees
+    as ``system + "\\n\\n" + prompt`` when `system` is set, or a message list ending with a user (or tool) turn,
+    a system prompt being its first message."""
+
+    prompt: str | list[Message]
+    row: int
+    system: str | None = None
+
+    @property
+    def model_prompt(self) -> str | list[Message]:
+        """What the model is given: the text with its system prompt folded in, or the message list."""
+        if isinstance(self.prompt, str) and self.system is not None:
+            return f"{self.system}\n\n{self.prompt}"
+        return self.prompt
+
+
 @dataclass
 class DataReport:
     """What happened to the rows of one source; counts are rows (pairs), not tokens.
@@ -969,6 +987,53 @@ def preference_examples(rows, source_name: str, *, dataset_format: str = "auto",
     else:
         parse = _PREFERENCE_PARSERS[fmt]
     return _run_parser(rows, source_name, fmt, parse, on_bad_rows, deduplicate)
+
+
+def _prompt_only(row: dict, index: int) -> PromptExample:
+    raw = row.get("prompt")
+    if isinstance(raw, list):
+        return PromptExample(_fold_input(row, _with_system(row, _prompt_messages(_messages(raw, "prompt"), "prompt"))), index)
+    return PromptExample(_fold_input(row, _text(row, "prompt")), index, _optional_text(row, "system"))
+
+
+_COMPLETION_COLUMNS = {"chosen", "rejected", "completions", "responses", "completion", "messages", "text"}
+
+
+def prompt_examples(rows, source_name: str, *, column_map: dict | None = None, on_bad_rows: str = "error"
+                    ) -> tuple[list[PromptExample], DataReport]:
+    """The distinct prompts of `rows`; returns ``(prompts, report)``.
+
+    Rows holding only prompts (a ``prompt`` column: text with optional ``system`` and ``input``, or a message list
+    ending with a user turn) give one prompt each. Preference or SFT rows (any format above, e.g. HH transcripts)
+    give the prompts of their examples, so a training file can be sampled from as it is. Each distinct prompt is
+    kept once, at its first row; the repeats are counted in ``report.deduplicated``. Bad rows are handled as in
+    `preference_examples`.
+    """
+    _check_options("auto", (), on_bad_rows)
+    rows = _apply_column_map(rows, column_map, source_name)
+    _not_empty(rows, source_name)
+    cols = set(_columns(rows))
+    if cols & _COMPLETION_COLUMNS:
+        preference = bool(cols & {"chosen", "rejected", "completions", "responses"})
+        if not preference and detect_sft_format(rows, source_name) == "text":
+            raise DataError(f"{source_name}: 'text' rows hold no prompt to sample from; give a 'prompt' column")
+        examples, report = (preference_examples if preference else sft_examples)(rows, source_name,
+                                                                                on_bad_rows=on_bad_rows)
+        prompts = [PromptExample(e.prompt, e.row, e.system) for e in examples]
+    elif "prompt" in cols:
+        prompts, report = _run_parser(rows, source_name, "prompts", _prompt_only, on_bad_rows)
+    else:
+        raise DataError(f"{source_name}: no 'prompt' column (columns: {', '.join(sorted(cols))}); rename one with "
+                        "column_map, or give preference / SFT rows")
+    seen, unique = set(), []
+    for p in prompts:
+        key = json.dumps([p.system, p.prompt], ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    report.deduplicated += len(prompts) - len(unique)
+    report.kept = len(unique)
+    return unique, report
 
 
 def sft_examples(rows, source_name: str, *, dataset_format: str = "auto", column_map: dict | None = None,

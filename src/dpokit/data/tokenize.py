@@ -177,6 +177,14 @@ def _render(prompt, completions: Sequence, system: str | None, tokenizer, where:
     return _Rendered(prompt_text, texts, add_special_tokens=False)
 
 
+def prompt_ids(prompt, tokenizer, system: str | None = None, where: str = "prompt") -> list[int]:
+    """Token ids of a prompt alone, exactly as training gives them to the model: a text (with `system` folded in)
+    tokenized with the tokenizer's special tokens, or a message list rendered by the chat template with the
+    generation prompt and tokenized without adding special tokens (the template writes them)."""
+    rendered = _render(prompt, [], system, tokenizer, where, ())
+    return tokenizer(rendered.prompt, add_special_tokens=rendered.add_special_tokens, verbose=False).input_ids
+
+
 def _tokenize_rendered(encoder: _Encoder, rendered: list[_Rendered], wheres: list[str], fields: Sequence[str]
                        ) -> list[tuple[list[int], list[list[int]]]]:
     """(prompt ids, [completion ids per field]) for every rendered example, tokenizing in batches."""
