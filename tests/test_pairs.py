@@ -329,3 +329,27 @@ def test_implicit_judge_scores_with_the_reference(sft_model, tmp_path):
         want = 0.5 * (sequence_logps(policy, tok, [r["prompt"] for r in rows], [r[side] for r in rows])
                       - sequence_logps(reference, tok, [r["prompt"] for r in rows], [r[side] for r in rows]))
         assert [r[f"score_{side}"] for r in rows] == pytest.approx(want.tolist(), rel=1e-4, abs=1e-5)
+
+
+def test_reward_model_scores_a_message_prompt_through_its_chat_template(tmp_path, llama2_tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from dpokit.evaluate import load_judge
+
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=32000, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                                    pad_token_id=0))
+    rm.save_pretrained(tmp_path / "rm")
+    llama2_tokenizer.save_pretrained(tmp_path / "rm")  # no chat template yet
+    prompt = [{"role": "user", "content": "Is it good?"}]
+    with pytest.raises(ConfigError, match="the reward model's tokenizer has no chat template"):
+        load_judge(f"rm:{tmp_path / 'rm'}")([prompt], [" Yes."])
+    llama2_tokenizer.chat_template = LLAMA2_CHAT
+    llama2_tokenizer.save_pretrained(tmp_path / "rm")
+    scores = load_judge(f"rm:{tmp_path / 'rm'}")([prompt, prompt], ["Yes.", "No, it is not good at all."])
+    text = llama2_tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "Yes."}], tokenize=False)
+    assert text == "[INST] Is it good? [/INST] Yes.</s>"
+    with torch.no_grad():
+        want = rm(**llama2_tokenizer([text], add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
+    assert scores[0] == pytest.approx(want, rel=1e-5)

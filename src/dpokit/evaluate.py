@@ -352,8 +352,7 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
                               f"this one has {rm.config.num_labels}")
         rm_tok = AutoTokenizer.from_pretrained(str(path))
         if rm_tok.pad_token_id is None:
-            rm_tok.pad_token = rm_tok.eos_token
-        rm.config.pad_token_id = rm_tok.pad_token_id
+            rm_tok.pad_token = rm_tok.eos_token  # any id: padding is re-marked per batch below
 
         def rm_text(prompt, completion) -> tuple[str, bool]:
             """The reward model's input and whether to add special tokens: prompt + completion as text, or the
@@ -374,7 +373,19 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
                                                          completions[start:start + batch_size])]
                 enc = rm_tok([t for t, _ in inputs], return_tensors="pt", padding=True,
                              add_special_tokens=inputs[0][1])
-                scores += rm(**enc).logits[:, 0].float().tolist()
+                # A decoder reward model scores each sequence at its last token that is not pad_token_id. When the
+                # pad id is also a real token (a tokenizer without a pad token pads with EOS, and chat templates end
+                # a turn with EOS) that token would be skipped, so padding gets an id no sequence of the batch holds.
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                used = set(ids[mask.bool()].tolist())
+                free = next((i for i in range(rm.get_input_embeddings().num_embeddings) if i not in used), None)
+                if free is None:  # every id of the vocabulary occurs: score the sequences one by one, unpadded
+                    for row, m in zip(ids, mask):
+                        rm.config.pad_token_id = None
+                        scores.append(rm(input_ids=row[m.bool()][None]).logits[0, 0].float().item())
+                    continue
+                rm.config.pad_token_id = free
+                scores += rm(input_ids=ids.masked_fill(mask == 0, free), attention_mask=mask).logits[:, 0].float().tolist()
             return scores
 
         return reward_model
