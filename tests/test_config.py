@@ -1,6 +1,7 @@
 """Config: YAML + key=value overrides, coercion, validation in one place, documented fields."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -232,3 +233,22 @@ def test_step_intervals_may_be_fractions_of_the_run():
     assert steps_from(None, 10) is None and steps_from(0, 10) == 0
     cfg = build_config(DPOConfig, overrides={"logging_steps": "0.5", "eval_steps": "3", "warmup_steps": "0.05"})
     assert (cfg.logging_steps, cfg.eval_steps, cfg.warmup_steps) == (0.5, 3, 0.05)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"beta": "0.1"}, "beta: expected float, got the string '0.1'"),
+    ({"per_device_train_batch_size": "2"}, "per_device_train_batch_size: expected int, got the string '2'"),
+    ({"use_peft": "yes"}, "use_peft: expected bool, got the string 'yes'"),
+    ({"max_length": [512]}, "max_length: expected an integer"),
+])
+def test_a_config_made_in_python_with_a_wrong_type_names_the_field(kw, match):
+    from dpokit.config import config_from_args
+
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        config_from_args(DPOConfig, DPOConfig(**kw))
+    assert config_from_args(DPOConfig, DPOConfig(beta=1, loss_type="ipo")).beta == 1
+
+
+def test_a_config_directory_is_named_as_one(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; give the YAML file in it"):
+        build_config(DPOConfig, tmp_path)

@@ -123,3 +123,9 @@ def test_eval_markdown_warns_about_length_exploitation():
     assert "3.0x as long as the reference's (length exploitation" in text
     samples["policy_mean_tokens"] = 12.0
     assert "length exploitation" not in eval_markdown({"model": "m", "reference": "r", "beta": 0.1, "samples": samples})
+
+
+def test_eval_of_a_missing_model_says_it_is_missing(tmp_path, capsys):
+    rc = main(["eval", "--model", str(tmp_path / "nope"), "--pairs", str(tmp_path / "p.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"model '{tmp_path / 'nope'}': no such directory" in err

@@ -41,9 +41,9 @@ def test_short_run_raises_accuracy(loss_type, tok, tmp_path):
     trainer = DPOTrainer(tiny_llama(vocab_size=32000), args=args, train_dataset=PAIRS, eval_dataset=PAIRS,
                          processing_class=tok)
     before = trainer.evaluate()
-    last = trainer.train()
+    last = trainer.train().metrics
     after = trainer.evaluate()
     assert math.isfinite(last["loss"])
-    assert after["eval/rewards/accuracies"] > before["eval/rewards/accuracies"] or \
-        after["eval/rewards/accuracies"] == 1.0, (before, after)
-    assert after["eval/rewards/margins"] > before["eval/rewards/margins"], (before, after)
+    assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"] or \
+        after["eval_rewards/accuracies"] == 1.0, (before, after)
+    assert after["eval_rewards/margins"] > before["eval_rewards/margins"], (before, after)

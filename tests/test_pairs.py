@@ -18,6 +18,10 @@ LLAMA2_CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' 
                "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
 
 
+def S(text, finished):  # noqa: N802 - a Sample of `text`, one token per word
+    return Sample(text, finished, len(text.split()))
+
+
 def word_count(prompt, completion):
     """A test judge: longer is better."""
     return float(len(completion.split()))
@@ -44,8 +48,8 @@ def _prompts(*texts, system=None):
 
 
 def test_unfinished_and_empty_samples_are_dropped_and_counted():
-    samples = [[Sample("a b c", True), Sample("a", True), Sample("a b c d e", False), Sample("", True)],
-               [Sample("x", False), Sample("y y", True)]]
+    samples = [[S("a b c", True), S("a", True), S("a b c d e", False), S("", True)],
+               [S("x", False), S("y y", True)]]
     seen = []
 
     def score(prompts, completions):
@@ -71,7 +75,7 @@ def test_unfinished_and_empty_samples_are_dropped_and_counted():
     ("all_pairs", 1.5, [("a a a", "a")]),
 ])
 def test_pairs_follow_the_strategy_and_gap_of_scored_data(strategy, gap, want):
-    samples = [[Sample("a", True), Sample("a a", True), Sample("a a a", True), Sample("a", True)]]
+    samples = [[S("a", True), S("a a", True), S("a a a", True), S("a", True)]]
     rows, scored, _ = pairs_from_samples(_prompts("p"), samples, lambda p, c: [word_count(None, x) for x in c],
                                          PairSettings(pair_strategy=strategy, min_score_gap=gap))
     assert sorted((r["chosen"], r["rejected"]) for r in rows) == sorted(want)
@@ -81,7 +85,7 @@ def test_pairs_follow_the_strategy_and_gap_of_scored_data(strategy, gap, want):
 
 
 def test_ties_and_repeated_samples_never_pair():
-    samples = [[Sample("same", True), Sample("same", True)], [Sample("u v", True), Sample("w z", True)]]
+    samples = [[S("same", True), S("same", True)], [S("u v", True), S("w z", True)]]
     rows, scored, counts = pairs_from_samples(_prompts("p", "q"), samples, lambda p, c: [1.0] * len(c),
                                               PairSettings(pair_strategy="all_pairs"))
     assert rows == [] and counts["prompts_without_pair"] == 2 and counts["repeated"] == 1
@@ -90,7 +94,7 @@ def test_ties_and_repeated_samples_never_pair():
 
 def test_message_prompts_give_conversational_pairs_and_text_prompts_keep_their_system():
     conv = D.PromptExample([{"role": "user", "content": "hi"}], 0)
-    samples = [[Sample(" hello there", True), Sample(" hi", True)]]
+    samples = [[S(" hello there", True), S(" hi", True)]]
     rows, _, _ = pairs_from_samples([conv], samples, lambda p, c: [word_count(p, x) for x in c], PairSettings())
     assert rows[0]["prompt"] == [{"role": "user", "content": "hi"}]
     assert rows[0]["chosen"] == [{"role": "assistant", "content": " hello there"}]
@@ -353,3 +357,12 @@ def test_reward_model_scores_a_message_prompt_through_its_chat_template(tmp_path
     with torch.no_grad():
         want = rm(**llama2_tokenizer([text], add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
     assert scores[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_samples_count_the_tokens_sampled(tmp_path, llama2_tokenizer):
+    """num_tokens is what was sampled (EOS not counted), not a re-tokenization of the decoded text."""
+    model = tiny_llama(vocab_size=32000)
+    flat = [s for g in draw_samples(model, llama2_tokenizer, ["Hi", "Hello there"], num_samples=4, max_new_tokens=5,
+                                    seed=1) for s in g]
+    assert all(s.num_tokens == 5 for s in flat if not s.finished)
+    assert all(s.num_tokens < 5 for s in flat if s.finished)

@@ -301,6 +301,75 @@ def test_overwrite_output_dir_removes_the_old_runs_checkpoints(tmp_path, tok):
     assert [s for s, _ in losses(out)] == [1]
 
 
+def test_overwrite_output_dir_leaves_nothing_of_the_old_run_to_be_loaded(tmp_path, tok):
+    """A LoRA run, then a full run over it: the old adapter would otherwise be loaded instead of the new model (by
+    `from_pretrained` with peft installed and by `dpokit eval`), and the old warnings and eval would stay."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    lora = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(out, max_steps=1, use_peft=True, lora_r=4),
+                      train_dataset=PAIRS, processing_class=tok)
+    lora.train()
+    lora.save_model()
+    (out / "warnings.jsonl").write_text('{"step": 1, "kind": "likelihood_displacement", "message": "old"}\n')
+    (out / "eval.json").write_text("{}")
+    assert (out / "adapter_config.json").is_file()
+    full = DPOTrainer(tiny_llama(vocab_size=32000, seed=5), args=cfg(out, max_steps=1, overwrite_output_dir=True),
+                      train_dataset=PAIRS, processing_class=tok)
+    full.train()
+    full.save_model()
+    left = sorted(p.name for p in out.iterdir())
+    assert not any(n.startswith("adapter_") or n in ("warnings.jsonl", "eval.json") for n in left), left
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert not hasattr(loaded, "peft_config") and same_weights(loaded, full.model)
+
+
+def test_save_model_removes_weights_of_another_kind(tmp_path, tok):
+    """save_model into a directory holding an adapter (or other weights) leaves only the model just written."""
+    out = tmp_path / "export"
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "pytorch_model.bin", "notes.txt"):
+        (out / name).write_text("old")
+    t = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "run", max_steps=1), train_dataset=PAIRS,
+                   processing_class=tok)
+    t.save_model(str(out))
+    left = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in left and "notes.txt" in left
+    assert not left & {"adapter_config.json", "adapter_model.safetensors", "pytorch_model.bin"}
+
+
+def test_a_refused_run_leaves_the_other_runs_files_alone(tmp_path, tok):
+    """Skipped rows are listed in output_dir only once the run is known to own it."""
+    out = tmp_path / "run"
+    bad = PAIRS + [{"prompt": "p", "chosen": "", "rejected": " r"}]
+    DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(out, max_steps=1, on_bad_rows="skip"), train_dataset=bad,
+               processing_class=tok).train()
+    before = (out / "skipped_rows.jsonl").read_text()
+    assert json.loads(before)["reason"].endswith("field 'chosen': empty string")
+    other = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(out, max_steps=1, on_bad_rows="skip"),
+                       train_dataset=[{"prompt": "q", "chosen": " a", "rejected": " a"}] + PAIRS, processing_class=tok)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        other.train()
+    assert (out / "skipped_rows.jsonl").read_text() == before
+
+
+def test_a_reference_with_a_smaller_vocabulary_is_named(tmp_path, tok):
+    from dpokit.errors import DpokitError
+
+    small = tmp_path / "small"
+    tiny_llama(vocab_size=128).save_pretrained(small)
+    with pytest.raises(DpokitError, match=r"^ref_model: <list> row 1: field 'prompt_ids' has token id \d+ >= the "
+                                          r"model's vocabulary size 128"):
+        DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "run", ref_model_name_or_path=str(small)),
+                   train_dataset=PAIRS, processing_class=tok)
+
+
+def test_the_policy_object_cannot_be_its_own_reference(tmp_path, tok):
+    m = tiny_llama(vocab_size=32000)
+    with pytest.raises(ConfigError, match="model and ref_model are the same object"):
+        DPOTrainer(m, ref_model=m, args=cfg(tmp_path / "run"), train_dataset=PAIRS, processing_class=tok)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Non-finite guard
 

@@ -44,6 +44,11 @@ def test_sweep_trains_each_setting_and_draws_the_frontier(tmp_path):
         assert (tmp_path / "sweep" / f"beta={r['beta']}" / "model.safetensors").is_file()
         assert r["kl"] == r["kl"] and r["reward"] == r["reward"]
     assert (tmp_path / "sweep" / "frontier.png").stat().st_size > 1000
+    # Run again: refused before any training, with the key that allows it; with that key, it runs.
+    argv = ["sweep", "--config", str(cfg), "--prompts", str(tmp_path / "prompts.jsonl"), "--judge",
+            "test_sweep:positive", "--num_samples", "2", "--max_new_tokens", "6", "beta=0.1,1.0"]
+    assert main(argv) == 2
+    assert main(argv + ["overwrite_output_dir=true", "max_steps=1"]) == 0
 
 
 def test_sweep_checks_every_setting_before_training(tmp_path):

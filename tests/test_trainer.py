@@ -161,12 +161,12 @@ def test_lora_trains_only_adapters_and_adapter_off_equals_base(tmp_path, tok):
 def test_in_memory_model_trains_and_saves_loadable_model(tmp_path, tok):
     t = DPOTrainer(model(0), args=cfg(tmp_path, max_steps=3), train_dataset=PAIRS, eval_dataset=PAIRS[:2],
                    processing_class=tok)
-    metrics = t.train()
+    metrics = t.train().metrics
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second"):
         assert key in metrics and math.isfinite(metrics[key]), key
     ev = t.evaluate()
-    assert "eval/loss" in ev and "eval/rewards/accuracies" in ev
+    assert "eval_loss" in ev and "eval_rewards/accuracies" in ev
     out = t.save_model()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -204,7 +204,8 @@ def test_trainer_state_is_transformers_trainer_state(tmp_path, tok):
     state = t.state
     assert isinstance(state, TrainerState)
     assert (state.global_step, state.max_steps, state.epoch) == (6, 6, 2.0)
-    assert state.log_history == recs
+    assert state.log_history == [{k.replace("eval/", "eval_"): v for k, v in r.items()} for r in recs]
+    assert "eval_loss" in state.log_history[-1] and "eval/loss" in recs[-1]
 
 
 def test_trl_trainer_keyword_arguments(tmp_path, tok):
@@ -237,3 +238,84 @@ def test_ddp_keys_become_accelerate_handlers():
     assert ddp.static_graph is False  # unset keys keep torch's defaults
     (only,) = _handlers(DPOConfig())
     assert only.to_kwargs() == {"timeout": timedelta(seconds=1800)}  # the backend stays accelerate's choice
+
+
+def test_a_trl_config_object_trains(tmp_path, tok):
+    """`args=trl.DPOConfig(...)` end to end: its `pad_token` (which `to_dict()` masks as "<PAD_TOKEN>") is read as
+    set, None included."""
+    trl = pytest.importorskip("trl")
+    args = trl.DPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                         bf16=False, report_to="none", gradient_checkpointing=False, logging_steps=1)
+    t = DPOTrainer(tiny_llama(vocab_size=32000), args=args, train_dataset=PAIRS, processing_class=tok)
+    assert t.args.pad_token is None and t.args.beta == 0.1
+    assert t.train().global_step == 1
+    args = trl.DPOConfig(output_dir=str(tmp_path / "run2"), pad_token="<unk>", use_cpu=True, bf16=False)
+    t = DPOTrainer(tiny_llama(vocab_size=32000), args=args, train_dataset=PAIRS, processing_class=tok)
+    assert t.args.pad_token == "<unk>" and t.tokenizer.pad_token == "<unk>"
+
+
+def test_train_and_evaluate_return_what_transformers_returns(tmp_path, tok, capsys):
+    from transformers.trainer_utils import TrainOutput
+
+    t = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path, max_steps=3, num_train_epochs=1, logging_steps=2,
+                                                          warmup_steps=0, lr_scheduler_type="linear"),
+                   train_dataset=PAIRS, eval_dataset=PAIRS[:2], processing_class=tok)
+    out = t.train()
+    recs = records(tmp_path / "run")
+    assert isinstance(out, TrainOutput) and out.global_step == 3
+    losses = [r["loss"] for r in recs if "loss" in r]  # means over steps 1-2, then step 3
+    assert out.training_loss == pytest.approx((2 * losses[0] + losses[1]) / 3, rel=1e-6)
+    assert out.metrics["train_loss"] == out.training_loss and out.metrics["loss"] == pytest.approx(losses[1])
+    # The learning rate is the logging step's, as transformers logs it (linear decay from 1e-3 over 3 steps).
+    assert [r["learning_rate"] for r in recs if "loss" in r] == pytest.approx([1e-3 / 3, 0.0], rel=1e-6, abs=1e-12)
+    ev = t.evaluate()
+    assert set(ev) == {"eval_" + k[len("eval/"):] for k in recs[-1] if k.startswith("eval/")}
+    assert ev["eval_loss"] == pytest.approx(recs[-1]["eval/loss"])
+    assert "eval_loss" not in t.evaluate(ignore_keys=["loss"]) and "test_loss" in t.evaluate(metric_key_prefix="test")
+    with pytest.raises(ConfigError, match="give the evaluation data to the trainer"):
+        t.evaluate(eval_dataset=PAIRS)
+    # The script lines of TRL's examples: log_metrics, save_metrics, save_state.
+    t.log_metrics("eval", ev)
+    assert "***** eval metrics *****" in capsys.readouterr().out
+    t.save_metrics("train", out.metrics)
+    t.save_metrics("eval", ev)
+    run = tmp_path / "run"
+    assert json.loads((run / "all_results.json").read_text()) == {**out.metrics, **ev}
+    t.save_state()
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_a_local_model_is_recorded_by_its_absolute_path(tmp_path, tok, monkeypatch):
+    """The run directory names its starting model (dpokit eval's default reference) wherever it is read from."""
+    import yaml
+
+    tiny_llama(vocab_size=32000).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    t = DPOTrainer("base", args=cfg(tmp_path, max_steps=1), train_dataset=PAIRS)
+    t.train()
+    saved = yaml.safe_load((tmp_path / "run" / "dpokit_config.yaml").read_text())
+    assert saved["model_name_or_path"] == str(tmp_path / "base")
+    from dpokit.evaluate import default_reference
+
+    monkeypatch.chdir("/")
+    assert default_reference(tmp_path / "run") == str(tmp_path / "base")
+
+
+def test_messages_rows_say_that_earlier_assistant_turns_are_context(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from dpokit import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                          {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."}]}]
+    args = dict(output_dir=str(tmp_path / "run"), max_steps=1, disable_tqdm=True)
+    SFTTrainer(tiny_llama(vocab_size=32000), args=SFTConfig(**args), train_dataset=rows, processing_class=tok)
+    assert "1 train conversations have assistant turns before the final one" in capsys.readouterr().out
+    SFTTrainer(tiny_llama(vocab_size=32000), args=SFTConfig(**args, completion_only_loss=False), train_dataset=rows,
+               processing_class=tok)
+    assert "assistant turns before the final one" not in capsys.readouterr().out

@@ -116,6 +116,37 @@ def is_weights_file(name: str) -> bool:
     return name.endswith(".safetensors") or name in WEIGHT_FILES
 
 
+def is_model_file(name: str) -> bool:
+    """Weights of a full model or of an adapter, in any format transformers or peft loads, and the adapter's
+    config (whose presence makes loaders take the directory for an adapter)."""
+    return is_weights_file(name) or name.startswith("pytorch_model") or name.startswith("adapter_model") \
+        or name == "adapter_config.json"
+
+
+# What a run writes at the top of its output_dir besides checkpoints and the model: with overwrite_output_dir they
+# go, with the model and tokenizer, so that nothing of the previous run is read as this run's (an old adapter
+# beside a new full model is what `from_pretrained` and `dpokit eval` would load).
+RUN_FILES = ("metrics.jsonl", "warnings.jsonl", "skipped_rows.jsonl", "data_report.json", "eval.json", "eval.md",
+             "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json", "config.json",
+             "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json",
+             "merges.txt")
+RUN_DIRS = ("tensorboard",)
+
+
+def remove_run_outputs(output_dir: Path) -> list[str]:
+    """Remove the previous run's model, tokenizer and logs from `output_dir` (not its checkpoints); returns names."""
+    removed = []
+    for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
+        if path.is_file() and (path.name in RUN_FILES or is_model_file(path.name)):
+            path.unlink()
+            removed.append(path.name)
+        elif path.is_dir() and path.name in RUN_DIRS:
+            shutil.rmtree(path)
+            removed.append(path.name + "/")
+    return removed
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Finding checkpoints
 

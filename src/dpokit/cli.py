@@ -119,9 +119,10 @@ def _train(command: str, argv: list[str]) -> int:
 
     trainer_cls = SFTTrainer if command == "sft" else DPOTrainer
     trainer = trainer_cls(cfg.model_name_or_path, args=cfg)
-    metrics = trainer.train()
+    metrics = trainer.train().metrics
     out = trainer.save_model()
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "epoch")
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                      if isinstance(v, float) and k not in ("epoch", "train_runtime", "train_loss"))
     if trainer.accelerator.is_main_process:
         print(f"[dpokit] saved {out} after {trainer.global_step} steps; last: {shown}")
     if trainer.accelerator.num_processes > 1:

@@ -234,6 +234,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values and their combinations; raise ConfigError with one line naming the field."""
+        for name in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
+            # A local model is recorded by its absolute path, so that a run directory names the model it started
+            # from (`dpokit eval`'s default reference) wherever it is read from; hub ids stay as they are.
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value and Path(value).expanduser().exists():
+                setattr(self, name, str(Path(value).expanduser().resolve()))
         _check_choice(self, "truncation_mode", ("keep_start", "keep_end"))
         _check_choice(self, "on_bad_rows", ("error", "skip"))
         _check_choice(self, "optim", OPTIMIZERS)
@@ -313,7 +319,9 @@ class SFTConfig(TrainConfig):
     learning_rate: float = 2e-5
     """Peak learning rate of AdamW."""
     completion_only_loss: bool = True
-    """Train on completion tokens only (the prompt is context); False trains on every token but the first."""
+    """Train on completion tokens only (the prompt is context); False trains on every token but the first. In a
+    `messages` row the completion is the final assistant turn: earlier assistant turns are context (counted at load
+    time), unless this is False."""
 
 
 @dataclass
@@ -548,7 +556,9 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     "packing": (False, "SFT packing is not implemented (DPO has padding_free)"),
     "packing_strategy": (ANY, "it acts only with packing"),
     "eval_packing": (ANY, "it acts only with packing"),
-    "assistant_only_loss": (False, "use completion_only_loss with prompt/completion or messages rows"),
+    "assistant_only_loss": (False, "a messages row trains its final assistant turn (completion_only_loss) or, with "
+                                   "completion_only_loss=false, the whole conversation; a loss on every assistant "
+                                   "turn is not supported"),
     "loss_type": ("nll", "dpokit's SFT loss is the negative log-likelihood"),
     "padding_free": (False, "SFT batches are padded (DPO has padding_free)"),
     # engines
@@ -698,6 +708,8 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
     values: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give the YAML file in it")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -768,6 +780,7 @@ def config_from_args(cls: type, args: Any) -> TrainConfig:
         return build_config(cls, overrides=args)
     elif isinstance(args, cls):
         cfg = args
+        _check_types(cfg)
     elif dataclasses.is_dataclass(args) and callable(getattr(args, "to_dict", None)):
         return build_config(cls, overrides=_ported(cls, args))
     else:
@@ -776,15 +789,31 @@ def config_from_args(cls: type, args: Any) -> TrainConfig:
     return cfg
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """A config made in Python (`DPOConfig(beta="0.1")`) is not read from text, so nothing converts its values:
+    a value of the wrong type is an error naming the field, not a TypeError deep in validation or training."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        converted = _coerce(f.name, value, f.type)
+        if isinstance(value, str) and not isinstance(converted, str):
+            raise ConfigError(f"{f.name}: expected {type(converted).__name__}, got the string {value!r}")
+
+
 def _ported(cls: type, args: Any) -> dict:
     """The keys of a TRL / transformers config object (e.g. `trl.DPOConfig`) as dpokit overrides: every key that is a
     dpokit field, with TRL's value, and every other key whose value differs from a default object of the same class,
     so that it is checked against FOREIGN_KEYS."""
-    values = args.to_dict()
+    def as_dict(obj) -> dict:
+        # to_dict() turns enums into their values, but also hides every `*_token` field as "<KEY>" (for hub
+        # tokens); TRL's `pad_token` is a real setting, so those fields are read as they are.
+        d = obj.to_dict()
+        return {k: getattr(obj, k, v) if k.endswith("_token") else v for k, v in d.items()}
+
+    values = as_dict(args)
     fields = {f.name for f in dataclasses.fields(cls)}
     try:
         # The same device flags, since transformers checks them against the machine when the object is made.
-        base = type(args)(**{k: getattr(args, k) for k in ("use_cpu", "bf16", "fp16") if hasattr(args, k)}).to_dict()
+        base = as_dict(type(args)(**{k: getattr(args, k) for k in ("use_cpu", "bf16", "fp16") if hasattr(args, k)}))
     except Exception:  # noqa: BLE001 - a class that cannot be made bare: every foreign key is checked as given
         base = {}
     return {key: value for key, value in values.items()

@@ -75,11 +75,13 @@ def _completion_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> st
 
 @dataclass(frozen=True)
 class Sample:
-    """One sampled completion: its text (continuing the prompt) and whether the model ended it with EOS (False: cut
-    at max_new_tokens)."""
+    """One sampled completion: its text (continuing the prompt), whether the model ended it with EOS (False: cut
+    at max_new_tokens) and its length in sampled tokens."""
 
     text: str
     finished: bool
+    num_tokens: int
+    """Tokens the model sampled, EOS not counted."""
 
 
 def draw_samples(model: nn.Module, tokenizer, prompts: Sequence, *, num_samples: int = 1, temperature: float = 1.0,
@@ -137,7 +139,7 @@ def draw_samples(model: nn.Module, tokenizer, prompts: Sequence, *, num_samples:
                     finished = eos_id is not None and eos_id in generated
                     if finished:
                         generated = generated[:generated.index(eos_id)]
-                    samples.append(Sample(_completion_text(tokenizer, row, generated), finished))
+                    samples.append(Sample(_completion_text(tokenizer, row, generated), finished, len(generated)))
     finally:
         model.train(was_training)
     return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
@@ -453,6 +455,10 @@ def run_settings(path) -> dict:
 
 def default_reference(path) -> str:
     """The reference a run was trained against: its ref_model_name_or_path, else the model it started from."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise ConfigError(f"model {str(path)!r}: no such directory")
     settings = run_settings(path)
     ref = settings.get("ref_model_name_or_path") or settings.get("model_name_or_path")
     if not ref:
@@ -539,8 +545,8 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
         rate, rate_se = win_rate(pol_scores, ref_scores)
         pol_mean, pol_se = mean_and_se(pol_scores)
         ref_mean, ref_se = mean_and_se(ref_scores)
-        pol_len, _ = mean_and_se([len(tokenizer(c, add_special_tokens=False).input_ids) for c in pol_flat])
-        ref_len, _ = mean_and_se([len(tokenizer(c, add_special_tokens=False).input_ids) for c in ref_flat])
+        pol_len, _ = mean_and_se([x.num_tokens for g in pol_samples for x in g])
+        ref_len, _ = mean_and_se([x.num_tokens for g in ref_samples for x in g])
         result["samples"] = {
             "file": str(prompts), "judge": judge, "num_prompts": len(texts), "num_samples": num_samples,
             "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,

@@ -46,7 +46,7 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
               temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
     from dpokit.config import DPOConfig, build_config, parse_overrides
     from dpokit.evaluate import evaluate_model
-    from dpokit.trainer import DPOTrainer
+    from dpokit.trainer import RUN_MARKER, DPOTrainer
 
     axes, rest = split_axes(tokens)
     common = parse_overrides(rest)
@@ -54,9 +54,15 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
     settings = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     configs = [build_config(DPOConfig, config_file, {**common, **s}) for s in settings]
     root = Path(configs[0].output_dir)
-    rows = []
     for setting, cfg in zip(settings, configs):
         cfg.output_dir = str(root / run_name(setting))
+        # Refused now, not after the runs before it have trained: a run directory that holds a run.
+        if (Path(cfg.output_dir) / RUN_MARKER).exists() and not cfg.overwrite_output_dir \
+                and cfg.resume_from_checkpoint is None:
+            raise ConfigError(f"{cfg.output_dir} already holds a run; add overwrite_output_dir=true to run the sweep "
+                              "again, or choose another output_dir")
+    rows = []
+    for setting, cfg in zip(settings, configs):
         trainer = DPOTrainer(cfg.model_name_or_path, args=cfg)
         trainer.train()
         trainer.save_model()

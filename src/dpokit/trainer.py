@@ -226,6 +226,11 @@ def _check_writable(output_dir: Path) -> None:
                           "directory")
 
 
+def _transformers_names(record: dict) -> dict:
+    """A metrics record with transformers' names for evaluation metrics (``eval/loss`` -> ``eval_loss``)."""
+    return {f"eval_{k[len('eval/'):]}" if k.startswith("eval/") else k: v for k, v in record.items()}
+
+
 def check_vocab(examples, vocab_size: int, where) -> None:
     """Token ids beyond the embedding table would index out of range deep in the model: name the row instead
     (`where(row)` gives its position as data errors do: `file.jsonl:LINE` or `source row N`)."""
@@ -259,7 +264,8 @@ class MetricsSink:
             self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict) -> None:
-        record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        # 8 significant digits (not decimal places: a DPO learning rate of 5e-7 in warmup would lose its digits).
+        record = {"step": step, **{k: (float(f"{v:.8g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
         self.history.append(record)
         if not self.enabled:
             return
@@ -348,6 +354,10 @@ class Trainer:
             model = cfg.model_name_or_path
         if model is None:
             raise ConfigError("no model: pass a model or set model_name_or_path")
+        if isinstance(model, (str, os.PathLike)):
+            # The run records the model it starts from (the default reference of `dpokit eval`), by absolute path.
+            model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model)
+            cfg.model_name_or_path = model
         self.output_dir = Path(cfg.output_dir)
         _check_writable(self.output_dir)  # before anything slow: a run that cannot save should not start
         if cfg.resume_from_checkpoint is not None:
@@ -636,8 +646,10 @@ class Trainer:
             for _, path in old:
                 shutil.rmtree(path)
             (self.output_dir / C.LATEST).unlink(missing_ok=True)
-            if old:
-                log(f"overwrite_output_dir: removed {len(old)} checkpoint(s) of the previous run")
+            files = C.remove_run_outputs(self.output_dir)
+            if old or files:
+                log(f"overwrite_output_dir: removed {len(old)} checkpoint(s) and {len(files)} file(s) of the previous "
+                    "run (model, tokenizer, logs)")
         return None
 
     def _rank_rng(self, tensors: dict) -> dict:
@@ -678,9 +690,11 @@ class Trainer:
         return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ----- the loop -----
-    def train(self, resume_from_checkpoint: Optional[str | bool] = None) -> dict:
-        """Run the optimisation; returns the last logged training metrics. `resume_from_checkpoint` (else the config
-        field): `latest` (or True) or a checkpoint directory, to continue a stopped run exactly."""
+    def train(self, resume_from_checkpoint: Optional[str | bool] = None):
+        """Run the optimisation; returns transformers' `TrainOutput`: global_step, training_loss (the mean loss of
+        the steps run) and metrics (the last logged training metrics, train_runtime, train_loss).
+        `resume_from_checkpoint` (else the config field): `latest` (or True) or a checkpoint directory, to continue
+        a stopped run exactly."""
         cfg, acc = self.args, self.accelerator
         if self.train_examples is None:
             raise ConfigError("no training data: pass train_dataset= or set train_file")
@@ -724,6 +738,8 @@ class Trainer:
                                         history=saved[1]["metrics"] if saved else None,
                                         resume_step=self.global_step if saved else None)
         last: dict = {}
+        self._current: dict = {}
+        loss_sum, loss_steps, started = 0.0, 0, time.perf_counter()
         self._displacement = DisplacementWatch()
         stream = self._steps(*self._position)
         bar = None
@@ -735,7 +751,7 @@ class Trainer:
         groups = self._groups_per_epoch()
         epochs_done = self._position[0] + (self._position[1] >= groups)
         if cfg.eval_on_start and self.eval_examples is not None and saved is None:
-            sink.write(0, self.evaluate())
+            sink.write(0, self._evaluate())
         self.policy.train()
         if saved is not None:
             # Last, so that nothing between here and the first step draws from the restored generators.
@@ -747,9 +763,14 @@ class Trainer:
                 self._position = (epoch, position)
                 record, tokens = self._optimizer_step([(self._to_device(b), filler) for b, filler in micro])
                 self.global_step += 1
-                record.update(learning_rate=self.scheduler.get_last_lr()[0],
-                              tokens_per_second=tokens / max(time.perf_counter() - t0, 1e-9))
+                # The loss and the preference metrics are logged as means over the steps since the last log; the
+                # learning rate and the gradient norm as the last step's values, as transformers logs them.
+                self._current = {"learning_rate": self.scheduler.get_last_lr()[0],
+                                 **({"grad_norm": record.pop("grad_norm")} if "grad_norm" in record else {})}
+                record["tokens_per_second"] = tokens / max(time.perf_counter() - t0, 1e-9)
                 self._meter.add(record)
+                if "loss" in record:
+                    loss_sum, loss_steps = loss_sum + record["loss"], loss_steps + 1
                 if bar is not None:
                     bar.update(1)
                     if "loss" in record:
@@ -763,21 +784,25 @@ class Trainer:
                     last = self._log_training_metrics(epoch)
                 if self.eval_examples is not None and not last_step and _due(self._eval_strategy(), eval_every,
                                                                               step, epoch_end):
-                    sink.write(self.global_step, self.evaluate())
+                    sink.write(self.global_step, self._evaluate())
                 if not last_step and _due(cfg.save_strategy, save_every, step, epoch_end):
                     self._save_checkpoint()
             if self.eval_examples is not None:
-                sink.write(self.global_step, self.evaluate())
+                sink.write(self.global_step, self._evaluate())
         finally:
             if bar is not None:
                 bar.close()
             sink.close()
-        return last
+        from transformers.trainer_utils import TrainOutput
+
+        training_loss = loss_sum / loss_steps if loss_steps else float("nan")
+        return TrainOutput(self.global_step, training_loss, {
+            **last, "train_runtime": time.perf_counter() - started, "train_loss": training_loss})
 
     def _log_training_metrics(self, epoch: int) -> dict:
         """Write the mean metrics of the steps since the last log; warn (once per episode) about likelihood
         displacement, in the log and in warnings.jsonl, so `dpokit report` shows it too."""
-        record = {**self._meter.means(), "epoch": epoch}
+        record = {**self._meter.means(), **self._current, "epoch": epoch}
         if self.args.on_nonfinite == "skip":
             record["nonfinite_steps"] = self.nonfinite_steps
         self._sink.write(self.global_step, record)
@@ -801,9 +826,36 @@ class Trainer:
         sink = getattr(self, "_sink", None)
         return TrainerState(global_step=self.global_step, max_steps=total,
                             epoch=self.global_step / per_epoch if per_epoch else 0.0,
-                            log_history=[dict(r) for r in sink.history] if sink is not None else [],
+                            log_history=[_transformers_names(r) for r in sink.history] if sink is not None else [],
                             logging_steps=self.args.logging_steps, save_steps=self.args.save_steps,
                             eval_steps=self.args.eval_steps, train_batch_size=self.args.per_device_train_batch_size)
+
+    def log_metrics(self, split: str, metrics: dict) -> None:
+        """Print `metrics` as transformers' `Trainer.log_metrics` does (main process only)."""
+        if not self.accelerator.is_main_process:
+            return
+        print(f"***** {split} metrics *****")
+        width = max((len(k) for k in metrics), default=0)
+        for key in sorted(metrics):
+            print(f"  {key:<{width}} = {metrics[key]}")
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """Write `metrics` to output_dir/{split}_results.json and, with `combined`, merge them into all_results.json
+        (transformers' `Trainer.save_metrics`; main process only)."""
+        if not self.accelerator.is_main_process:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / f"{split}_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True))
+        if combined:
+            path = self.output_dir / "all_results.json"
+            merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **metrics}
+            path.write_text(json.dumps(merged, indent=4, sort_keys=True))
+
+    def save_state(self) -> None:
+        """Write `state` to output_dir/trainer_state.json (transformers' `Trainer.save_state`; main process only)."""
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.state.save_to_json(str(self.output_dir / "trainer_state.json"))
 
     def _eval_strategy(self) -> str:
         """`eval_strategy`, with dpokit's default (null) read as steps when `eval_steps` is set, else end only."""
@@ -827,10 +879,17 @@ class Trainer:
         """`data_report.json`: per split, the counts printed at load time (rows read, kept, skipped, deduplicated,
         truncated, dropped), so what happened to the data is on record beside the model, not only in a terminal."""
         fields = ("source", "format", "read", "kept", "skipped", "deduplicated", "truncated_prompt",
-                  "truncated_completion", "dropped", "unpaired")
+                  "truncated_completion", "dropped", "identical_after_truncation", "unpaired")
         reports = {split: {f: getattr(r, f) for f in fields if hasattr(r, f)}
                    for split, r in getattr(self, "data_reports", {}).items()}
         (self.output_dir / "data_report.json").write_text(json.dumps(reports, indent=2) + "\n")
+        # Written here, once the output_dir is known to be this run's, not at load time: a run refused for
+        # writing into another run's directory must not have replaced that run's list.
+        skipped = [{"split": split, "source": self.data_sources[split], **item}
+                   for split, r in getattr(self, "data_reports", {}).items() for item in r.skipped_rows]
+        if skipped:
+            with (self.output_dir / "skipped_rows.jsonl").open("w") as f:
+                f.writelines(json.dumps(item) + "\n" for item in skipped)
 
     def _optimizer_step(self, micro: list) -> tuple[dict, int]:
         """Forward and backward over this rank's micro-batches of one optimizer step (`(batch, is_filler)` pairs),
@@ -974,8 +1033,19 @@ class Trainer:
                               "gradient_accumulation_steps to keep the effective batch, lower max_length, or set "
                               "gradient_checkpointing=true") from exc
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """The training metrics on the trainer's `eval_dataset`, named as transformers' and TRL's `evaluate()` name
+        them: ``eval_loss``, ``eval_rewards/chosen``, ... (`metric_key_prefix` + "_"). metrics.jsonl and the report
+        keep dpokit's names (``eval/loss``)."""
+        if eval_dataset is not None:
+            raise ConfigError("evaluate(eval_dataset=...): give the evaluation data to the trainer "
+                              "(eval_dataset= or eval_file), so that it is checked and tokenized with the rest")
+        ignored = set(ignore_keys or ())
+        return {f"{metric_key_prefix}_{k[len('eval/'):]}": v for k, v in self._evaluate().items()
+                if k[len("eval/"):] not in ignored}
+
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def _evaluate(self) -> dict:
         """The training metrics on `eval_dataset`, prefixed `eval/`; each rank evaluates its share and the weighted
         sums are reduced over ranks."""
         if self.eval_examples is None:
@@ -1046,11 +1116,16 @@ class Trainer:
         # The final model shares output_dir with the checkpoints and metrics, so it cannot arrive by one directory
         # rename: each file is renamed into place (atomic per file), the weights last, so a kill never leaves a
         # half-written file, and a model whose weights are there is complete.
+        written = {item.name for item in tmp.iterdir()}
         for item in sorted(tmp.iterdir(), key=lambda p: C.is_weights_file(p.name)):
             target = out / item.name
             if item.is_dir() and target.is_dir():
                 shutil.rmtree(target)
             os.replace(item, target)
+        # Weights of another kind left from an earlier save (an adapter beside a full model, shards beside a single
+        # file) would be loaded instead of, or mixed with, these.
+        for stale in [p for p in out.iterdir() if p.is_file() and C.is_model_file(p.name) and p.name not in written]:
+            stale.unlink()
         C.fsync_dir(out)
         tmp.rmdir()
 
@@ -1247,6 +1322,13 @@ class SFTTrainer(Trainer):
         examples, report = D.sft_examples(rows, name, dataset_format=cfg.dataset_format,
                                           column_map=cfg.column_map, on_bad_rows=cfg.on_bad_rows,
                                           deduplicate=cfg.deduplicate)
+        earlier = sum(isinstance(ex.prompt, list) and any(m["role"] == "assistant" for m in ex.prompt)
+                      for ex in examples)
+        if earlier and cfg.completion_only_loss:
+            # TRL trains a `messages` row on every token; here the final turn is the completion. Say so.
+            log(f"{name}: {earlier} {split} conversations have assistant turns before the final one; those turns are "
+                "context (no loss) and only the final assistant turn is trained (completion_only_loss=true; false "
+                "trains the whole conversation)")
         tokenized = D.tokenize_sft(examples, self.tokenizer, max_length=cfg.max_length,
                                    truncation_mode=cfg.truncation_mode, report=report)
         return _finish_data(self, tokenized, report, name, split)
@@ -1284,6 +1366,10 @@ class DPOTrainer(Trainer):
         if not self.spec.needs_reference and ref_model is not None:
             raise ConfigError(f"a ref_model was given but loss_type {cfg.loss_type!r} uses no reference "
                               "(or reference_free is set)")
+        if ref_model is not None and ref_model is model and not isinstance(model, str):
+            # The reference must stay frozen while the policy trains: one object cannot be both.
+            raise ConfigError("model and ref_model are the same object; pass ref_model=None (a frozen copy of the "
+                              "starting policy is made) or a separate model")
         super().__init__(model, cfg, train_dataset, eval_dataset, processing_class, peft_config)
 
     # ----- data -----
@@ -1332,6 +1418,14 @@ class DPOTrainer(Trainer):
         ref = self._ref_model_arg if self._ref_model_arg is not None else cfg.ref_model_name_or_path
         if ref is not None:
             self._ref_module = load_model(ref, cfg, what="ref_model")
+            vocab = self._ref_module.get_input_embeddings().num_embeddings
+            for split in ("train", "eval"):
+                examples = getattr(self, f"{split}_examples")
+                if examples is not None:
+                    try:
+                        check_vocab(examples, vocab, self.data_reports[split].where)
+                    except DpokitError as e:
+                        raise DpokitError(f"ref_model: {e}") from None
             if cfg.disable_dropout:
                 disable_dropout(self._ref_module)
         elif not self.use_peft:
@@ -1485,17 +1579,13 @@ def _example_tokens(example) -> int:
 
 
 def _finish_data(trainer: Trainer, tokenized, report, name: str, split: str):
-    """Print and keep the data report; refuse an empty set; check token ids against the model's vocabulary."""
+    """Print and keep the data report (written with the run, skipped rows included, by `_write_data_report`);
+    refuse an empty set."""
     log(report.summary())
     trainer.data_reports = getattr(trainer, "data_reports", {})
     trainer.data_reports[split] = report
     trainer.data_sources = getattr(trainer, "data_sources", {})
     trainer.data_sources[split] = name
-    if report.skipped_rows and trainer.accelerator.is_main_process:
-        trainer.output_dir.mkdir(parents=True, exist_ok=True)
-        with (trainer.output_dir / "skipped_rows.jsonl").open("a" if split != "train" else "w") as f:
-            for item in report.skipped_rows:
-                f.write(json.dumps({"split": split, "source": name, **item}) + "\n")
     if not tokenized:
         raise DpokitError(f"{name}: no usable {split} rows left after validation and truncation ({report.summary()})")
     return tokenized

@@ -145,7 +145,7 @@ def test_dpo_trains_on_each_format_and_source(fmt, kind, tok, tmp_path):
     report = trainer.data_reports["train"]
     assert report.format == DETECTED.get(fmt, fmt)
     assert report.kept == 4 and report.skipped == 0
-    metrics = trainer.train()
+    metrics = trainer.train().metrics
     assert trainer.global_step == 1 and math.isfinite(metrics["loss"])
     if fmt == "standard_system":  # the system prompt reached the model input
         prompt = tok.decode(trainer.train_examples[0].prompt_ids, skip_special_tokens=True)

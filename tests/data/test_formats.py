@@ -191,6 +191,42 @@ def test_csv_error_names_the_data_row(tmp_path):
     assert str(e.value) == f"{path} row 2: field 'rejected': identical to 'chosen'"
 
 
+@pytest.mark.parametrize("name, write", [
+    ("d.jsonl", lambda path: write_jsonl(path, PAIRS, gz=True)),
+    ("d.json", lambda path: path.write_bytes(gzip.compress(json.dumps(PAIRS).encode()))),
+    ("d.csv", lambda path: path.write_bytes(gzip.compress(write_csv(path, PAIRS).read_bytes()))),
+])
+def test_gzip_content_under_a_name_without_gz_is_read_as_gzip(tmp_path, name, write):
+    # Saved by a tool that compressed without renaming: the data is fine, only the suffix is missing (it used to
+    # fail as "invalid UTF-8 (byte 0x8b at column 2)").
+    path = tmp_path / name
+    write(path)
+    assert path.read_bytes()[:2] == b"\x1f\x8b"
+    examples, report = examples_of(path)
+    assert [(e.prompt, e.chosen, e.system) for e in examples] == [(r["prompt"], r["chosen"], r.get("system")) for r in PAIRS]
+    assert report.where(1) == (f"{path}:2" if name.endswith(".jsonl") else f"{path} row 2")
+    (tmp_path / "broken.jsonl").write_bytes(gzip.compress(b'{"prompt": "q"}\n')[:12])
+    with pytest.raises(DataError, match=r"broken\.jsonl: cannot read gzip file \("):
+        load_rows(tmp_path / "broken.jsonl")
+
+
+def test_json_object_of_columns_is_read_as_rows(tmp_path):
+    columns = {k: [r.get(k) for r in PAIRS] for k in ("prompt", "chosen", "rejected", "system")}
+    (tmp_path / "cols.json").write_text(json.dumps(columns, indent=2))
+    examples, report = examples_of(tmp_path / "cols.json")
+    assert examples == examples_of(PAIRS)[0] and report.where(1) == f"{tmp_path / 'cols.json'} row 2"
+    # One conversational row whose message lists happen to be equally long stays one row: message objects are not
+    # column values.
+    (tmp_path / "one.json").write_text(json.dumps({"prompt": [user("q")], "chosen": [assistant("a")],
+                                                   "rejected": [assistant("b")]}))
+    (ex,), report = examples_of(tmp_path / "one.json")
+    assert report.format == "conversational" and ex.chosen == [assistant("a")]
+    (tmp_path / "uneven.json").write_text(json.dumps({"prompt": ["q", "r"], "chosen": ["a", "b"], "rejected": ["c"]}))
+    with pytest.raises(DataError, match=r"uneven\.json: a JSON object of columns of different lengths \(prompt: 2, "
+                                        r"chosen: 2, rejected: 1\); expected a JSON array of row objects"):
+        load_rows(tmp_path / "uneven.json")
+
+
 # --------------------------------------------------------------------------------------------------- formats
 
 
@@ -355,6 +391,29 @@ def test_report_summary_is_one_line():
     summary = report.summary()
     assert summary.startswith("train.jsonl (standard): 3 read, 2 kept, 1 skipped, 0 deduplicated")
     assert "\n" not in summary
+
+
+def test_content_as_text_parts_is_joined():
+    parts = [{"type": "text", "text": "Look at this."}, {"type": "text", "text": "What is it?"}]
+    row = {"prompt": [{"role": "user", "content": parts}], "chosen": [{"role": "assistant", "content": parts[:1]}],
+           "rejected": [assistant("No idea.")]}
+    (ex,), _ = preference_examples([row], "<list>")
+    assert ex.prompt == [user("Look at this.\nWhat is it?")] and ex.chosen == [assistant("Look at this.")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ([{"type": "text", "text": "q"}, {"type": "image", "url": "cat.png"}],
+     "field 'prompt[0].content[1]': image parts are not supported: dpokit trains text-only LMs"),
+    ([{"type": "input_audio", "input_audio": {}}],
+     "field 'prompt[0].content[0]': input_audio parts are not supported: dpokit trains text-only LMs"),
+    ([], "field 'prompt[0].content': empty list of content parts"),
+    (["q"], 'field \'prompt[0].content[0]\': expected a text part {"type": "text", "text": ...}, got string'),
+    ([{"text": "q"}], "field 'prompt[0].content[0].type': missing"),
+    ([{"type": "text"}], "field 'prompt[0].content[0].text': missing"),
+    ([{"type": "text", "text": 3}], "field 'prompt[0].content[0].text': expected a string, got integer"),
+])
+def test_content_parts_other_than_text_are_refused_by_name(content, message):
+    assert bad_row_message(dict(CONV, prompt=[{"role": "user", "content": content}])) == f"<list> row 1: {message}"
 
 
 # ---------------------------------------------------------------------------------------------------- SFT

@@ -279,3 +279,22 @@ def test_sft_truncation_and_drop(llama2):
     assert [s.row for s in out] == [1] and report.dropped == 1
     out = tokenize_sft(examples, llama2, max_length=4, truncation_mode="keep_end")
     assert [(len(s.prompt_ids), len(s.completion_ids)) for s in out] == [(1, 3), (1, 2)]
+
+
+def test_pairs_identical_after_truncation_are_dropped_and_counted(llama2):
+    # chosen and rejected share their first four tokens; max_completion_length=4 keeps only those: a pair with no
+    # gradient that would still count in the loss and the metrics.
+    same_start = pair(PROMPT, " a b c d e", " a b c d x", row=0)
+    examples = [same_start, pair(PROMPT, LONG, SHORT, row=1)]
+    report = _report(2)
+    pairs = tokenize_preference(examples, llama2, max_completion_length=4, report=report)
+    assert [p.row for p in pairs] == [1]
+    assert (report.dropped, report.identical_after_truncation, report.kept) == (1, 1, 1)
+    assert "1 dropped by truncation (1 of them with chosen identical to rejected once tokenized and cut)" in report.summary()
+    # Uncut, or cut where they still differ, the pair stays.
+    assert len(tokenize_preference([same_start], llama2)) == 1
+    assert len(tokenize_preference([same_start], llama2, max_completion_length=5)) == 1
+    with pytest.raises(DataError, match=r"^<list>: all 1 rows were dropped by truncation \(max_length=None, "
+                                        r"max_prompt_length=None, max_completion_length=4\): 0 would lose a whole "
+                                        r"completion, 1 would have chosen identical to rejected$"):
+        tokenize_preference([same_start], llama2, max_completion_length=4, report=_report(1))

@@ -39,7 +39,10 @@ BAD_FILES = {
     "system_not_first.jsonl": ROW + "field 'prompt[1].role': a system message must come first",
     "prompt_ends_with_assistant.jsonl": ROW + "field 'prompt[1].role': the prompt must end with a user (or tool) message, got 'assistant'",
     "chosen_user_role.jsonl": ROW + "field 'chosen[0].role': expected 'assistant', got 'user'",
-    "content_not_string.jsonl": ROW + "field 'prompt[0].content': expected a string, got list",
+    "content_not_string.jsonl": ROW + "field 'prompt[0].content[0]': expected a text part {\"type\": \"text\", \"text\": ...}, got string",
+    "content_image_part.jsonl": ROW + "field 'prompt[0].content[1]': image parts are not supported: dpokit trains text-only LMs",
+    "columns_unequal.json": "{p}: a JSON object of columns of different lengths (prompt: 2, chosen: 2, rejected: 1); "
+                            "expected a JSON array of row objects, JSON Lines, or columns of equal length",
     "chosen_not_a_list.jsonl": ROW + "field 'chosen': expected a list of messages, got string",
     "empty_prompt_messages.jsonl": ROW + "field 'prompt': empty list of messages",
     "implicit_prompts_differ.jsonl": ROW + "field 'rejected': conversation differs from 'chosen' at message 0, before the final assistant turn",
@@ -50,7 +53,8 @@ BAD_FILES = {
     "scored_one_completion.jsonl": ROW + "field 'completions': need at least 2 completions to form a pair, got 1",
     "scored_score_not_number.jsonl": ROW + "field 'completions[1].score': expected a number, got string",
     "scored_nan_score.jsonl": ROW + "field 'completions[1].score': expected a finite number, got nan",
-    "scored_all_tied.jsonl": "{p}: no usable rows (1 scored rows gave no pair: scores tied or closer than min_score_gap)",
+    "scored_all_tied.jsonl": "{p}: no usable rows (1 scored rows gave no pair: scores tied or closer than min_score_gap, "
+                             "or a single distinct completion)",
     "extra_values.csv": "{p} row 1: 4 values but the header has 3 columns",
     "duplicate_header.tsv": "{p}: header has column 'prompt' twice",
     "not_an_array.json": "{p}: expected a JSON array of objects, got string",
@@ -316,10 +320,13 @@ def test_check_conversational_needs_a_template_and_takes_one_from_a_file(tmp_pat
     path = _write(tmp_path, "conv.jsonl", rows)
     template = tmp_path / "inst.jinja"
     template.write_text(INST_TEMPLATE)
-    # The plain Llama-2 tokenizer has no chat template: check cannot count tokens and says what to set.
+    # The plain Llama-2 tokenizer has no chat template: check cannot count tokens and says, naming the file and
+    # before printing any of the report, what to set.
     assert check_main([path, "--tokenizer", str(LLAMA2)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: row 1: conversational row, but tokenizer ") and "has no chat template" in err
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: {path}: conversational data needs a chat template, but the tokenizer has none; "
+                            "set chat_template (a Jinja string or file) or use text data\n")
+    assert captured.out == ""
     assert check_main([path, "--tokenizer", str(LLAMA2), "--chat_template", str(template), "--max_length", "64"]) == 0
     out = capsys.readouterr().out
     assert f"{path}: 3 rows, format conversational, 3 usable" in out and "  prompt: p50=" in out
@@ -422,3 +429,97 @@ def test_scored_ultrafeedback_rows():
     tied = {"prompt": "q", "completions": [completion("a", {"honesty": "3"}), completion("b", {"honesty": "3.0"})]}
     with pytest.raises(DataError, match=r"no usable rows \(1 scored rows gave no pair"):
         preference_examples([tied], "<list>")
+
+
+# ------------------------------------------------------------------------------------- QA probe fixes
+
+
+def test_scored_repeated_text_counts_once_with_its_mean_score():
+    # "same" is listed twice (1 and 5: mean 3). It used to give all_pairs both other > same and same > other, and
+    # best_vs_worst picked "same" as both best and worst, then lost the row as "tied".
+    row = {"prompt": "q", "completions": [{"text": "same", "score": 1}, {"text": "same", "score": 5},
+                                          {"text": "other", "score": 2}]}
+    for strategy in ("best_vs_worst", "best_vs_rest", "all_pairs"):
+        pairs, report = _pairs([row], pair_strategy=strategy)
+        assert pairs == [("same", "other")] and (report.kept, report.unpaired) == (1, 0), strategy
+    tied = {"prompt": "q", "responses": ["same", "same", "other"], "scores": [1, 5, 3]}  # mean 3 ties with 3
+    assert _pairs([tied, row], pair_strategy="all_pairs")[1].unpaired == 1
+    conv = {"prompt": [{"role": "user", "content": "q"}], "responses": ["a", [{"role": "assistant", "content": "a"}], "b"],
+            "scores": [4, 0, 1]}  # the plain "a" is the message "a": one text, mean 2 > 1
+    assert _pairs([conv], pair_strategy="all_pairs")[0] == [([{"role": "assistant", "content": "a"}],
+                                                            [{"role": "assistant", "content": "b"}])]
+    one_text = {"prompt": "q", "completions": [{"text": "x", "score": 1}, {"text": "x", "score": 9}]}
+    with pytest.raises(DataError, match=r"1 scored rows gave no pair: .* or a single distinct completion\)$"):
+        preference_examples([one_text], "<list>")
+
+
+def test_check_counts_whitespace_only_completions_on_the_hh_file(capsys):
+    # Kept on purpose (saying nothing is a real HH preference) but never unseen: rows 87, 517, 926, 1104 have the
+    # chosen final turn " ", and no rejected one is blank.
+    check_main([str(HH_FILE), "--show", "10"])
+    out = capsys.readouterr().out
+    assert "pairs with a whitespace-only chosen or rejected (kept, trained on as given): 4\n" in out
+    for line in (87, 517, 926, 1104):
+        assert f"  {HH_FILE}:{line} chosen\n" in out
+
+
+def test_check_whitespace_only_completions_are_information_not_problems(tmp_path, capsys):
+    rows = [{"prompt": "q", "chosen": " ", "rejected": "no"}, {"prompt": "r", "chosen": "yes", "rejected": "\n"}]
+    assert check_main([_write(tmp_path, "t.jsonl", rows)]) == 0
+    out = capsys.readouterr().out
+    assert "pairs with a whitespace-only chosen or rejected (kept, trained on as given): 2\n" in out
+    assert out.endswith("result: clean\n")
+    sft = _write(tmp_path, "s.jsonl", [{"prompt": "q", "completion": " "}, {"prompt": "r", "completion": "ok"}])
+    assert check_main([sft, "--kind", "sft"]) == 0
+    assert f"examples with a whitespace-only completion (kept, trained on as given): 1\n  {sft}:1 completion\n" \
+        in capsys.readouterr().out
+
+
+IDENTICAL_ONCE_CUT = {"prompt": "q", "chosen": " a b c d e", "rejected": " a b c d x"}  # 4 shared tokens
+
+
+def test_check_and_filter_drop_pairs_identical_after_truncation(tmp_path, capsys):
+    rows = [IDENTICAL_ONCE_CUT, {"prompt": "q", "chosen": " yes", "rejected": " no"}]
+    src, out = _write(tmp_path, "in.jsonl", rows), str(tmp_path / "out.jsonl")
+    limits = ["--tokenizer", str(LLAMA2), "--max_length", "64", "--max_completion_length", "4"]
+    assert check_main([src, *limits]) == 0
+    printed = capsys.readouterr().out
+    assert ("max_completion_length=4 keep_start: 0 prompts cut, 0 rows with a completion cut, 1 rows dropped "
+            "(1 with chosen identical to rejected once cut)\n") in printed
+    assert filter_main([src, out, *limits]) == 0
+    assert [json.loads(line) for line in open(out)] == rows[1:]
+    assert "1 dropped by truncation (1 of them with chosen identical to rejected once tokenized and cut)" \
+        in capsys.readouterr().out
+    assert filter_main([_write(tmp_path, "one.jsonl", rows[:1]), out, *limits]) == 2
+    assert capsys.readouterr().err.endswith("every row would be dropped by these length limits\n")
+    assert filter_main([src, out, *limits[:-1], "5"]) == 0  # cut where they still differ: kept
+    assert [json.loads(line) for line in open(out)] == rows
+
+
+def test_split_refuses_one_file_for_both_sides_or_the_input(tmp_path, capsys):
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
+    src = _write(tmp_path, "in.jsonl", rows)
+    before = Path(src).read_bytes()
+    same = str(tmp_path / "out.jsonl")
+    other = str(tmp_path / "sub" / ".." / "out.jsonl")  # the same file, spelled differently
+    assert split_main([src, "--eval_fraction", "0.2", "--train_out", same, "--eval_out", other]) == 2
+    assert capsys.readouterr().err == (f"error: --train_out and --eval_out are the same file ({same}); give two paths\n")
+    assert split_main([src, "--eval_fraction", "0.2", "--train_out", src, "--eval_out", same]) == 2
+    assert capsys.readouterr().err == f"error: --train_out {src} is the input file; write the split to new files\n"
+    assert split_main([src, "--eval_fraction", "0.2", "--train_out", same, "--eval_out", src]) == 2
+    assert capsys.readouterr().err == f"error: --eval_out {src} is the input file; write the split to new files\n"
+    assert Path(src).read_bytes() == before and not Path(same).exists()
+
+
+def test_check_names_the_file_of_a_row_needing_a_chat_template_before_any_output(tmp_path, capsys):
+    # Scored rows: the first has a text prompt, the third a message prompt, which needs the (missing) template.
+    text = {"prompt": "q", "completions": [{"text": "a", "score": 1}, {"text": "b", "score": 2}]}
+    rows = [text, text, dict(text, prompt=[{"role": "user", "content": "q"}])]
+    path = _write(tmp_path, "mixed.jsonl", rows)
+    assert check_main([path, "--tokenizer", str(LLAMA2)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {path}:3: conversational row, but tokenizer ")
+    assert captured.out == ""
+    conv = _write(tmp_path, "conv.jsonl", [dict(text, prompt=[{"role": "user", "content": "q"}])])
+    assert check_main([conv, "--tokenizer", str(LLAMA2)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {conv}: scored data needs a chat template, but the tokenizer has none")

@@ -27,11 +27,18 @@ Preference formats (`dataset_format=`; `auto` detects them from the columns and 
   overall score is not comparable to a 1-5 rating). Pairs are formed per `pair_strategy`: ``best_vs_worst``
   (one pair per row), ``best_vs_rest`` (the best against each other completion) or ``all_pairs`` (every two
   completions, higher score chosen); a pair needs ``score_chosen - score_rejected >= min_score_gap`` AND a strictly
-  higher chosen score, so ties never become pairs. Among equal scores the first completion listed is used.
+  higher chosen score, so ties never become pairs. Among equal scores the first completion listed is used. A text
+  listed more than once in a row counts once, at its first place, scored with the MEAN of its scores: pairs are
+  chosen among distinct texts, so a text is never paired with itself nor both above and below another (a row with
+  one distinct text gives no pair and counts as unpaired).
 
 An ``input`` (or ``context``) column, as in Alpaca-style data, is folded into the prompt of the standard, scored
 and (SFT) prompt_completion formats as ``prompt + "\n\n" + input`` (for a message prompt: appended the same way to
 the last prompt message); an empty input adds nothing.
+
+Message ``content`` is a string, or a list of text parts ``[{"type": "text", "text": ...}, ...]`` (the OpenAI / HF
+multimodal message shape holding text only), read as the parts' texts joined with ``"\n"``. Any other part (image,
+audio, ...) is refused naming it: dpokit trains text-only LMs.
 
 SFT formats: ``prompt_completion`` (``prompt`` / ``completion`` strings), ``conversational_prompt_completion``
 (message lists), ``messages`` (one conversation; the last message is the completion, which must be an assistant
@@ -143,10 +150,12 @@ class DataReport:
 
     ``read = kept + skipped + deduplicated + dropped`` holds for every format but ``scored``: `skipped` rows were
     malformed (listed with their reason in `skipped_rows`, ``{"row": 0-based index, "reason": one-line message}``),
-    `deduplicated` rows repeated an earlier row exactly, `dropped` rows lost a whole completion to truncation during
-    tokenization. `truncated_prompt` / `truncated_completion` count kept rows whose prompt / a completion was cut.
-    For ``scored`` data `kept` counts the pairs formed (a row can give several) and `unpaired` the valid rows that
-    gave none (all scores tied or closer than ``min_score_gap``).
+    `deduplicated` rows repeated an earlier row exactly, `dropped` rows were dropped during tokenization: a
+    completion would have lost every token to truncation, or (`identical_after_truncation`, counted in `dropped`
+    too) chosen and rejected had the same token ids once truncated, a pair with no gradient that would still
+    count in the loss and the metrics. `truncated_prompt` / `truncated_completion` count kept rows whose prompt / a
+    completion was cut. For ``scored`` data `kept` counts the pairs formed (a row can give several) and `unpaired`
+    the valid rows that gave none (all scores tied or closer than ``min_score_gap``, or one distinct text).
     """
 
     read: int
@@ -160,6 +169,7 @@ class DataReport:
     format: str = ""
     source: str = ""
     unpaired: int = 0
+    identical_after_truncation: int = 0
     line_numbers: Sequence[int] | None = field(default=None, repr=False)
 
     def where(self, row: int) -> str:
@@ -170,8 +180,10 @@ class DataReport:
         """One line, e.g. ``train.jsonl (standard): 2312 read, 2310 kept, 2 skipped, 0 deduplicated, ...``."""
         return (
             f"{self.source or '<data>'} ({self.format}): {self.read} read, {self.kept} kept, {self.skipped} skipped, "
-            f"{self.deduplicated} deduplicated, {self.dropped} dropped by truncation, "
-            f"{self.truncated_prompt} prompts truncated, {self.truncated_completion} with a completion truncated"
+            f"{self.deduplicated} deduplicated, {self.dropped} dropped by truncation"
+            + (f" ({self.identical_after_truncation} of them with chosen identical to rejected once tokenized and cut)"
+               if self.identical_after_truncation else "")
+            + f", {self.truncated_prompt} prompts truncated, {self.truncated_completion} with a completion truncated"
             + (f", {self.unpaired} rows without a scored pair" if self.format == "scored" else "")
         )
 
@@ -208,7 +220,8 @@ def load_rows(source: Any, *, split: str = "train", config_name: Optional[str] =
     of a dict, a ``save_to_disk`` directory or a hub data set; `config_name` is a hub data set's configuration).
     `source_name` is the path as given, ``"<list>"`` or ``"<dataset>"``; it starts every error message.
     JSON Lines are read line by line (rows come back as a `RowList` that remembers line numbers), CSV/TSV with the
-    `csv` module (every value a string), Parquet/Arrow/``save_to_disk`` through `datasets`.
+    `csv` module (every value a string), Parquet/Arrow/``save_to_disk`` through `datasets`. A file that starts with
+    gzip's magic bytes is read as gzip whatever its name (``data.jsonl`` that is really ``data.jsonl.gz``).
     Unreadable input (no such file, invalid JSON or UTF-8, a broken archive) raises a one-line `DataError`.
     """
     import datasets
@@ -235,6 +248,7 @@ def load_rows(source: Any, *, split: str = "train", config_name: Optional[str] =
     if kind not in FILE_SUFFIXES:
         raise DataError(f"{name}: unsupported file type {''.join(path.suffixes) or '(none)'}; expected one of "
                         f"{', '.join(FILE_SUFFIXES)} (optionally .gz) or a datasets save_to_disk directory")
+    gz = gz or _starts_like_gzip(path)
     if kind == ".jsonl":
         return _stream_jsonl(path, name, gz), name
     raw = _read_bytes(path, name, gz)
@@ -261,6 +275,17 @@ def _load_from_hub(name: str, split: str, config_name: Optional[str] = None):
     except Exception as exc:  # datasets raises many types (connection, not found, offline mode); all mean "unusable"
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise DataError(f"{name}: no such file or directory, and loading it as a Hub data set failed ({reason})") from None
+
+
+def _starts_like_gzip(path: Path) -> bool:
+    """True when the file begins with gzip's magic bytes 1f 8b: a compressed file that lost its .gz suffix would
+    otherwise fail as "invalid UTF-8 (byte 0x8b ...)". No valid UTF-8 text, Parquet or Arrow file starts so.
+    An unreadable file gives False; reading it then reports why."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
 
 
 def _read_bytes(path: Path, name: str, gz: bool) -> bytes:
@@ -324,7 +349,8 @@ def _decode_utf8(raw: bytes, name: str) -> tuple[bytes, str]:
 
 
 def _parse_json(raw: bytes, name: str) -> list[dict] | RowList:
-    """A ``.json`` file holds a JSON array of objects, or (as many Hub datasets do) one object per line."""
+    """A ``.json`` file holds a JSON array of objects, (as many Hub datasets do) one object per line, or one object
+    of columns (`_column_rows`)."""
     raw, text = _decode_utf8(raw, name)
     try:
         obj = json.loads(text)
@@ -333,13 +359,33 @@ def _parse_json(raw: bytes, name: str) -> list[dict] | RowList:
             return _parse_jsonl(io.BytesIO(raw), name)  # JSON Lines under a .json name: a documented form
         raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if isinstance(obj, dict):
-        return _parse_jsonl(io.BytesIO(raw), name)  # a single object is a one-line JSON Lines file
+        columns = _column_rows(obj, name)
+        # a single object that is not columns is one row: a one-line JSON Lines file
+        return columns if columns is not None else _parse_jsonl(io.BytesIO(raw), name)
     if not isinstance(obj, list):
         raise DataError(f"{name}: expected a JSON array of objects, got {_type_name(obj)}")
     for i, item in enumerate(obj):
         if not isinstance(item, dict):
             raise DataError(f"{name} row {i + 1}: expected a JSON object, got {_type_name(item)}")
     return obj
+
+
+def _column_rows(obj: dict, name: str) -> list[dict] | None:
+    """The rows of a column-oriented object (``{"prompt": [...], "chosen": [...], ...}``, which HF's json loader reads
+    as rows), or None when `obj` is one row. Columns: every value is a list and no list holds a message object (a
+    dict with a "role": then the object is one conversational row whose message lists may happen to be equally
+    long). Columns of different lengths are refused rather than read as a row of nonsense."""
+    values = list(obj.values())
+    if not values or not all(isinstance(v, list) for v in values):
+        return None
+    if any(isinstance(item, dict) and "role" in item for v in values for item in v):
+        return None
+    lengths = {k: len(v) for k, v in obj.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{name}: a JSON object of columns of different lengths "
+                        f"({', '.join(f'{k}: {n}' for k, n in lengths.items())}); expected a JSON array of row objects, "
+                        "JSON Lines, or columns of equal length")
+    return [dict(zip(obj, row)) for row in zip(*values)]
 
 
 def _parse_csv(raw: bytes, name: str, delimiter: str) -> list[dict]:
@@ -518,11 +564,36 @@ def _messages(value: Any, name: str) -> list[Message]:
             raise _RowProblem(f"{where}.role", "a system message must come first")
         if content is None:
             raise _RowProblem(f"{where}.content", "missing")
+        if isinstance(content, list):
+            content = _text_parts(content, f"{where}.content")
         if not isinstance(content, str):
             raise _RowProblem(f"{where}.content", f"expected a string, got {_type_name(content)}")
         _check_unicode(content, f"{where}.content")
         out.append({"role": role, "content": content})
     return out
+
+
+def _text_parts(parts: list, name: str) -> str:
+    """Content given as parts ``[{"type": "text", "text": ...}, ...]`` (the OpenAI / HF multimodal message shape) ->
+    their texts joined with "\n". Only text parts: an image or audio part cannot be dropped quietly (the reply may
+    be about it), and dpokit trains text-only LMs."""
+    if not parts:
+        raise _RowProblem(name, "empty list of content parts")
+    texts = []
+    for i, part in enumerate(parts):
+        where = f"{name}[{i}]"
+        if not isinstance(part, dict):
+            raise _RowProblem(where, f'expected a text part {{"type": "text", "text": ...}}, got {_type_name(part)}')
+        kind = part.get("type")
+        if kind is None:
+            raise _RowProblem(f"{where}.type", "missing")
+        if kind != "text":
+            raise _RowProblem(where, f"{kind} parts are not supported: dpokit trains text-only LMs")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _RowProblem(f"{where}.text", "missing" if text is None else f"expected a string, got {_type_name(text)}")
+        texts.append(text)
+    return "\n".join(texts)
 
 
 def _prompt_messages(messages: list[Message], name: str) -> list[Message]:
@@ -755,8 +826,24 @@ def _scored(row: dict, index: int, strategy: str, min_score_gap: float) -> list[
             raise _RowProblem("completions", f"need at least 2 completions to form a pair, got {len(items)}")
         texts = [_scored_completion(item, f"completions[{i}]", conversational) for i, item in enumerate(items)]
         scores = _scores(items, "completions")
+    texts, scores = _merge_repeated_texts(texts, scores)
     return [PreferenceExample(prompt, texts[c], texts[r], index, system)
-            for c, r in scored_pairs(scores, strategy, min_score_gap) if texts[c] != texts[r]]
+            for c, r in scored_pairs(scores, strategy, min_score_gap)]
+
+
+def _merge_repeated_texts(texts: list, scores: list[float]) -> tuple[list, list[float]]:
+    """Each distinct text once, at its first place, scored with the mean of its scores. Pairing the listings
+    themselves would pair a text with itself, or put it both above and below another text (`same`:1, `same`:5,
+    `other`:3 gave other > same AND same > other), contradictory pairs to train on."""
+    distinct: list = []
+    listed: list[list[float]] = []
+    for text, score in zip(texts, scores):
+        if text in distinct:  # rows hold a handful of completions: a linear search is fine (texts may be lists)
+            listed[distinct.index(text)].append(score)
+        else:
+            distinct.append(text)
+            listed.append([score])
+    return distinct, [sum(s) / len(s) for s in listed]
 
 
 def _sft_prompt_completion(row: dict, index: int) -> SFTExample:
@@ -954,7 +1041,8 @@ def _run_parser(rows, source_name: str, fmt: str, parse: Callable, on_bad_rows: 
     if not examples and report.skipped_rows:
         raise DataError(f"{source_name}: all {report.read} rows are malformed or unusable; first: {report.skipped_rows[0]['reason']}")
     if not examples:
-        raise DataError(f"{source_name}: no usable rows ({report.unpaired} scored rows gave no pair: scores tied or closer than min_score_gap)")
+        raise DataError(f"{source_name}: no usable rows ({report.unpaired} scored rows gave no pair: scores tied or closer "
+                        "than min_score_gap, or a single distinct completion)")
     return examples, report
 
 
@@ -978,15 +1066,23 @@ def preference_examples(rows, source_name: str, *, dataset_format: str = "auto",
         raise ConfigError(f"min_score_gap must be a number >= 0, got {min_score_gap!r}")
     rows = _apply_column_map(rows, column_map, source_name)
     fmt = detect_preference_format(rows, source_name) if dataset_format == "auto" else dataset_format
-    if chat_template_available is False and fmt in ("conversational", "implicit_conversational"):
-        raise DataError(f"{source_name}: {fmt} data needs a chat template, but the tokenizer has none; set chat_template "
-                        f"(a Jinja string or file) or use text data")
+    messages = fmt in ("conversational", "implicit_conversational")
+    if messages or (fmt == "scored" and isinstance(_first_value(rows, "prompt"), list)):
+        _needs_chat_template(chat_template_available, fmt, source_name)
     if fmt == "scored":
         def parse(row, index):
             return _scored(row, index, pair_strategy, float(min_score_gap))
     else:
         parse = _PREFERENCE_PARSERS[fmt]
     return _run_parser(rows, source_name, fmt, parse, on_bad_rows, deduplicate)
+
+
+def _needs_chat_template(chat_template_available: bool | None, fmt: str, source_name: str) -> None:
+    """Refuse message data up front when the tokenizer has no chat template: found while tokenizing, the same fact
+    would surface as a row error after part of the work (or of a `data check` report) was done."""
+    if chat_template_available is False:
+        raise DataError(f"{source_name}: {fmt} data needs a chat template, but the tokenizer has none; "
+                        "set chat_template (a Jinja string or file) or use text data")
 
 
 def _prompt_only(row: dict, index: int) -> PromptExample:
@@ -1037,9 +1133,12 @@ def prompt_examples(rows, source_name: str, *, column_map: dict | None = None, o
 
 
 def sft_examples(rows, source_name: str, *, dataset_format: str = "auto", column_map: dict | None = None,
-                 on_bad_rows: str = "error", deduplicate: bool = False) -> tuple[list[SFTExample], DataReport]:
+                 on_bad_rows: str = "error", deduplicate: bool = False, chat_template_available: bool | None = None
+                 ) -> tuple[list[SFTExample], DataReport]:
     """Validate `rows` as SFT examples; returns ``(examples, report)``. Options as in `preference_examples`."""
     _check_options(dataset_format, SFT_FORMATS, on_bad_rows)
     rows = _apply_column_map(rows, column_map, source_name)
     fmt = detect_sft_format(rows, source_name) if dataset_format == "auto" else dataset_format
+    if fmt in ("conversational_prompt_completion", "messages"):
+        _needs_chat_template(chat_template_available, fmt, source_name)
     return _run_parser(rows, source_name, fmt, _SFT_PARSERS[fmt], on_bad_rows, deduplicate)

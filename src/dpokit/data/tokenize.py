@@ -25,7 +25,10 @@ Truncation, in order (lengths in tokens):
    from the right if still too long.
 Left cuts keep a leading BOS: the prompt loses the tokens right after it (a Llama model without BOS is out of
 distribution). A row in which any completion would lose all its tokens is dropped and counted
-(`DataReport.dropped`), never returned: training on an empty completion teaches nothing and skews the loss.
+(`DataReport.dropped`), never returned: training on an empty completion teaches nothing and skews the loss. So is a
+pair whose chosen and rejected ids are identical once truncated (they shared their first tokens and the cut kept only
+those, or the template rendered two texts alike; `DataReport.identical_after_truncation`, part of `dropped`): its loss
+has no gradient, yet it would count in the loss mean and the metrics.
 """
 
 from __future__ import annotations
@@ -252,11 +255,29 @@ def _as_int32_views(items: list[tuple[int, list[list[int]]]]) -> list[tuple[int,
     return out
 
 
-def _tokenize(examples, tokenizer, limits: _Limits, report: DataReport | None, get_parts: Callable, fields):
-    """Shared driver: render, tokenize, truncate, count. Yields (row, prompt ids, completion ids) for kept rows."""
+def _identical(completions: Sequence[Sequence[int]]) -> bool:
+    """Chosen and rejected with the same ids (e.g. cut to a shared start by max_completion_length): the DPO loss of
+    such a pair has no gradient, yet it would count in the loss mean and the reward metrics as a pair."""
+    return len(completions) == 2 and list(completions[0]) == list(completions[1])
+
+
+@dataclass
+class _Counts:
+    """What `_tokenize` cut and dropped: rows losing a whole completion, rows with chosen == rejected once cut, kept
+    rows with the prompt / a completion cut."""
+
+    lost: int = 0
+    identical: int = 0
+    prompt_cut: int = 0
+    completion_cut: int = 0
+
+
+def _tokenize(examples, tokenizer, limits: _Limits | None, where: Callable[[int], str], get_parts: Callable, fields
+              ) -> tuple[list[tuple[int, np.ndarray, list[np.ndarray]]], _Counts]:
+    """Shared driver: render, tokenize, truncate, drop. Returns (row, prompt ids, completion ids) for kept rows and the
+    counts. With ``limits=None`` nothing is cut or dropped: every example comes back, in order."""
     encoder = _Encoder(tokenizer)
-    where = report.where if report is not None else (lambda row: f"row {row + 1}")
-    kept, dropped, prompt_cuts, completion_cuts = [], 0, 0, 0
+    kept, counts = [], _Counts()
     # One chunk at a time: the rendered texts, the prompt+completion concatenations and the tokenizer's output (Python
     # int lists plus, for fast tokenizers, an Encoding object per text: ~50x the int32 size) exist for CHUNK_SIZE
     # examples only; what is kept is int32.
@@ -266,25 +287,64 @@ def _tokenize(examples, tokenizer, limits: _Limits, report: DataReport | None, g
         rendered = [_render(*get_parts(ex), ex.system, tokenizer, w, fields) for ex, w in zip(chunk, wheres)]
         chunk_kept = []
         for ex, (prompt, completions) in zip(chunk, _tokenize_rendered(encoder, rendered, wheres, fields)):
-            cut = _truncate(prompt, completions, limits, encoder.bos)
-            if cut is None:
-                dropped += 1
-                continue
-            prompt, completions, prompt_cut, completion_cut = cut
-            prompt_cuts += prompt_cut
-            completion_cuts += completion_cut
+            if limits is not None:
+                cut = _truncate(prompt, completions, limits, encoder.bos)
+                if cut is None:
+                    counts.lost += 1
+                    continue
+                prompt, completions, prompt_cut, completion_cut = cut
+                if _identical(completions):
+                    counts.identical += 1
+                    continue
+                counts.prompt_cut += prompt_cut
+                counts.completion_cut += completion_cut
             chunk_kept.append((ex.row, [prompt, *completions]))
         kept.extend(_as_int32_views(chunk_kept))
+    return kept, counts
+
+
+def _plain_where(row: int) -> str:
+    return f"row {row + 1}"
+
+
+def _tokenize_counted(examples, tokenizer, limits: _Limits, report: DataReport | None, get_parts: Callable, fields):
+    """`_tokenize` with the counts added to `report` (which also names rows in errors); no row left is an error."""
+    kept, counts = _tokenize(examples, tokenizer, limits, report.where if report is not None else _plain_where,
+                             get_parts, fields)
     if report is not None:
-        report.dropped += dropped
-        report.kept -= dropped
-        report.truncated_prompt += prompt_cuts
-        report.truncated_completion += completion_cuts
+        report.dropped += counts.lost + counts.identical
+        report.identical_after_truncation += counts.identical
+        report.kept -= counts.lost + counts.identical
+        report.truncated_prompt += counts.prompt_cut
+        report.truncated_completion += counts.completion_cut
     if examples and not kept:
         source = report.source if report is not None else "data"
+        why = ("every one would lose a whole completion" if not counts.identical else
+               f"{counts.lost} would lose a whole completion, {counts.identical} would have chosen identical to rejected")
         raise DataError(f"{source}: all {len(examples)} rows were dropped by truncation (max_length={limits.max_length}, "
-                        f"max_prompt_length={limits.max_prompt_length}): every one would lose a whole completion")
+                        f"max_prompt_length={limits.max_prompt_length}"
+                        + (f", max_completion_length={limits.max_completion_length}" if limits.max_completion_length else "")
+                        + f"): {why}")
     return kept
+
+
+def _parts_of(example) -> tuple:
+    """(prompt, [completions]) of a preference pair (chosen, rejected) or an SFT example (its completion)."""
+    if isinstance(example, PreferenceExample):
+        return example.prompt, [example.chosen, example.rejected]
+    return example.prompt, [example.completion]
+
+
+def token_ids(examples: Sequence[PreferenceExample] | Sequence[SFTExample], tokenizer, *,
+              report: DataReport | None = None) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """(prompt ids, [completion ids]) of EVERY example, in order, untruncated, none dropped: what ``dpokit data
+    check`` / ``filter`` try length limits on (with `_truncate` and `_identical`). Preference pairs give [chosen,
+    rejected], SFT examples [completion]. `report` only names rows in errors; it is not changed."""
+    sft = bool(examples) and isinstance(examples[0], SFTExample)
+    fields = ("completion",) if sft else ("chosen", "rejected")
+    kept, _ = _tokenize(examples, tokenizer, None, report.where if report is not None else _plain_where, _parts_of,
+                        fields)
+    return [(p, c) for _, p, c in kept]
 
 
 def tokenize_preference(examples: Sequence[PreferenceExample], tokenizer, *, max_length: int | None = None,
@@ -292,12 +352,11 @@ def tokenize_preference(examples: Sequence[PreferenceExample], tokenizer, *, max
                         truncation_mode: str = "keep_start", report: DataReport | None = None) -> list[TokenizedPair]:
     """Tokenize and truncate preference pairs (rules in the module docstring); dropped pairs are not returned.
 
-    `report` (from `preference_examples`) names rows in errors and is updated in place: dropped, kept,
-    truncated_prompt, truncated_completion (call once per report).
+    `report` (from `preference_examples`) names rows in errors and is updated in place: dropped (with
+    identical_after_truncation), kept, truncated_prompt, truncated_completion (call once per report).
     """
     limits = _Limits(max_length, max_prompt_length, max_completion_length, truncation_mode)
-    kept = _tokenize(examples, tokenizer, limits, report, lambda ex: (ex.prompt, [ex.chosen, ex.rejected]),
-                     ("chosen", "rejected"))
+    kept = _tokenize_counted(examples, tokenizer, limits, report, _parts_of, ("chosen", "rejected"))
     return [TokenizedPair(p, c[0], c[1], row) for row, p, c in kept]
 
 
@@ -309,5 +368,5 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer, *, max_length: int |
     other token of the text as completion.
     """
     limits = _Limits(max_length, None, None, truncation_mode)
-    kept = _tokenize(examples, tokenizer, limits, report, lambda ex: (ex.prompt, [ex.completion]), ("completion",))
+    kept = _tokenize_counted(examples, tokenizer, limits, report, _parts_of, ("completion",))
     return [TokenizedSFT(p, c[0], row) for row, p, c in kept]

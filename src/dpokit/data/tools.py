@@ -5,15 +5,18 @@ Each ``<command>_main(argv) -> int`` takes the arguments after ``dpokit data <co
 option) prints one line to stderr and returns 2.
 
 - ``check FILE [--tokenizer T [--chat_template FILE]] [--max_length N] [--max_prompt_length N] [--max_completion_length N] [--eval FILE]``:
-  rows, detected format, malformed rows, exact / near duplicates, share of pairs whose chosen is longer than the
-  rejected, with a tokenizer token-length percentiles and what each truncation setting would cut or drop, and
-  prompts found in both FILE and the eval file. Conversational data needs a chat template: the tokenizer's, or
+  rows, detected format, malformed rows, exact / near duplicates, whitespace-only completions (kept, but counted),
+  share of pairs whose chosen is longer than the rejected, with a tokenizer token-length percentiles and what each
+  truncation setting would cut or drop (including pairs whose chosen and rejected become identical), and prompts
+  found in both FILE and the eval file. Conversational data needs a chat template: the tokenizer's, or
   ``--chat_template FILE`` for a tokenizer without one. Exit 0: clean; 1: problems found (malformed rows, exact
-  duplicates, prompts shared with the eval file); 2: unusable input.
+  duplicates, prompts shared with the eval file); 2: unusable input, reported before any line of the report.
 - ``convert IN OUT``: canonical JSON Lines (see `canonical_row`), bad rows skipped and reported.
 - ``filter IN OUT [--dedup] [--tokenizer T [--chat_template FILE] --max_length N [--drop_truncated]]``: canonical rows that are valid,
-  optionally not exact duplicates and not dropped (or, with ``--drop_truncated``, not cut) by truncation.
+  optionally not exact duplicates and not dropped (or, with ``--drop_truncated``, not cut) by truncation; as in
+  training, a pair whose chosen and rejected ids are identical once truncated is dropped.
 - ``split IN --eval_fraction F --train_out A --eval_out B [--seed S]``: all rows sharing a prompt go to the same side.
+  A and B must be two files, neither of them IN.
 
 Common options: ``--kind preference|sft`` (default preference), ``--format NAME``, ``--column_map JSON``,
 ``--pair_strategy``, ``--min_score_gap`` (scored data).
@@ -66,14 +69,18 @@ def _parser(prog: str, description: str) -> _Parser:
     return p
 
 
-def _examples(path: str, args, *, on_bad_rows: str = "skip", deduplicate: bool = False):
+def _examples(path: str, args, *, on_bad_rows: str = "skip", deduplicate: bool = False, tokenizer=None):
+    """Validated examples of `path`; with a `tokenizer`, message data is refused up front (naming the file) when it
+    has no chat template, before anything is printed."""
     rows, name = load_rows(path, split=args.split)
+    has_template = None if tokenizer is None else bool(getattr(tokenizer, "chat_template", None))
     if args.kind == "sft":
         return sft_examples(rows, name, dataset_format=args.format, column_map=args.column_map,
-                            on_bad_rows=on_bad_rows, deduplicate=deduplicate)
+                            on_bad_rows=on_bad_rows, deduplicate=deduplicate, chat_template_available=has_template)
     return preference_examples(rows, name, dataset_format=args.format, column_map=args.column_map,
                                on_bad_rows=on_bad_rows, pair_strategy=args.pair_strategy,
-                               min_score_gap=args.min_score_gap, deduplicate=deduplicate)
+                               min_score_gap=args.min_score_gap, deduplicate=deduplicate,
+                               chat_template_available=has_template)
 
 
 def _run(body, argv) -> int:
@@ -205,17 +212,33 @@ def _tokenizer_from(args):
     return _load_tokenizer(args.tokenizer, args.chat_template) if args.tokenizer else None
 
 
-def _token_report(examples, report: DataReport, tokenizer, args, out) -> None:
-    from dpokit.data.tokenize import _Limits, _truncate, tokenize_preference, tokenize_sft
+def _blank(value) -> bool:
+    """A completion that is only whitespace (text, or every message's content)."""
+    if isinstance(value, str):
+        return not value.strip()
+    return all(not m["content"].strip() for m in value)
 
+
+def _blank_completions(examples, report: DataReport, args, out) -> None:
+    """Count (and list a few) whitespace-only completions. They are kept on purpose (in HH the chosen reply " ",
+    saying nothing, is a real preference), so this is information, not a problem; but never unseen."""
     if args.kind == "sft":
-        toks = tokenize_sft(examples, tokenizer, report=None)
-        parts = [(t.prompt_ids, [t.completion_ids]) for t in toks]
-        names = ("prompt", "completion")
+        blank = [(e.row, "completion") for e in examples if _blank(e.completion)]
+        print(f"examples with a whitespace-only completion (kept, trained on as given): {len(blank)}", file=out)
     else:
-        toks = tokenize_preference(examples, tokenizer, report=None)
-        parts = [(t.prompt_ids, [t.chosen_ids, t.rejected_ids]) for t in toks]
-        names = ("prompt", "chosen", "rejected")
+        blank = [(e.row, name) for e in examples for name in ("chosen", "rejected") if _blank(getattr(e, name))]
+        print(f"pairs with a whitespace-only chosen or rejected (kept, trained on as given): "
+              f"{len({row for row, _ in blank})}", file=out)
+    for row, name in blank[: args.show]:
+        print(f"  {report.where(row)} {name}", file=out)
+
+
+def _token_report(parts, tokenizer, args, out) -> None:
+    """Length percentiles of the (prompt ids, [completion ids]) `parts`, and what each truncation setting would cut
+    or drop (a pair whose chosen and rejected ids end up identical is dropped, as training drops it)."""
+    from dpokit.data.tokenize import _identical, _Limits, _truncate
+
+    names = ("prompt", "completion") if args.kind == "sft" else ("prompt", "chosen", "rejected")
     print(f"token lengths ({getattr(tokenizer, 'name_or_path', '')}):", file=out)
     columns = [[len(p) for p, _ in parts]] + [[len(c[k]) for _, c in parts] for k in range(len(names) - 1)]
     columns.append([len(p) + max(len(x) for x in c) for p, c in parts])
@@ -228,17 +251,19 @@ def _token_report(examples, report: DataReport, tokenizer, args, out) -> None:
     for max_length in lengths:
         for mode in ("keep_start", "keep_end"):
             limits = _Limits(max_length, args.max_prompt_length, args.max_completion_length, mode)
-            cut_p = cut_c = dropped = 0
+            cut_p = cut_c = dropped = identical = 0
             for prompt, comps in parts:
                 r = _truncate(list(prompt), [list(c) for c in comps], limits, tokenizer.bos_token_id)
-                if r is None:
+                if r is None or _identical(r[1]):
                     dropped += 1
+                    identical += r is not None
                 else:
                     cut_p += r[2]
                     cut_c += r[3]
+            same = f" ({identical} with chosen identical to rejected once cut)" if args.kind == "preference" else ""
             print(f"truncation max_length={max_length} max_prompt_length={args.max_prompt_length} "
                   f"max_completion_length={args.max_completion_length} {mode}: {cut_p} prompts cut, "
-                  f"{cut_c} rows with a completion cut, {dropped} rows dropped", file=out)
+                  f"{cut_c} rows with a completion cut, {dropped} rows dropped{same}", file=out)
 
 
 def _check(argv) -> int:
@@ -252,7 +277,18 @@ def _check(argv) -> int:
     p.add_argument("--show", type=int, default=5, help="how many bad or duplicate rows to list")
     args = p.parse_args(argv)
     out = sys.stdout
-    examples, report = _examples(args.file, args)
+    tokenizer = _tokenizer_from(args)
+    if tokenizer is None and args.max_length:
+        raise ConfigError("--max_length needs --tokenizer (lengths are counted in tokens)")
+    # Everything that can make the input unusable (exit 2) is read, validated and tokenized before the first line
+    # is printed: an error then stands alone, never after half a report.
+    examples, report = _examples(args.file, args, tokenizer=tokenizer)
+    parts = None
+    if tokenizer is not None:
+        from dpokit.data.tokenize import token_ids
+
+        parts = token_ids(examples, tokenizer, report=report)
+    held = _examples(args.eval, args) if args.eval else None
     problems = []
     print(f"{report.source}: {report.read} rows, format {report.format}, {report.kept} "
           f"{'pairs' if report.format == 'scored' else 'usable'}", file=out)
@@ -272,16 +308,14 @@ def _check(argv) -> int:
     print(f"near duplicates (same text up to case, spaces, punctuation): {len(dups.near)}", file=out)
     for row, first in dups.near[: args.show]:
         print(f"  {report.where(row)} ~ {report.where(first)}", file=out)
+    _blank_completions(examples, report, args, out)
     if args.kind == "preference":
         longer = sum(len(_text_of(e.chosen)) > len(_text_of(e.rejected)) for e in examples)
         print(f"chosen longer than rejected (characters): {100 * longer / len(examples):.1f}% of pairs", file=out)
-    tokenizer = _tokenizer_from(args)
-    if tokenizer is not None:
-        _token_report(examples, report, tokenizer, args, out)
-    elif args.max_length:
-        raise ConfigError("--max_length needs --tokenizer (lengths are counted in tokens)")
-    if args.eval:
-        eval_examples, eval_report = _examples(args.eval, args)
+    if parts is not None:
+        _token_report(parts, tokenizer, args, out)
+    if held is not None:
+        eval_examples, eval_report = held
         eval_prompts = {_prompt_key(e) for e in eval_examples}
         shared = {_prompt_key(e) for e in examples} & eval_prompts
         print(f"prompts also in {eval_report.source}: {len(shared)}", file=out)
@@ -327,30 +361,31 @@ def _filter(argv) -> int:
     p.add_argument("--truncation_mode", default="keep_start")
     p.add_argument("--drop_truncated", action="store_true", help="also drop rows that truncation would cut")
     args = p.parse_args(argv)
-    examples, report = _examples(args.input, args, deduplicate=args.dedup)
     limited = any(v is not None for v in (args.max_length, args.max_prompt_length, args.max_completion_length))
+    if limited and not args.tokenizer:
+        raise ConfigError("length limits need --tokenizer (lengths are counted in tokens)")
+    tokenizer = _tokenizer_from(args) if limited else None
+    examples, report = _examples(args.input, args, deduplicate=args.dedup, tokenizer=tokenizer)
     if limited:
-        if not args.tokenizer:
-            raise ConfigError("length limits need --tokenizer (lengths are counted in tokens)")
-        examples = _within_limits(examples, _tokenizer_from(args), args, report)
+        examples = _within_limits(examples, tokenizer, args, report)
     write_jsonl([canonical_row(e) for e in examples], args.output)
     print(f"{args.output}: wrote {len(examples)} rows; {report.summary()}")
     return 0
 
 
 def _within_limits(examples, tokenizer, args, report: DataReport):
-    from dpokit.data.tokenize import _Limits, _truncate, tokenize_preference, tokenize_sft
+    """The examples that training with these limits would keep (with ``--drop_truncated``: keep uncut); the others
+    are counted in `report` as training counts them."""
+    from dpokit.data.tokenize import _identical, _Limits, _truncate, token_ids
 
     limits = _Limits(args.max_length, args.max_prompt_length, args.max_completion_length, args.truncation_mode)
-    if args.kind == "sft":
-        parts = [(t.prompt_ids, [t.completion_ids]) for t in tokenize_sft(examples, tokenizer)]
-    else:
-        parts = [(t.prompt_ids, [t.chosen_ids, t.rejected_ids]) for t in tokenize_preference(examples, tokenizer)]
     kept = []
-    for ex, (prompt, comps) in zip(examples, parts):
+    for ex, (prompt, comps) in zip(examples, token_ids(examples, tokenizer, report=report)):
         r = _truncate(list(prompt), [list(c) for c in comps], limits, tokenizer.bos_token_id)
-        if r is None or (args.drop_truncated and (r[2] or r[3])):
+        identical = r is not None and _identical(r[1])
+        if r is None or identical or (args.drop_truncated and (r[2] or r[3])):
             report.dropped += 1
+            report.identical_after_truncation += identical
             report.kept -= 1
             continue
         kept.append(ex)
@@ -381,6 +416,17 @@ def split_by_prompt(examples, eval_fraction: float, seed: int) -> tuple[list, li
     return train, held
 
 
+def _distinct_paths(args) -> None:
+    """Refuse outputs that would overwrite each other (the eval part would replace the train part: half the data
+    gone, exit 0) or the input (replaced by its train part). Paths are compared resolved: ./a.jsonl is a.jsonl."""
+    train, held, source = (Path(p).resolve() for p in (args.train_out, args.eval_out, args.input))
+    if train == held:
+        raise ConfigError(f"--train_out and --eval_out are the same file ({args.train_out}); give two paths")
+    for flag, path, resolved in (("--train_out", args.train_out, train), ("--eval_out", args.eval_out, held)):
+        if resolved == source:
+            raise ConfigError(f"{flag} {path} is the input file; write the split to new files")
+
+
 def _split(argv) -> int:
     p = _parser("split", "Split into train and eval by prompt (no prompt on both sides).")
     p.add_argument("input")
@@ -391,6 +437,7 @@ def _split(argv) -> int:
     args = p.parse_args(argv)
     if not 0 < args.eval_fraction < 1:
         raise ConfigError(f"--eval_fraction must be between 0 and 1, got {args.eval_fraction}")
+    _distinct_paths(args)
     examples, report = _examples(args.input, args)
     train, held = split_by_prompt(examples, args.eval_fraction, args.seed)
     if not train:
