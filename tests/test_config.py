@@ -252,3 +252,12 @@ def test_a_config_made_in_python_with_a_wrong_type_names_the_field(kw, match):
 def test_a_config_directory_is_named_as_one(tmp_path):
     with pytest.raises(ConfigError, match="is a directory; give the YAML file in it"):
         build_config(DPOConfig, tmp_path)
+
+
+def test_a_key_given_twice_in_yaml_is_refused(tmp_path):
+    f = tmp_path / "dpo.yaml"
+    f.write_text("beta: 0.1\nlearning_rate: 1.0e-4\nbeta: 0.3\n")
+    with pytest.raises(ConfigError, match=re.escape("dpo.yaml:3: invalid YAML (key 'beta' appears twice (lines 1 and 3))")):
+        build_config(DPOConfig, f)
+    f.write_text("beta: 0.1\nlora_target_modules: [q_proj, k_proj]\nmodel_init_kwargs: {a: 1}\n")
+    assert build_config(DPOConfig, f).model_init_kwargs == {"a": 1}

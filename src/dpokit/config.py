@@ -703,6 +703,22 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a config
+    with two `learning_rate:` lines would train with one of them and nobody would be told which."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def build_config(cls: type, config_file: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """Defaults < YAML file < overrides. Unknown keys name the closest valid key. The result is validated."""
     values: dict[str, Any] = {}
@@ -713,7 +729,7 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
