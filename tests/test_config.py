@@ -52,7 +52,7 @@ def test_list_loss_type_and_weights():
     ({"loss_type": "simpo", "precompute_ref_log_probs": "true"}, "uses no reference model"),
     ({"reference_free": "true", "precompute_ref_log_probs": "true"}, "uses no reference model"),
     ({"warmup_ratio": "2"}, "warmup_ratio must be in"),
-    ({"report_to": "wandb"}, "report_to: unknown sink"),
+    ({"report_to": "mlflow"}, "report_to: unknown sink"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -1,5 +1,6 @@
 """The DPO/SFT trainers: hand-computed loss, the four reference modes, LoRA, in-memory models, config errors."""
 
+import json
 import math
 
 import pytest
@@ -353,3 +354,50 @@ def test_displacement_warning_is_logged_and_written(tmp_path, tok, monkeypatch, 
     assert "warning at step 1: chosen log-probs fell (test)" in capsys.readouterr().out
     lines = [json.loads(l) for l in (tmp_path / "run" / "warnings.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2] and lines[0]["kind"] == "likelihood_displacement"
+
+
+def test_report_to_wandb_logs_as_transformers_does(tmp_path, tok, monkeypatch):
+    """report_to=wandb: one W&B run (project from WANDB_PROJECT, name run_name, the config), every logged record
+    under transformers' names (train/..., eval/...) at its step, finished at the end. W&B itself is replaced by a
+    recorder: the test checks what dpokit hands it."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", step, dict(data)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_PROJECT", "dpo-tests")
+    t = DPOTrainer(model(0), args=cfg(tmp_path, report_to="wandb", run_name="r1", max_steps=2),
+                   train_dataset=PAIRS, eval_dataset=PAIRS[:2], processing_class=tok)
+    t.train()
+    init = calls[0]
+    assert init[0] == "init" and init[1]["project"] == "dpo-tests" and init[1]["name"] == "r1"
+    assert init[1]["config"]["report_to"] == "wandb" and calls[-1] == ("finish",)
+    logs = [c for c in calls if c[0] == "log"]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [c[1] for c in logs] == [r["step"] for r in recs]
+    assert "train/loss" in logs[0][2] and "train/rewards/margins" in logs[0][2] and "eval/loss" in logs[-1][2]
+    assert logs[0][2]["train/loss"] == pytest.approx(recs[0]["loss"], rel=1e-6)
+
+
+def test_report_to_wandb_without_the_package_is_named(monkeypatch):
+    import importlib.util
+
+    from dpokit.config import build_config
+    from dpokit.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"report_to: wandb needs the wandb package \(pip install wandb\)"):
+        build_config(DPOConfig, overrides={"report_to": "wandb"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import math
 import textwrap
@@ -23,6 +24,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from dpokit.errors import ConfigError
+
+REPORT_SINKS = ("none", "tensorboard", "wandb", "all")
 
 
 @dataclass
@@ -192,7 +195,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     """With `on_nonfinite: skip`, the most steps that may be skipped; one more stops the run as `stop` would."""
     report_to: Union[str, list] = "none"
-    """Metric sinks besides metrics.jsonl: `none`, `tensorboard` or `all`."""
+    """Metric sinks besides metrics.jsonl: `none`, `tensorboard`, `wandb` (Weights & Biases, as transformers logs to
+    it: project from WANDB_PROJECT, run name `run_name`, metrics as train/... and eval/...; needs `pip install
+    wandb`), a list of them, or `all` (tensorboard, and wandb where installed)."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
 
@@ -291,8 +296,10 @@ class TrainConfig:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
         sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         for sink in sinks:
-            if sink not in ("none", "tensorboard", "all"):
-                raise ConfigError(f"report_to: unknown sink {sink!r}; valid: none, tensorboard, all")
+            if sink not in REPORT_SINKS:
+                raise ConfigError(f"report_to: unknown sink {sink!r}; valid: {', '.join(REPORT_SINKS)}")
+        if "wandb" in sinks and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("report_to: wandb needs the wandb package (pip install wandb)")
         from transformers.trainer_utils import SchedulerType
 
         valid = [s.value for s in SchedulerType]
@@ -303,6 +310,11 @@ class TrainConfig:
     def report_to_tensorboard(self) -> bool:
         sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
         return "tensorboard" in sinks or "all" in sinks
+
+    @property
+    def report_to_wandb(self) -> bool:
+        sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return "wandb" in sinks or ("all" in sinks and importlib.util.find_spec("wandb") is not None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -498,7 +510,7 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     "logging_nan_inf_filter": (ANY, "a non-finite loss never reaches the log: on_nonfinite stops or skips the step"),
     "skip_memory_metrics": (ANY, "dpokit logs no memory metrics"),
     "include_num_input_tokens_seen": (ANY, "dpokit logs tokens_per_second instead"),
-    "project": (ANY, "it names a trackio project; report_to knows none and tensorboard"),
+    "project": (ANY, "it names a trackio project; report_to knows none, tensorboard and wandb"),
     "trackio_space_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
     "trackio_bucket_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
     "trackio_static_space_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),

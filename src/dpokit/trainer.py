@@ -249,11 +249,15 @@ class MetricsSink:
     between that checkpoint and the kill."""
 
     def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool, history: Optional[list] = None,
-                 resume_step: Optional[int] = None):
+                 resume_step: Optional[int] = None, wandb_init: Optional[dict] = None):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.history = list(history or [])
-        self.tb = None
+        self.tb = self.wandb = None
+        if enabled and wandb_init is not None:
+            import wandb
+
+            self.wandb = wandb.init(**wandb_init)
         if enabled:
             C.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         if enabled and tensorboard:
@@ -276,10 +280,16 @@ class MetricsSink:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            # transformers' names on W&B, so TRL's dashboards read these runs: train/loss, eval/loss, ...
+            self.wandb.log({k if k.startswith("eval/") else f"train/{k}": v for k, v in metrics.items()
+                            if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class DisplacementWatch:
@@ -734,9 +744,14 @@ class Trainer:
             self._restore(ckpt, *saved, total_steps)
             if acc.is_main_process:
                 C.write_latest(self.output_dir, ckpt)  # resuming an older checkpoint makes it the newest again
+        wandb_init = None
+        if cfg.report_to_wandb:
+            # As transformers' WandbCallback starts a run; a resumed run is a new W&B run going on from its step.
+            wandb_init = dict(project=os.environ.get("WANDB_PROJECT", "huggingface"), name=cfg.run_name,
+                              config=cfg.to_dict())
         self._sink = sink = MetricsSink(self.output_dir, cfg.report_to_tensorboard, acc.is_main_process,
                                         history=saved[1]["metrics"] if saved else None,
-                                        resume_step=self.global_step if saved else None)
+                                        resume_step=self.global_step if saved else None, wandb_init=wandb_init)
         last: dict = {}
         self._current: dict = {}
         loss_sum, loss_steps, started = 0.0, 0, time.perf_counter()
