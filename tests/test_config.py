@@ -182,7 +182,7 @@ use_rslora: true
     ("use_liger_kernel", True, r"use_liger_kernel: True is not supported: dpokit does not use Liger"),
     ("sync_ref_model", "yes", r"sync_ref_model: 'yes' is not supported: TR-DPO"),
     ("load_in_4bit", True, r"load_in_4bit: True is not supported: quantized"),
-    ("torch_dtype", "bfloat16", r"torch_dtype: 'bfloat16' is not supported: transformers v5 calls it dtype"),
+    ("torch_dtype", "float64", r"dtype: 'float64' is not one of"),  # read as dtype, its v5 name
     ("deepspeed", "ds.json", r"deepspeed: 'ds.json' is not supported: the engine .* accelerate launch"),
     ("label_smoothing_factor", 0.1, r"label_smoothing_factor: 0.1 is not supported: .*label_smoothing \(cDPO\)"),
     ("dataloader_drop_last", True, r"dataloader_drop_last: True is not supported: every pair is trained on"),
@@ -261,3 +261,13 @@ def test_a_key_given_twice_in_yaml_is_refused(tmp_path):
         build_config(DPOConfig, f)
     f.write_text("beta: 0.1\nlora_target_modules: [q_proj, k_proj]\nmodel_init_kwargs: {a: 1}\n")
     assert build_config(DPOConfig, f).model_init_kwargs == {"a": 1}
+
+
+def test_older_and_script_names_are_read_as_dpokit_keys(tmp_path):
+    tpl = tmp_path / "chat.jinja"
+    tpl.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    cfg = build_config(SFTConfig, overrides={"torch_dtype": "bfloat16", "chat_template_path": str(tpl),
+                                             "eos_token": "<|im_end|>"})
+    assert (cfg.dtype, cfg.chat_template, cfg.eos_token) == ("bfloat16", str(tpl), "<|im_end|>")
+    with pytest.raises(ConfigError, match="torch_dtype .* and dtype .* disagree"):
+        build_config(SFTConfig, overrides={"torch_dtype": "bfloat16", "dtype": "float32"})

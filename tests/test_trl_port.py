@@ -319,3 +319,16 @@ def test_messages_rows_say_that_earlier_assistant_turns_are_context(tmp_path, ca
     SFTTrainer(tiny_llama(vocab_size=32000), args=SFTConfig(**args, completion_only_loss=False), train_dataset=rows,
                processing_class=tok)
     assert "assistant turns before the final one" not in capsys.readouterr().out
+
+
+def test_eos_token_ends_every_completion(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)  # changed in place, as TRL changes processing_class
+    t = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path, eos_token="<unk>", max_steps=1),
+                   train_dataset=PAIRS, processing_class=tok)
+    assert t.tokenizer.eos_token == "<unk>"
+    assert all(p.chosen_ids[-1] == 0 and p.rejected_ids[-1] == 0 for p in t.train_examples)
+    with pytest.raises(ConfigError, match="eos_token: '<eot>' is not a token of the tokenizer's vocabulary"):
+        DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path, eos_token="<eot>"), train_dataset=PAIRS,
+                   processing_class=tok)

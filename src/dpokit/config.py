@@ -76,6 +76,9 @@ class TrainConfig:
     """Jinja chat template (or a path to a file holding one) for conversational data when the tokenizer has none."""
     pad_token: Optional[str] = None
     """Token used for padding (it must be in the vocabulary); default: the tokenizer's pad token, else its EOS."""
+    eos_token: Optional[str] = None
+    """Token that ends every completion (it must be in the vocabulary; e.g. a chat model's end-of-turn token);
+    default: the tokenizer's EOS. The saved tokenizer keeps it, so sampling stops there too."""
     max_length: Optional[int] = 1024
     """Longest prompt+completion in tokens; longer rows are cut per `truncation_mode`, and counted."""
     max_prompt_length: Optional[int] = None
@@ -549,7 +552,6 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     "sync_ref_model": (False, "TR-DPO reference updates are not implemented; the reference stays fixed"),
     "ref_model_mixup_alpha": (ANY, "it acts only with sync_ref_model"),
     "ref_model_sync_steps": (ANY, "it acts only with sync_ref_model"),
-    "torch_dtype": (None, "transformers v5 calls it dtype: rename the key"),
     "evaluation_strategy": (None, "transformers calls it eval_strategy: rename the key"),
     "load_in_8bit": (False, "quantized (bitsandbytes) training is not supported"),
     "load_in_4bit": (False, "quantized (bitsandbytes) training is not supported"),
@@ -562,8 +564,6 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     # TRL's SFTConfig (keys that DPOConfig has as fields are read as fields there)
     "dataset_text_field": ("text", "dpokit detects the text column; rename yours with column_map: {your_column: text}"),
     "dataset_kwargs": (None, "dpokit reads the data set itself"),
-    "chat_template_path": (None, "use chat_template (a template, or the path of a file holding one)"),
-    "eos_token": (None, "the tokenizer's EOS ends each completion"),
     "shuffle_dataset": (ANY, "pairs are always drawn in a seeded random order (data_seed)"),
     "packing": (False, "SFT packing is not implemented (DPO has padding_free)"),
     "packing_strategy": (ANY, "it acts only with packing"),
@@ -585,7 +585,9 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
 
 # transformers' newer names for the same settings (its own aliases): read into the dpokit field.
 ALIASES = {"activation_checkpointing": "gradient_checkpointing",
-           "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+           "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+           "torch_dtype": "dtype",  # transformers v5's new name
+           "chat_template_path": "chat_template"}  # dpokit's chat_template also takes a file
 
 
 def _at_default(value: Any, default: Any) -> bool:

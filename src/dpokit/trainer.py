@@ -133,10 +133,12 @@ def load_tokenizer(processing_class: Any, model_source: Any, cfg: TrainConfig):
             raise DpokitError(f"cannot load tokenizer {str(source)!r}: {str(exc).splitlines()[0]}") from exc
     if cfg.chat_template:
         tok.chat_template = read_chat_template(cfg.chat_template)
-    if cfg.pad_token is not None:
-        if tok.convert_tokens_to_ids(cfg.pad_token) in (None, tok.unk_token_id) and cfg.pad_token != tok.unk_token:
-            raise ConfigError(f"pad_token: {cfg.pad_token!r} is not a token of the tokenizer's vocabulary")
-        tok.pad_token = cfg.pad_token
+    for name in ("eos_token", "pad_token"):  # EOS first: without a pad token, padding takes the EOS set here
+        value = getattr(cfg, name)
+        if value is not None:
+            if tok.convert_tokens_to_ids(value) in (None, tok.unk_token_id) and value != tok.unk_token:
+                raise ConfigError(f"{name}: {value!r} is not a token of the tokenizer's vocabulary")
+            setattr(tok, name, value)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ConfigError("the tokenizer has neither a pad token nor an EOS token; add one")
