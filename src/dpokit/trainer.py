@@ -193,8 +193,8 @@ def enable_checkpointing(model: nn.Module, kwargs: Optional[dict]) -> None:
     `every_n_layers` / `offload` go to its `activation_checkpointing_enable` (where transformers has it)."""
     kwargs = {"use_reentrant": False, **(kwargs or {})}
     extra = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
-    if not extra:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not hasattr(model, "activation_checkpointing_enable") and not extra:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # transformers before 5.24
         return
     if not hasattr(model, "activation_checkpointing_enable"):
         raise ConfigError(f"gradient_checkpointing_kwargs {sorted(extra)} need a transformers with "
