@@ -310,3 +310,32 @@ def test_pack_pairs_refuses_a_pair_longer_than_the_budget():
         pack_pairs(pairs, token_budget=longest - 1)
     with pytest.raises(ConfigError, match="token_budget must be > 0"):
         pack_pairs(pairs, token_budget=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SFT: the same layout for single sequences
+
+
+@pytest.mark.parametrize("completion_only", [True, False], ids=["completion_only", "every_token"])
+def test_packed_sft_logps_and_grads_equal_plain(completion_only):
+    """`collate_packed_sft` scores exactly the tokens `collate_sft` masks in, with the same log-probs and gradients
+    (text rows with no prompt included)."""
+    from dpokit.data.collate import collate_packed_sft, collate_sft
+    from dpokit.data.tokenize import TokenizedSFT
+
+    model = tiny_llama()
+    rng = np.random.default_rng(3)
+    examples = [TokenizedSFT(rng.integers(3, 128, p).astype(np.int32), rng.integers(3, 128, c).astype(np.int32), i)
+                for i, (p, c) in enumerate([(5, 3), (0, 7), (1, 1), (9, 4)])]
+    padded = collate_sft(examples, 0, completion_only)
+    want = plain_logps(model, padded)
+    want.sum().backward()
+    want_grads = grads(model)
+    model.zero_grad()
+    packed = collate_packed_sft(examples, completion_only)
+    assert packed["input_ids"].shape[1] == sum(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
+    out = packed_completion_logps(model, packed, chunk_size=4)
+    torch.testing.assert_close(out.logps, want, **LOGP_TOL)
+    assert out.lengths.tolist() == padded["completion_mask"][:, 1:].sum(-1).tolist()
+    out.logps.sum().backward()
+    assert_grads_close(grads(model), want_grads)

@@ -401,3 +401,32 @@ def test_report_to_wandb_without_the_package_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match=r"report_to: wandb needs the wandb package \(pip install wandb\)"):
         build_config(DPOConfig, overrides={"report_to": "wandb"})
+
+
+@pytest.mark.parametrize("extra", [
+    {"padding_free": True},
+    {"padding_free": True, "completion_only_loss": False},
+    {"padding_free": True, "token_budget": 40, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4},
+], ids=["packed", "packed_every_token", "token_budget"])
+def test_sft_padding_free_matches_padded(tmp_path, tok, extra):
+    """SFT with padding_free (and a token budget): the padded run's losses and final weights."""
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" It is {2 * i}." + " Yes" * i}
+            for i in range(8)]
+    base = {k: v for k, v in extra.items() if k == "completion_only_loss"}
+    runs = {}
+    for name, kw in (("padded", {**base, "per_device_train_batch_size": 4}), ("fast", extra)):
+        args = SFTConfig(output_dir=str(tmp_path / name), max_steps=2, logging_steps=1, save_steps=0,
+                         disable_tqdm=True, seed=0, adam_epsilon=1.0, learning_rate=1.0,
+                         **{"per_device_train_batch_size": 4, **kw})
+        t = SFTTrainer(model(0), args=args, train_dataset=rows, processing_class=tok)
+        passes = []
+        step = t._optimizer_step
+        t._optimizer_step = lambda micro, step=step: (passes.append(len(micro)), step(micro))[1]
+        t.train()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = ([json.loads(line)["loss"] for line in lines], t.model.state_dict(), passes)
+    if "token_budget" in extra:
+        assert min(runs["fast"][2]) >= 2  # the budget really split the steps
+    assert runs["fast"][0] == pytest.approx(runs["padded"][0], rel=1e-5)
+    for (n, a), b in zip(runs["padded"][1].items(), runs["fast"][1].values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)

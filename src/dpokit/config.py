@@ -239,9 +239,24 @@ class TrainConfig:
     # ----- performance -----
     logps_chunk_size: int = 1024
     """Tokens per chunk of the LM head when computing log-probs (the full-vocab logits are never all in memory)."""
+    padding_free: bool = False
+    """Pack the examples of a micro-batch (DPO: each pair's chosen and rejected) into one row without padding
+    (per-sequence positions, attention kept inside each sequence); the same log-probs as the padded path, fewer
+    wasted tokens."""
+    token_budget: Optional[int] = None
+    """With `padding_free`: packed tokens per micro-batch on each process. An optimizer step still covers
+    per_device_train_batch_size x gradient_accumulation_steps x processes examples (the same ones as without it, so
+    the same numbers); they are split over the processes by token count and each process packs its share into as
+    few micro-batches of at most this many tokens as fit, instead of a fixed count per micro-batch (short examples
+    fill a budget, long ones do not run out of memory). null: per_device_train_batch_size examples per micro-batch."""
 
     def validate(self) -> None:
         """Check values and their combinations; raise ConfigError with one line naming the field."""
+        if self.token_budget is not None:
+            if not self.padding_free:
+                raise ConfigError("token_budget needs padding_free=true (it counts packed tokens)")
+            if self.token_budget < 1:
+                raise ConfigError(f"token_budget must be >= 1 or null (got {self.token_budget})")
         for name in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
             # A local model is recorded by its absolute path, so that a run directory names the model it started
             # from (`dpokit eval`'s default reference) wherever it is read from; hub ids stay as they are.
@@ -347,18 +362,9 @@ class DPOConfig(TrainConfig):
     """How scored rows (several responses with scores) become pairs: best_vs_worst, best_vs_rest or all_pairs."""
     min_score_gap: float = 0.0
     """Scored rows: a pair needs chosen score - rejected score >= this (ties never become pairs)."""
-    padding_free: bool = False
-    """Pack the pairs of a micro-batch into one row without padding (per-sequence positions, attention kept inside
-    each sequence); same log-probs as the padded path, fewer wasted tokens."""
     share_prompt: bool = False
     """With `padding_free`: one sequence prompt+chosen+rejected per pair, the prompt computed once (rejected never
     attends to chosen and its positions restart after the prompt)."""
-    token_budget: Optional[int] = None
-    """With `padding_free`: packed tokens per micro-batch on each process. An optimizer step still covers
-    per_device_train_batch_size x gradient_accumulation_steps x processes pairs (the same pairs as without it, so the
-    same numbers); they are split over the processes by token count and each process packs its share into as few
-    micro-batches of at most this many tokens as fit, instead of a fixed pair count per micro-batch (short pairs fill
-    a budget, long ones do not run out of memory). null: per_device_train_batch_size pairs per micro-batch."""
     ref_model_name_or_path: Optional[str] = None
     """A separate reference model; default: a frozen copy of the starting policy (adapters off under LoRA)."""
     beta: float = 0.1
@@ -407,11 +413,6 @@ class DPOConfig(TrainConfig):
             raise ConfigError(f"precompute_ref_batch_size must be >= 1 or null (got {self.precompute_ref_batch_size})")
         if self.share_prompt and not self.padding_free:
             raise ConfigError("share_prompt needs padding_free=true")
-        if self.token_budget is not None:
-            if not self.padding_free:
-                raise ConfigError("token_budget needs padding_free=true (it counts packed tokens)")
-            if self.token_budget < 1:
-                raise ConfigError(f"token_budget must be >= 1 or null (got {self.token_budget})")
         _check_choice(self, "pair_strategy", ("best_vs_worst", "best_vs_rest", "all_pairs"))
         if self.min_score_gap < 0:
             raise ConfigError(f"min_score_gap must be >= 0 (got {self.min_score_gap})")
@@ -565,14 +566,14 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     "dataset_text_field": ("text", "dpokit detects the text column; rename yours with column_map: {your_column: text}"),
     "dataset_kwargs": (None, "dpokit reads the data set itself"),
     "shuffle_dataset": (ANY, "pairs are always drawn in a seeded random order (data_seed)"),
-    "packing": (False, "SFT packing is not implemented (DPO has padding_free)"),
+    "packing": (False, "TRL's packing of several examples into max_length rows is not implemented; padding_free=true "
+                       "packs each micro-batch into one row without padding (token_budget: by token count)"),
     "packing_strategy": (ANY, "it acts only with packing"),
     "eval_packing": (ANY, "it acts only with packing"),
     "assistant_only_loss": (False, "a messages row trains its final assistant turn (completion_only_loss) or, with "
                                    "completion_only_loss=false, the whole conversation; a loss on every assistant "
                                    "turn is not supported"),
     "loss_type": ("nll", "dpokit's SFT loss is the negative log-likelihood"),
-    "padding_free": (False, "SFT batches are padded (DPO has padding_free)"),
     # engines
     "fsdp": (None, _ENGINE),
     "fsdp_config": (None, _ENGINE),

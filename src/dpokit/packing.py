@@ -58,16 +58,21 @@ def pack_pairs(pairs: Sequence, token_budget: int, shared_prompt: bool = False) 
 
     Raises ConfigError when one pair alone exceeds the budget (it could never be placed).
     """
+    return pack_by_cost(pairs, [pair_tokens(p, shared_prompt) for p in pairs], token_budget, "pair")
+
+
+def pack_by_cost(items: Sequence, costs: Sequence[int], token_budget: int, what: str = "example") -> list[list]:
+    """First-fit decreasing of `items` (with their packed-token `costs`) into micro-batches of at most
+    `token_budget` tokens (`pack_pairs`; SFT examples use it directly). Items keep their input order in each bin."""
     if token_budget <= 0:
         raise ConfigError(f"token_budget must be > 0 (got {token_budget})")
-    costs = [pair_tokens(p, shared_prompt) for p in pairs]
-    too_long = [(c, p.row) for c, p in zip(costs, pairs) if c > token_budget]
+    too_long = [(c, item.row) for c, item in zip(costs, items) if c > token_budget]
     if too_long:
         cost, row = max(too_long)
-        raise ConfigError(f"pair at row {row} needs {cost} packed tokens, more than token_budget={token_budget}; "
-                          f"raise token_budget to at least {cost} (the longest pair must fit in one micro-batch) "
+        raise ConfigError(f"{what} at row {row} needs {cost} packed tokens, more than token_budget={token_budget}; "
+                          f"raise token_budget to at least {cost} (the longest {what} must fit in one micro-batch) "
                           "or lower max_length")
-    order = sorted(range(len(pairs)), key=lambda i: (-costs[i], i))  # stable: ties keep the input order
+    order = sorted(range(len(items)), key=lambda i: (-costs[i], i))  # stable: ties keep the input order
     bins: list[list[int]] = []
     room: list[int] = []
     for i in order:
@@ -79,7 +84,7 @@ def pack_pairs(pairs: Sequence, token_budget: int, shared_prompt: bool = False) 
         else:
             bins.append([i])
             room.append(token_budget - costs[i])
-    return [[pairs[i] for i in sorted(b)] for b in bins]
+    return [[items[i] for i in sorted(b)] for b in bins]
 
 
 def padded_tokens(pairs: Sequence) -> int:

@@ -31,10 +31,10 @@ from dpokit import data as D
 from dpokit import distributed as dist
 from dpokit import losses
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args, steps_from
-from dpokit.data.collate import collate_packed, collate_pairs, collate_sft
+from dpokit.data.collate import collate_packed, collate_packed_sft, collate_pairs, collate_sft
 from dpokit.errors import ConfigError, DataError, DpokitError
-from dpokit.logps import CompletionLogps, completion_logps
-from dpokit.packing import batch_logps, enable_packed_attention, pack_pairs, pair_tokens
+from dpokit.logps import CompletionLogps
+from dpokit.packing import batch_logps, enable_packed_attention, pack_by_cost, pack_pairs, pair_tokens
 from dpokit.reference import (AdapterOffReference, ModelReference, data_fingerprint, frozen_copy,
                               model_fingerprint, precompute)
 
@@ -1350,15 +1350,31 @@ class SFTTrainer(Trainer):
                                    truncation_mode=cfg.truncation_mode, report=report)
         return _finish_data(self, tokenized, report, name, split)
 
+    def setup_reference(self) -> None:
+        if self.args.padding_free:
+            enable_packed_attention(self.model)  # packed rows: attention kept inside each example (dpokit.packing)
+
     def collate(self, examples):
+        if self.args.padding_free:
+            return collate_packed_sft(examples, self.args.completion_only_loss)
         return collate_sft(examples, self.tokenizer.pad_token_id, self.args.completion_only_loss)
 
     def batch_weight(self, batch: dict) -> float:
+        if "completion_lengths" in batch:
+            return float(batch["completion_lengths"].sum())
         return float(batch["completion_mask"][:, 1:].sum())
 
+    def token_budget(self) -> Optional[int]:
+        return self.args.token_budget
+
+    def pack(self, examples: list, budget: int) -> list[list]:
+        return pack_by_cost(examples, [self.pack_cost(ex) for ex in examples], budget)
+
+    def pack_cost(self, example) -> int:
+        return len(example.prompt_ids) + len(example.completion_ids)
+
     def loss_and_metrics(self, batch: dict, train: bool):
-        out = self.policy(completion_logps, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                          chunk_size=self.args.logps_chunk_size)
+        out = self.policy(batch_logps, batch, chunk_size=self.args.logps_chunk_size)
         n = out.lengths.sum()
         loss_sum = -out.logps.sum()
         return loss_sum, float(n), {"loss": float(loss_sum.detach() / n.clamp(min=1))}

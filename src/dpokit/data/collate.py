@@ -165,3 +165,51 @@ def collate_packed(pairs: Sequence, shared_prompt: bool = False) -> dict[str, to
         "row": torch.tensor([p.row for p in pairs], dtype=torch.long),
         "logical_tokens": torch.tensor(sum(pair_tokens(p) for p in pairs)),
     }
+
+
+def collate_packed_sft(examples: Sequence, completion_only_loss: bool = True) -> dict[str, torch.Tensor]:
+    """TokenizedSFT list -> one padding-free row holding every example's prompt‖completion, positions restarting at 0
+    for each, in the layout of `collate_packed` (one attention segment per example; score_* index the tokens the
+    loss covers: the completion's, or with `completion_only_loss=False` every token but the first, as `collate_sft`
+    masks them). `completion_lengths` [B] counts them per example."""
+    if not examples:
+        raise ValueError("collate_packed_sft: no examples")
+    ids, pos, segments = [], [], []
+    score_index, score_target, score_seq, score_col = [], [], [], []
+    offset = 0
+    for i, ex in enumerate(examples):
+        seq = np.concatenate([np.asarray(ex.prompt_ids, np.int64), np.asarray(ex.completion_ids, np.int64)])
+        n, first = len(seq), len(ex.prompt_ids) if completion_only_loss else 0
+        ids.append(seq)
+        pos.append(np.arange(n))
+        segments.append(offset + np.arange(n))
+        # Token j is predicted by the hidden state at j - 1; token 0 has no prefix and is never scored.
+        scored = np.arange(max(first, 1), n)
+        score_index.append(offset + scored - 1)
+        score_target.append(seq[scored])
+        score_seq.append(np.full(len(scored), i, np.int64))
+        score_col.append(scored - max(first, 1))
+        offset += n
+    width = max(len(seg) for seg in segments)
+    attn_index = torch.zeros((len(segments), width), dtype=torch.long)
+    attn_out = np.empty(offset, np.int64)
+    for k, seg in enumerate(segments):
+        attn_index[k, : len(seg)] = torch.from_numpy(seg)
+        attn_out[seg] = k * width + np.arange(len(seg))
+    input_ids = torch.from_numpy(np.concatenate(ids))[None]
+    score_seq_t = torch.from_numpy(np.concatenate(score_seq))
+    return {
+        "input_ids": input_ids,
+        "position_ids": torch.from_numpy(np.concatenate(pos))[None],
+        "attention_mask": torch.ones_like(input_ids),
+        "attn_index": attn_index,
+        "attn_lengths": torch.tensor([len(seg) for seg in segments], dtype=torch.long),
+        "attn_out": torch.from_numpy(attn_out),
+        "score_index": torch.from_numpy(np.concatenate(score_index)),
+        "score_target": torch.from_numpy(np.concatenate(score_target)),
+        "score_seq": score_seq_t,
+        "score_col": torch.from_numpy(np.concatenate(score_col)),
+        "completion_lengths": torch.bincount(score_seq_t, minlength=len(examples)),
+        "row": torch.tensor([ex.row for ex in examples], dtype=torch.long),
+        "logical_tokens": torch.tensor(offset),
+    }
