@@ -366,3 +366,21 @@ def test_samples_count_the_tokens_sampled(tmp_path, llama2_tokenizer):
                                     seed=1) for s in g]
     assert all(s.num_tokens == 5 for s in flat if not s.finished)
     assert all(s.num_tokens < 5 for s in flat if s.finished)
+
+
+def test_reward_model_input_longer_than_its_positions_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from dpokit.demo import build_tokenizer
+    from dpokit.evaluate import load_judge
+
+    tok = build_tokenizer()
+    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=8,
+                                                  num_labels=1, pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    judge = load_judge(f"rm:{tmp_path / 'rm'}")
+    assert len(judge(["one morning ,"], [" it was good ."])) == 1
+    with pytest.raises(ConfigError, match=r"a prompt \+ completion of 15 tokens is longer than the reward model's "
+                                          r"max_position_embeddings \(8\)"):
+        judge(["one morning , the baker went to the market ."], [" it was good ."])

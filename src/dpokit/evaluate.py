@@ -379,6 +379,12 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
                 # pad id is also a real token (a tokenizer without a pad token pads with EOS, and chat templates end
                 # a turn with EOS) that token would be skipped, so padding gets an id no sequence of the batch holds.
                 ids, mask = enc["input_ids"], enc["attention_mask"]
+                limit = getattr(rm.config, "max_position_embeddings", None)
+                if limit is not None and ids.shape[1] > limit:
+                    # Scored on a cut text, the reward would describe something else; nobody would be told.
+                    raise ConfigError(f"judge {spec!r}: a prompt + completion of {int(mask.sum(1).max())} tokens is "
+                                      f"longer than the reward model's max_position_embeddings ({limit}); use shorter "
+                                      "prompts or max_new_tokens")
                 used = set(ids[mask.bool()].tolist())
                 free = next((i for i in range(rm.get_input_embeddings().num_embeddings) if i not in used), None)
                 if free is None:  # every id of the vocabulary occurs: score the sequences one by one, unpadded
