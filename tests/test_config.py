@@ -271,3 +271,16 @@ def test_older_and_script_names_are_read_as_dpokit_keys(tmp_path):
     assert (cfg.dtype, cfg.chat_template, cfg.eos_token) == ("bfloat16", str(tpl), "<|im_end|>")
     with pytest.raises(ConfigError, match="torch_dtype .* and dtype .* disagree"):
         build_config(SFTConfig, overrides={"torch_dtype": "bfloat16", "dtype": "float32"})
+
+
+def test_bf16_left_unset_takes_trls_decision(monkeypatch):
+    """TRL's DPOConfig turns bf16 on when it is not set (unless fp16): so does dpokit, where the GPU has bf16."""
+    import torch
+
+    assert build_config(DPOConfig).bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert build_config(DPOConfig).bf16 is True and DPOConfig().bf16 is None
+    assert build_config(DPOConfig, overrides={"fp16": True}).bf16 is False
+    assert build_config(DPOConfig, overrides={"use_cpu": True}).bf16 is False
+    assert build_config(DPOConfig, overrides={"bf16": False}).bf16 is False

@@ -846,3 +846,10 @@ def test_matches_trl_orpo_odds_ratio(trl):
     assert_close(ours.chosen_rewards, trl_cr, rtol=rtol)
     assert_close(ours.metrics["log_odds_ratio"].mean(), mean_ratio, rtol=rtol)
     assert_close(ours.metrics["log_odds_chosen"].mean(), mean_log_odds, rtol=rtol)
+
+
+def test_sigmoid_with_label_smoothing_notes_what_trl_does():
+    assert loss_spec("sigmoid").notes == ()
+    (note,) = loss_spec("sigmoid", label_smoothing=0.1).notes
+    assert "conservative DPO" in note and "TRL 1.16's sigmoid ignores label_smoothing" in note
+    assert loss_spec("robust", label_smoothing=0.1).notes == ()

@@ -430,3 +430,19 @@ def test_sft_padding_free_matches_padded(tmp_path, tok, extra):
     assert runs["fast"][0] == pytest.approx(runs["padded"][0], rel=1e-5)
     for (n, a), b in zip(runs["padded"][1].items(), runs["fast"][1].values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_ld_alpha_logs_the_scores_the_loss_reads(tmp_path, tok):
+    """With ld_alpha, logps/chosen and logps/rejected are the length-desensitised sums (as TRL logs them)."""
+    from dpokit.packing import batch_logps
+
+    t = DPOTrainer(model(0), args=cfg(tmp_path, ld_alpha=0.5), train_dataset=PAIRS, processing_class=tok)
+    batch = t.collate(t.train_examples[:3])
+    _, _, metrics = t.loss_and_metrics(batch, train=False)
+    with torch.no_grad():
+        out = batch_logps(t.model, batch)
+    scores = t.aggregate(out)
+    assert metrics["logps/chosen"] == pytest.approx(float(scores[:3].mean()), rel=1e-5)
+    assert metrics["logps/rejected"] == pytest.approx(float(scores[3:].mean()), rel=1e-5)
+    plain = (float(out.logps[:3].mean()), float(out.logps[3:].mean()))  # the longer side is desensitised
+    assert (metrics["logps/chosen"], metrics["logps/rejected"]) != pytest.approx(plain, rel=1e-3)

@@ -134,8 +134,9 @@ class TrainConfig:
     """Seed of the order in which training examples are drawn (default: `seed`)."""
     full_determinism: bool = False
     """Deterministic kernels everywhere (transformers' `enable_full_determinism`): reproducible on GPU, slower."""
-    bf16: bool = False
-    """Mixed precision with bfloat16 autocast (weights stay in their loaded dtype)."""
+    bf16: Optional[bool] = None
+    """Mixed precision with bfloat16 autocast (weights stay in their loaded dtype). null (the default, TRL's): on
+    where the GPU supports bf16 unless fp16 is set, off on CPU; the run records the value it took."""
     fp16: bool = False
     """Mixed precision with float16 autocast and a gradient scaler (GPU only)."""
     gradient_checkpointing: bool = False
@@ -252,6 +253,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values and their combinations; raise ConfigError with one line naming the field."""
+        if self.bf16 is None:
+            # TRL's rule for bf16 left unset (or null): bf16 unless fp16, where the device has it.
+            import torch
+
+            self.bf16 = (not self.fp16 and not self.use_cpu and torch.cuda.is_available()
+                         and torch.cuda.is_bf16_supported())
         if self.token_budget is not None:
             if not self.padding_free:
                 raise ConfigError("token_budget needs padding_free=true (it counts packed tokens)")
@@ -766,10 +773,8 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
     for key, value in values.items():
         where = f" in {config_file}" if config_file and key not in (overrides or {}) else ""
         if key in fields and _is_null(value) and type(None) not in typing.get_args(_annotation(fields[key].type)):
-            # TRL's "decide for me" (bf16: null, completion_only_loss: null): TRL's rule for the precision,
-            # dpokit's default (which is TRL's decision for its data) for the rest.
-            if key == "bf16":
-                kwargs[key] = _auto_bf16(values)
+            # TRL's "decide for me" (completion_only_loss: null): dpokit's default, which is TRL's decision for
+            # its data. (bf16: null is the field's own default, resolved by `validate`.)
             continue
         if key in fields:
             kwargs[key] = _coerce(key, value, fields[key].type)
@@ -789,17 +794,6 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
 
 def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))
-
-
-def _auto_bf16(values: dict) -> bool:
-    """TRL's `bf16: null`: bf16 unless fp16 is asked for, where the device supports it (a CUDA GPU that has it)."""
-    try:
-        fp16 = _coerce("fp16", values.get("fp16", False), bool)
-    except ConfigError:
-        fp16 = False
-    import torch
-
-    return not fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def config_from_args(cls: type, args: Any) -> TrainConfig:

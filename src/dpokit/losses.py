@@ -28,6 +28,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,8 @@ class LossSpec:
         needs_lengths: pass ``chosen_lengths``/``rejected_lengths`` (completion token counts). Needed by the
             length-normalised losses, by the chosen NLL (``rpo_alpha``, ``orpo``, ``sft``) and by WPO weighting.
         needs_weight_logps: pass ``chosen_weight_logps``/``rejected_weight_logps`` (WPO, ``use_weighting=True``).
+        notes: facts about this configuration a user should be told once (the trainer logs them), e.g. where a
+            TRL run of the same config computes something else.
 
     Log-probs are always SUMMED over completion tokens; losses that need a per-token mean divide inside.
     """
@@ -72,6 +75,7 @@ class LossSpec:
     needs_reference: bool
     needs_lengths: bool
     needs_weight_logps: bool = False
+    notes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -654,7 +658,12 @@ def loss_spec(
     terms = _resolve_terms(loss_type, loss_weights)
     _check_params(terms, beta=beta, label_smoothing=label_smoothing, rpo_alpha=rpo_alpha, discopop_tau=discopop_tau,
                   f_divergence_type=f_divergence_type, use_weighting=use_weighting, more=more)
-    return _needs(terms, reference_free, rpo_alpha, use_weighting)
+    spec = _needs(terms, reference_free, rpo_alpha, use_weighting)
+    if label_smoothing > 0 and any(t.name == "sigmoid" for t in terms):
+        spec = dataclasses.replace(spec, notes=(
+            f"label_smoothing={label_smoothing} with sigmoid: conservative DPO (cDPO, the DPO authors' formula); "
+            "TRL 1.16's sigmoid ignores label_smoothing",))
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------------------------------

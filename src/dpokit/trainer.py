@@ -1399,6 +1399,8 @@ class DPOTrainer(Trainer):
         if not self.spec.needs_reference and ref_model is not None:
             raise ConfigError(f"a ref_model was given but loss_type {cfg.loss_type!r} uses no reference "
                               "(or reference_free is set)")
+        for note in self.spec.notes:
+            log(note)
         if ref_model is not None and ref_model is model and not isinstance(model, str):
             # The reference must stay frozen while the policy trains: one object cannot be both.
             raise ConfigError("model and ref_model are the same object; pass ref_model=None (a frozen copy of the "
@@ -1545,8 +1547,9 @@ class DPOTrainer(Trainer):
             "rewards/rejected": float(rejected_r.mean()),
             "rewards/accuracies": float((chosen_r > rejected_r).float().mean()),
             "rewards/margins": float((chosen_r - rejected_r).mean()),
-            "logps/chosen": float(out.logps[:b].detach().mean()),
-            "logps/rejected": float(out.logps[b:].detach().mean()),
+            # The scores the loss reads, as TRL logs them (with ld_alpha, the length-desensitised sums).
+            "logps/chosen": float(policy[:b].detach().mean()),
+            "logps/rejected": float(policy[b:].detach().mean()),
         }
         for k, v in (result.metrics or {}).items():
             metrics[k] = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)

@@ -155,6 +155,17 @@ def test_conversational_eos_is_appended_when_the_template_does_not_end_with_it(l
     assert s.row == 3
 
 
+def test_a_template_closing_the_turn_with_eos_then_text_keeps_its_rendering(llama2_chat):
+    """ChatML-style "<eos>\n" after a turn: the completion is the rendering as it is, as TRL trains it; a second EOS
+    after the newline would train a sequence the model never meets when it generates."""
+    llama2_chat.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
+                                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+    ex = SFTExample([user("hi")], [assistant("yo")], 0)
+    (s,) = tokenize_sft([ex], llama2_chat)
+    assert llama2_chat.decode(ids(s.completion_ids)) == "yo</s>\n"
+    assert ids(s.completion_ids).count(EOS) == 1 and ids(s.completion_ids)[-1] != EOS
+
+
 def test_conversational_errors(llama2, llama2_chat):
     ex = PreferenceExample([user("hi")], [assistant("a")], [assistant("b")], 4)
     report = DataReport(read=5, kept=5, skipped=0, source="t.jsonl", line_numbers=[1, 2, 3, 4, 9])

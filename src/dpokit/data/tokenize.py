@@ -14,8 +14,9 @@ Conversational examples are rendered with the tokenizer's chat template: the pro
 the conversation's rendering minus the prompt's (which must be a prefix of it, else `DataError`). Both are then
 tokenized exactly as text, but WITHOUT adding special tokens (the template already wrote BOS into the text).
 
-Every completion ends with ``tokenizer.eos_token_id``, appended unless already there (templates often close a turn
-with EOS).
+Every completion ends with ``tokenizer.eos_token_id``, appended unless already there. A chat template that closes
+the turn with EOS followed by more text (ChatML's ``"<|im_end|>\n"``) keeps its rendering as it is, as TRL trains it:
+EOS is appended to a rendered completion only when it holds no EOS at all.
 
 Truncation, in order (lengths in tokens):
 1. ``max_prompt_length`` cuts the prompt from the left (keeps its end).
@@ -134,7 +135,9 @@ class _Encoder:
             ids = full[n:] if full[:n] == p_ids else self._standalone(p_ids, c_text, full, where)
             if not ids:
                 raise DataError(f"{where}: the completion adds no tokens after the prompt")
-            if ids[-1] != self.eos:
+            # A chat template that closes the turn with EOS keeps its own ending (e.g. "<|im_end|>\n"), as TRL
+            # trains it: a second EOS after the newline would be a sequence the model never sees at inference.
+            if ids[-1] != self.eos and (add_special_tokens or self.eos not in ids):
                 ids = ids + [self.eos]
             out.append(ids)
         return out
