@@ -137,19 +137,28 @@ def collate_packed(pairs: Sequence, shared_prompt: bool = False) -> dict[str, to
         add_scores(i, chosen_seg[p - 1 + np.arange(c)] if p else np.r_[-1, chosen_seg[: c - 1]], chosen)
         add_scores(b + i, rejected_seg[p - 1 + np.arange(r)] if p else np.r_[-1, rejected_seg[: r - 1]], rejected)
 
-    n = offset
+    return _packed_batch(ids, pos, segments, (score_index, score_target, score_seq, score_col), 2 * b,
+                         [p.row for p in pairs], sum(pair_tokens(p) for p in pairs))
+
+
+def _packed_batch(ids: list, pos: list, segments: list, scores: tuple, n_seqs: int, rows: list,
+                  logical_tokens: int) -> dict[str, torch.Tensor]:
+    """The tensors of a packed batch (`collate_packed`'s docstring) from its pieces: token ids and positions in
+    packed order, each attention segment's packed indices, and the scored tokens' (index, target, sequence,
+    column) arrays. A token in several segments (a shared prompt) takes its output from the first of them."""
+    n = sum(len(x) for x in ids)
     width = max(len(s) for s in segments)
-    attn_index = torch.zeros((2 * b, width), dtype=torch.long)
+    attn_index = torch.zeros((len(segments), width), dtype=torch.long)
     for s, seg in enumerate(segments):
         attn_index[s, : len(seg)] = torch.from_numpy(seg)
-    # Rejected segments first, chosen last: a shared prompt token ends up owned by its chosen segment.
+    # Later segments first, earlier ones last: a shared prompt token ends up owned by its chosen segment.
     attn_out = np.full(n, -1, np.int64)
-    for s in reversed(range(2 * b)):
+    for s in reversed(range(len(segments))):
         attn_out[segments[s]] = s * width + np.arange(len(segments[s]))
     if (attn_out < 0).any():  # cannot happen: every token is in its own sequence's segment
-        raise RuntimeError("collate_packed: a packed token belongs to no attention segment")
+        raise RuntimeError("packed batch: a packed token belongs to no attention segment")
     input_ids = torch.from_numpy(np.concatenate(ids))[None]
-    score_seq_t = torch.from_numpy(np.concatenate(score_seq))
+    score_index, score_target, score_seq, score_col = (torch.from_numpy(np.concatenate(x)) for x in scores)
     return {
         "input_ids": input_ids,
         "position_ids": torch.from_numpy(np.concatenate(pos))[None],
@@ -157,13 +166,13 @@ def collate_packed(pairs: Sequence, shared_prompt: bool = False) -> dict[str, to
         "attn_index": attn_index,
         "attn_lengths": torch.tensor([len(s) for s in segments], dtype=torch.long),
         "attn_out": torch.from_numpy(attn_out),
-        "score_index": torch.from_numpy(np.concatenate(score_index)),
-        "score_target": torch.from_numpy(np.concatenate(score_target)),
-        "score_seq": score_seq_t,
-        "score_col": torch.from_numpy(np.concatenate(score_col)),
-        "completion_lengths": torch.bincount(score_seq_t, minlength=2 * b),
-        "row": torch.tensor([p.row for p in pairs], dtype=torch.long),
-        "logical_tokens": torch.tensor(sum(pair_tokens(p) for p in pairs)),
+        "score_index": score_index,
+        "score_target": score_target,
+        "score_seq": score_seq,
+        "score_col": score_col,
+        "completion_lengths": torch.bincount(score_seq, minlength=n_seqs),
+        "row": torch.tensor(rows, dtype=torch.long),
+        "logical_tokens": torch.tensor(logical_tokens),
     }
 
 
@@ -190,26 +199,5 @@ def collate_packed_sft(examples: Sequence, completion_only_loss: bool = True) ->
         score_seq.append(np.full(len(scored), i, np.int64))
         score_col.append(scored - max(first, 1))
         offset += n
-    width = max(len(seg) for seg in segments)
-    attn_index = torch.zeros((len(segments), width), dtype=torch.long)
-    attn_out = np.empty(offset, np.int64)
-    for k, seg in enumerate(segments):
-        attn_index[k, : len(seg)] = torch.from_numpy(seg)
-        attn_out[seg] = k * width + np.arange(len(seg))
-    input_ids = torch.from_numpy(np.concatenate(ids))[None]
-    score_seq_t = torch.from_numpy(np.concatenate(score_seq))
-    return {
-        "input_ids": input_ids,
-        "position_ids": torch.from_numpy(np.concatenate(pos))[None],
-        "attention_mask": torch.ones_like(input_ids),
-        "attn_index": attn_index,
-        "attn_lengths": torch.tensor([len(seg) for seg in segments], dtype=torch.long),
-        "attn_out": torch.from_numpy(attn_out),
-        "score_index": torch.from_numpy(np.concatenate(score_index)),
-        "score_target": torch.from_numpy(np.concatenate(score_target)),
-        "score_seq": score_seq_t,
-        "score_col": torch.from_numpy(np.concatenate(score_col)),
-        "completion_lengths": torch.bincount(score_seq_t, minlength=len(examples)),
-        "row": torch.tensor([ex.row for ex in examples], dtype=torch.long),
-        "logical_tokens": torch.tensor(offset),
-    }
+    return _packed_batch(ids, pos, segments, (score_index, score_target, score_seq, score_col), len(examples),
+                         [ex.row for ex in examples], offset)
