@@ -384,3 +384,29 @@ def test_reward_model_input_longer_than_its_positions_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"a prompt \+ completion of 15 tokens is longer than the reward model's "
                                           r"max_position_embeddings \(8\)"):
         judge(["one morning , the baker went to the market ."], [" it was good ."])
+
+
+def boom(prompt, completion):
+    raise ValueError("judge exploded")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--output", "prompts.jsonl"], "--output prompts.jsonl is the prompts file"),
+    (["--output", "p.jsonl", "--beta", "0.5"], "--beta is the implicit judge's"),
+    (["--output", "p.jsonl", "--judge", "test_pairs:boom", "--keep_unfinished", ""],
+     "raised ValueError: judge exploded"),
+    (["--output", "p.jsonl", "--max_new_tokens", "60"], "with max_new_tokens=60 that is more than the model's "
+                                                        "max_position_embeddings (64)"),
+])
+def test_pairs_cli_more_refusals(sft_model, tmp_path, capsys, monkeypatch, extra, match):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}])
+    before = (tmp_path / "prompts.jsonl").read_text()
+    argv = {"--model": str(sft_model), "--prompts": "prompts.jsonl", "--judge": "test_pairs:word_count",
+            "--max_new_tokens": "4"}
+    for k, v in zip(extra[::2], extra[1::2]):
+        argv[k] = v
+    rc = main(["pairs", *[x for kv in argv.items() for x in (kv if kv[1] else kv[:1])]])  # "": a flag
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "prompts.jsonl").read_text() == before and not (tmp_path / "p.jsonl").exists()

@@ -446,3 +446,20 @@ def test_ld_alpha_logs_the_scores_the_loss_reads(tmp_path, tok):
     assert metrics["logps/rejected"] == pytest.approx(float(scores[3:].mean()), rel=1e-5)
     plain = (float(out.logps[:3].mean()), float(out.logps[3:].mean()))  # the longer side is desensitised
     assert (metrics["logps/chosen"], metrics["logps/rejected"]) != pytest.approx(plain, rel=1e-3)
+
+
+def test_an_epochs_short_last_step_is_the_same_with_a_token_budget(tmp_path, tok):
+    """3 pairs, 2 per step: the epoch ends with a step of one pair, padded or packed by a token budget alike."""
+    runs = {}
+    for name, kw in (("padded", {}), ("budget", dict(padding_free=True, token_budget=4096))):
+        t = DPOTrainer(model(0), args=cfg(tmp_path / name, max_steps=-1, num_train_epochs=1,
+                                          per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                                          adam_epsilon=1.0, learning_rate=1.0, **kw),
+                       train_dataset=PAIRS[:3], processing_class=tok)
+        t.train()
+        recs = [json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ([(r["step"], r["epoch"], r["loss"]) for r in recs], t.model.state_dict())
+    assert [s for s, _, _ in runs["padded"][0]] == [1, 2] and {e for _, e, _ in runs["padded"][0]} == {0}
+    assert [x[2] for x in runs["budget"][0]] == pytest.approx([x[2] for x in runs["padded"][0]], rel=1e-5)
+    for (n, a), b in zip(runs["padded"][1].items(), runs["budget"][1].values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)

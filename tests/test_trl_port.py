@@ -69,12 +69,13 @@ def test_eval_logging_and_save_strategies(tmp_path, tok):
                    train_dataset=PAIRS, processing_class=tok)
 
 
-def test_an_epoch_boundary_inside_an_accumulated_step_counts(tmp_path, tok):
-    # 3 micro-batches per epoch, 2 per step (ceil(3 / 2) = 2 steps per epoch, 4 in all): step 2 runs across the first
-    # epoch's end, step 3 ends the second epoch, and step 4 is the last (evaluated as the end of training).
-    _, recs = train(tmp_path, tok, eval_dataset=PAIRS[:2], gradient_accumulation_steps=2, num_train_epochs=2,
-                    eval_strategy="epoch", logging_steps=100)
-    assert steps_of(recs, "eval") == [2, 3, 4]
+def test_an_epoch_ends_with_a_short_step_as_in_transformers(tmp_path, tok):
+    # 3 micro-batches per epoch, 2 per step: each epoch is a full step and a step of its last micro-batch
+    # (ceil(3 / 2) = 2 steps per epoch, 4 in all); a step never mixes two epochs, as in transformers' Trainer.
+    t, recs = train(tmp_path, tok, eval_dataset=PAIRS[:2], gradient_accumulation_steps=2, num_train_epochs=2,
+                    eval_strategy="epoch", logging_steps=1)
+    assert steps_of(recs, "eval") == [2, 4]
+    assert [r["epoch"] for r in recs if "loss" in r] == [0, 0, 1, 1]
 
 
 def test_data_seed_orders_the_data_and_nothing_else(tmp_path, tok):

@@ -122,6 +122,13 @@ def draw_samples(model: nn.Module, tokenizer, prompts: Sequence, *, num_samples:
                                   bos_token_id=tokenizer.bos_token_id)
     # Prompt-major order: sample j of prompt i is flat row i * num_samples + j.
     encoded = [prompt_ids(p, tokenizer, where=f"prompt {i + 1}") for i, p in enumerate(prompts)]
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(range(len(encoded)), key=lambda i: len(encoded[i])) if encoded else None
+    if isinstance(limit, int) and longest is not None and len(encoded[longest]) + max_new_tokens > limit:
+        # Past its positions a model fails (learned positions) or samples out of distribution (rotary ones).
+        raise ConfigError(f"prompt {longest + 1} has {len(encoded[longest])} tokens; with max_new_tokens="
+                          f"{max_new_tokens} that is more than the model's max_position_embeddings ({limit}); "
+                          "use shorter prompts or a smaller max_new_tokens")
     flat = [ids for ids in encoded for _ in range(num_samples)]
     samples: list[Sample] = []
     was_training = model.training
@@ -335,7 +342,11 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
         def implicit(prompts, completions):
             lp = sequence_logps(policy, tokenizer, prompts, completions, batch_size=batch_size)
             lr = sequence_logps(reference, tokenizer, prompts, completions, batch_size=batch_size)
-            return (beta * (lp - lr)).tolist()
+            scores = beta * (lp - lr)
+            if not torch.isfinite(scores).all():
+                raise ConfigError("judge 'implicit' gave a non-finite score (the policy or reference log-probs are "
+                                  "not finite)")
+            return scores.tolist()
 
         return implicit
     path = Path(spec[3:] if spec.startswith("rm:") else spec)
@@ -411,7 +422,11 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
     def python_judge(prompts, completions):
         scores = []
         for p, c in zip(prompts, completions):
-            value = fn(p, c)
+            try:
+                value = fn(p, c)
+            except Exception as exc:  # the user's code: named in one line (--debug shows the traceback)
+                raise ConfigError(f"judge {spec!r} raised {type(exc).__name__}: {exc} (on completion "
+                                  f"{c[:40]!r})") from exc
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"judge {spec!r} returned {value!r} for a completion; it must return a finite float")
             scores.append(float(value))

@@ -13,8 +13,12 @@ draws `num_samples` completions (`dpokit.evaluate.draw_samples`: seeded, tempera
 * an empty sample (EOS at once) is dropped: the data layer refuses empty completions;
 * a sample equal to an earlier one of the same prompt is scored once (else its pairs would be written twice).
 
+Prompts whose prompt and `max_new_tokens` exceed the model's positions are refused before sampling; `--beta` is read
+by the implicit judge only; outputs may not be the prompts file.
+
 The judge scores what is left, and `dpokit.data.scored_pairs` forms the pairs by `pair_strategy` and
-`min_score_gap`, exactly as for scored rows read from a file (ties never become pairs). Every drop is counted in the summary. `scored_output` also writes the scored samples as scored rows
+`min_score_gap`, exactly as for scored rows read from a file (ties never become pairs). Every drop is counted in
+the summary. `scored_output` also writes the scored samples of every prompt left with at least two, as scored rows
 (``{"prompt", "completions": [{"text", "score"}]}``), to re-pair later with another strategy without sampling again.
 
 Outputs are written only once everything has been sampled and scored, each atomically; a run that yields no pair
@@ -151,6 +155,14 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
     _check_output(scored_output, "--scored_output")
     if scored_output is not None and Path(scored_output).resolve() == Path(output).resolve():
         raise ConfigError("--scored_output must differ from --output")
+    for option, path in (("--output", output), ("--scored_output", scored_output)):
+        if path is not None and isinstance(prompts, (str, Path)) and Path(path).resolve() == Path(prompts).resolve():
+            raise ConfigError(f"{option} {path} is the prompts file; write the pairs elsewhere")
+    is_implicit = judge.strip() == "implicit"
+    if beta is not None and not is_implicit:
+        raise ConfigError(f"--beta is the implicit judge's; judge {judge!r} does not read it")
+    if beta is not None and not (math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"--beta must be a number > 0, got {beta}")
     rows, name = D.load_rows(prompts)
     examples, report = D.prompt_examples(rows, name, column_map=column_map)
     policy, tokenizer = load_causal_lm(model)
@@ -160,7 +172,7 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"--chat_template {chat_template}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     reference = None
-    if judge.strip() == "implicit":
+    if is_implicit:
         reference, _ = load_causal_lm(ref or default_reference(model))
     beta = float(beta if beta is not None else run_settings(model).get("beta", 0.1))
     score = load_judge(judge, policy=policy, reference=reference, tokenizer=tokenizer, beta=beta,
@@ -177,7 +189,8 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
     if scored_output is not None:
         write_jsonl(scored_rows, str(scored_output))
     scores = [r[k] for r in pair_rows for k in ("score_chosen", "score_rejected")]
-    return {**counts, "output": str(output), "scored_output": scored_output, "source": report.summary(),
+    return {**counts, "output": str(output), "scored_output": scored_output, "scored_rows": len(scored_rows),
+            "source": report.summary(),
             "mean_score_chosen": sum(scores[0::2]) / len(pair_rows),
             "mean_score_rejected": sum(scores[1::2]) / len(pair_rows)}
 
@@ -196,8 +209,8 @@ def summary_lines(result: dict, settings: PairSettings) -> list[str]:
             f"samples ({result['repeated_prompts']} repeated prompts read once)",
             f"samples: {_drops(result, settings)}",
             f"mean score: chosen {result['mean_score_chosen']:.4f}, rejected {result['mean_score_rejected']:.4f}",
-            *([f"{result['scored_output']}: the scored samples of {result['prompts'] - result['prompts_without_pair']}"
-               " prompts"] if result["scored_output"] else [])]
+            *([f"{result['scored_output']}: the scored samples of {result['scored_rows']} prompts (those with at "
+               "least two; a scored row needs two)"] if result["scored_output"] else [])]
 
 
 def main(argv: list[str]) -> int:

@@ -537,12 +537,16 @@ class Trainer:
         `start` of `epoch`; `micro` holds (batch, is_filler) pairs, the same number on every rank."""
         cfg = self.args
         if not self.token_budget():
-            stream = self._micro_batches(epoch, start)
+            stream, groups = self._micro_batches(epoch, start), self._groups_per_epoch()
             while True:
                 micro = []
                 for _ in range(cfg.gradient_accumulation_steps):
                     epoch, index, batch, filler = next(stream)
                     micro.append((batch, filler))
+                    if index + 1 >= groups:
+                        # An epoch's last step takes what is left of it, as transformers' Trainer does (and as a
+                        # token budget, which packs whole steps, does): a step never mixes two epochs' shuffles.
+                        break
                 yield epoch, index + 1, micro
         while True:
             batches = self._epoch_batches(epoch)
