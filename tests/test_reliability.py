@@ -23,8 +23,8 @@ from dpokit.errors import ConfigError
 from dpokit.trainer import NonFiniteError, OutOfMemory
 
 ROOT = Path(__file__).resolve().parents[1]
-# Five pairs, two per micro-batch, two micro-batches per step: epochs (3 micro-batches) end in the middle of steps, so
-# a resume must restore the position inside an epoch, not just the epoch.
+# Five pairs, two per micro-batch, two micro-batches per step: an epoch (3 micro-batches) is a full step and a short
+# one, so a resume must restore the position inside an epoch, not just the epoch.
 PAIRS = [{"prompt": f"Question {i}: is it good?", "chosen": " Yes, it is good" + "!" * i, "rejected": " No."}
          for i in range(5)]
 
@@ -117,7 +117,7 @@ def test_checkpoint_contents_load_safely(tmp_path, tok):
     assert set(state) == {"optimizer", "scheduler", "scaler", "rng"}
     assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
     info = json.loads((ckpt / C.STATE_JSON).read_text())
-    assert info["global_step"] == 2 and info["position"] == [1, 1] and info["micro_step"] == 0
+    assert info["global_step"] == 2 and info["position"] == [0, 3] and info["micro_step"] == 0
     assert [r["step"] for r in info["metrics"]] == [1, 2]
     assert not list(ckpt.glob("*.bin")) and not list(ckpt.glob("*.pkl"))
     from transformers import AutoModelForCausalLM
@@ -426,8 +426,9 @@ def test_skip_skips_nonfinite_gradients_then_stops_after_the_limit(tmp_path, tok
     backwards, snapshots = [], {}
 
     def poison_grad(grad):
-        backwards.append(1)  # two micro-batches per step: steps 2 and 4 get a NaN gradient
-        return grad * float("nan") if len(backwards) in (3, 7) else grad
+        # Each epoch (3 micro-batches) is a step of two and a short step of one: steps 2 and 4 get a NaN gradient.
+        backwards.append(1)
+        return grad * float("nan") if len(backwards) in (3, 6) else grad
 
     weight.register_hook(poison_grad)
     real_step = t._optimizer_step
