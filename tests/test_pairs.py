@@ -351,12 +351,16 @@ def test_reward_model_scores_a_message_prompt_through_its_chat_template(tmp_path
         load_judge(f"rm:{tmp_path / 'rm'}")([prompt], [" Yes."])
     llama2_tokenizer.chat_template = LLAMA2_CHAT
     llama2_tokenizer.save_pretrained(tmp_path / "rm")
-    scores = load_judge(f"rm:{tmp_path / 'rm'}")([prompt, prompt], ["Yes.", "No, it is not good at all."])
+    scores = load_judge(f"rm:{tmp_path / 'rm'}")([prompt, prompt, "Is it good?"],
+                                                  ["Yes.", "No, it is not good at all.", " Yes."])
     text = llama2_tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": "Yes."}], tokenize=False)
     assert text == "[INST] Is it good? [/INST] Yes.</s>"
     with torch.no_grad():
         want = rm(**llama2_tokenizer([text], add_special_tokens=False, return_tensors="pt")).logits[0, 0].item()
     assert scores[0] == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():  # a text prompt in the same batch: prompt + completion with the tokenizer's BOS
+        want_text = rm(**llama2_tokenizer(["Is it good? Yes."], return_tensors="pt")).logits[0, 0].item()
+    assert scores[2] == pytest.approx(want_text, rel=1e-5)
 
 
 def test_samples_count_the_tokens_sampled(tmp_path, llama2_tokenizer):

@@ -384,8 +384,9 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
             for start in range(0, len(prompts), batch_size):
                 inputs = [rm_text(p, c) for p, c in zip(prompts[start:start + batch_size],
                                                          completions[start:start + batch_size])]
-                enc = rm_tok([t for t, _ in inputs], return_tensors="pt", padding=True,
-                             add_special_tokens=inputs[0][1])
+                # Each text with its own rule (a prompts file may mix text and message prompts), then padded.
+                enc = rm_tok.pad({"input_ids": [rm_tok(t, add_special_tokens=special).input_ids
+                                                for t, special in inputs]}, return_tensors="pt")
                 # A decoder reward model scores each sequence at its last token that is not pad_token_id. When the
                 # pad id is also a real token (a tokenizer without a pad token pads with EOS, and chat templates end
                 # a turn with EOS) that token would be skipped, so padding gets an id no sequence of the batch holds.
