@@ -319,7 +319,7 @@ class TrainConfig:
             raise ConfigError("train_file and dataset_name are both set; choose one data source")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
-        sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        sinks = self._sinks
         for sink in sinks:
             if sink not in REPORT_SINKS:
                 raise ConfigError(f"report_to: unknown sink {sink!r}; valid: {', '.join(REPORT_SINKS)}")
@@ -332,14 +332,16 @@ class TrainConfig:
             raise ConfigError(f"lr_scheduler_type: unknown {self.lr_scheduler_type!r}{_closest(self.lr_scheduler_type, valid)}")
 
     @property
+    def _sinks(self) -> list:
+        return [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+
+    @property
     def report_to_tensorboard(self) -> bool:
-        sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
-        return "tensorboard" in sinks or "all" in sinks
+        return "tensorboard" in self._sinks or "all" in self._sinks
 
     @property
     def report_to_wandb(self) -> bool:
-        sinks = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
-        return "wandb" in sinks or ("all" in sinks and importlib.util.find_spec("wandb") is not None)
+        return "wandb" in self._sinks or ("all" in self._sinks and importlib.util.find_spec("wandb") is not None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -167,10 +167,9 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
     examples, report = D.prompt_examples(rows, name, column_map=column_map)
     policy, tokenizer = load_causal_lm(model)
     if chat_template is not None:
-        try:
-            tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--chat_template {chat_template}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        from dpokit.trainer import read_chat_template
+
+        tokenizer.chat_template = read_chat_template(chat_template)
     reference = None
     if is_implicit:
         reference, _ = load_causal_lm(ref or default_reference(model))

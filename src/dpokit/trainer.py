@@ -410,6 +410,10 @@ class Trainer:
             if hasattr(self.model, "enable_input_require_grads"):
                 self.model.enable_input_require_grads()  # so checkpointed blocks see a grad path under LoRA
         self.model.train()
+        if cfg.padding_free:
+            # Packed rows need attention kept inside each sequence: transformers' own sdpa would let packed
+            # sequences attend to each other (position ids alone do not isolate them).
+            enable_packed_attention(self.model)
         self.setup_reference()
         if cfg.torch_compile:
             compile_layers(self.model, cfg)
@@ -1354,10 +1358,6 @@ class SFTTrainer(Trainer):
                                    truncation_mode=cfg.truncation_mode, report=report)
         return _finish_data(self, tokenized, report, name, split)
 
-    def setup_reference(self) -> None:
-        if self.args.padding_free:
-            enable_packed_attention(self.model)  # packed rows: attention kept inside each example (dpokit.packing)
-
     def collate(self, examples):
         if self.args.padding_free:
             return collate_packed_sft(examples, self.args.completion_only_loss)
@@ -1472,12 +1472,8 @@ class DPOTrainer(Trainer):
 
     def setup_reference(self) -> None:
         cfg = self.args
-        if cfg.padding_free:
-            # Packed rows need attention kept inside each sequence: transformers' own sdpa would let packed
-            # sequences attend to each other (position ids alone do not isolate them).
-            enable_packed_attention(self.model)
-            if self._ref_module is not None:
-                enable_packed_attention(self._ref_module)
+        if cfg.padding_free and self._ref_module is not None:
+            enable_packed_attention(self._ref_module)  # the reference runs the same packed batches
         if not self.spec.needs_reference:
             self.reference = None
             return

@@ -985,6 +985,11 @@ def _check_options(dataset_format: str, known: tuple[str, ...], on_bad_rows: str
         raise ConfigError(f"on_bad_rows {on_bad_rows!r} is not one of: {', '.join(ON_BAD_ROWS)}")
 
 
+def prompt_key(example) -> str:
+    """Key equal for examples (pairs, SFT examples, prompts) with the same prompt and system prompt."""
+    return json.dumps([example.system, example.prompt], ensure_ascii=False)
+
+
 def example_key(example) -> str:
     """A text key equal for exactly-equal examples (prompt, completions, system); used for deduplication."""
     values = {f.name: getattr(example, f.name) for f in fields(example) if f.name != "row"}
@@ -1123,7 +1128,7 @@ def prompt_examples(rows, source_name: str, *, column_map: dict | None = None, o
                         "column_map, or give preference / SFT rows")
     seen, unique = set(), []
     for p in prompts:
-        key = json.dumps([p.system, p.prompt], ensure_ascii=False)
+        key = prompt_key(p)
         if key not in seen:
             seen.add(key)
             unique.append(p)

@@ -43,6 +43,7 @@ from dpokit.data.formats import (
     example_key,
     load_rows,
     preference_examples,
+    prompt_key,
     sft_examples,
 )
 from dpokit.errors import ConfigError, DataError, DpokitError
@@ -148,10 +149,6 @@ def _near_key(example) -> str:
     fields = [example.prompt, example.chosen, example.rejected] if isinstance(example, PreferenceExample) \
         else [example.prompt, example.completion]
     return "\x00".join(re.sub(r"[\W_]+", " ", _text_of(f).lower()).strip() for f in fields)
-
-
-def _prompt_key(example) -> str:
-    return json.dumps([example.system, example.prompt], ensure_ascii=False)
 
 
 @dataclass
@@ -316,8 +313,8 @@ def _check(argv) -> int:
         _token_report(parts, tokenizer, args, out)
     if held is not None:
         eval_examples, eval_report = held
-        eval_prompts = {_prompt_key(e) for e in eval_examples}
-        shared = {_prompt_key(e) for e in examples} & eval_prompts
+        eval_prompts = {prompt_key(e) for e in eval_examples}
+        shared = {prompt_key(e) for e in examples} & eval_prompts
         print(f"prompts also in {eval_report.source}: {len(shared)}", file=out)
         if shared:
             problems.append(f"{len(shared)} prompts shared with {eval_report.source}")
@@ -408,11 +405,11 @@ def split_by_prompt(examples, eval_fraction: float, seed: int) -> tuple[list, li
     The distinct prompts are shuffled with `seed`; the first ``ceil(eval_fraction * n_prompts)`` go to eval.
     Order within each side follows the input.
     """
-    prompts = list(dict.fromkeys(_prompt_key(e) for e in examples))
+    prompts = list(dict.fromkeys(prompt_key(e) for e in examples))
     random.Random(seed).shuffle(prompts)
     eval_prompts = set(prompts[: math.ceil(eval_fraction * len(prompts))])
-    train = [e for e in examples if _prompt_key(e) not in eval_prompts]
-    held = [e for e in examples if _prompt_key(e) in eval_prompts]
+    train = [e for e in examples if prompt_key(e) not in eval_prompts]
+    held = [e for e in examples if prompt_key(e) in eval_prompts]
     return train, held
 
 
@@ -441,7 +438,7 @@ def _split(argv) -> int:
     examples, report = _examples(args.input, args)
     train, held = split_by_prompt(examples, args.eval_fraction, args.seed)
     if not train:
-        raise DataError(f"{report.source}: only {len({_prompt_key(e) for e in examples})} distinct prompts; "
+        raise DataError(f"{report.source}: only {len({prompt_key(e) for e in examples})} distinct prompts; "
                         f"--eval_fraction {args.eval_fraction} leaves none for training")
     write_jsonl([canonical_row(e) for e in train], args.train_out)
     write_jsonl([canonical_row(e) for e in held], args.eval_out)
