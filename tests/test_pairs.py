@@ -316,7 +316,8 @@ def test_eval_samples_message_prompts_and_counts_cut_samples(tmp_path, llama2_to
 def test_implicit_judge_scores_with_the_reference(sft_model, tmp_path):
     """`--judge implicit`: each score is beta * (log pi - log pi_ref) of the completion, pi_ref from --ref."""
     from dpokit.demo import build_model
-    from dpokit.evaluate import load_causal_lm, sequence_logps
+    from dpokit.evaluate import sequence_logps
+    from dpokit.models import load_merged as load_causal_lm
 
     ref_dir = tmp_path / "ref"
     policy, tok = load_causal_lm(sft_model)

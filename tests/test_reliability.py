@@ -378,7 +378,7 @@ def _step_rows(trainer, step):
     """Row ids of the micro-batches of optimizer step `step` (1-based), from the trainer's own data order."""
     gas, epoch, flat = trainer.args.gradient_accumulation_steps, 0, []
     while len(flat) < step * gas:
-        flat += [[trainer.train_examples[i].row for i in b] for b in trainer._epoch_batches(epoch)]
+        flat += [[trainer.train_examples[i].row for i in b] for b in trainer.schedule.epoch_batches(epoch)]
         epoch += 1
     return flat[(step - 1) * gas: step * gas]
 
@@ -431,13 +431,13 @@ def test_skip_skips_nonfinite_gradients_then_stops_after_the_limit(tmp_path, tok
         return grad * float("nan") if len(backwards) in (3, 6) else grad
 
     weight.register_hook(poison_grad)
-    real_step = t._optimizer_step
+    real_step = t.training_step
 
     def spy(micro):
         snapshots[t.global_step] = weight.detach().clone()
         return real_step(micro)
 
-    t._optimizer_step = spy
+    t.training_step = spy
     with pytest.raises(NonFiniteError, match=r"non-finite gradient norm \(nan\) at step 4 .*stopped before the "
                                              r"optimizer step \(1 steps skipped already, max_nonfinite_steps=1\)"):
         t.train()

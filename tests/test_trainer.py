@@ -273,8 +273,8 @@ def test_token_budget_gives_the_numbers_of_fixed_pair_batches(tmp_path, tok):
         t = DPOTrainer(model(0), args=cfg(tmp_path / name, max_steps=2, adam_epsilon=1.0, learning_rate=1.0, **kw),
                        train_dataset=PAIRS, processing_class=tok)
         passes = []
-        step = t._optimizer_step
-        t._optimizer_step = lambda micro, step=step: (passes.append(len(micro)), step(micro))[1]
+        step = t.training_step
+        t.training_step = lambda micro, step=step: (passes.append(len(micro)), step(micro))[1]
         t.train()
         lines = (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
         runs[name] = ([json.loads(l)["loss"] for l in lines], t.model.state_dict(), passes)
@@ -420,8 +420,8 @@ def test_sft_padding_free_matches_padded(tmp_path, tok, extra):
                          **{"per_device_train_batch_size": 4, **kw})
         t = SFTTrainer(model(0), args=args, train_dataset=rows, processing_class=tok)
         passes = []
-        step = t._optimizer_step
-        t._optimizer_step = lambda micro, step=step: (passes.append(len(micro)), step(micro))[1]
+        step = t.training_step
+        t.training_step = lambda micro, step=step: (passes.append(len(micro)), step(micro))[1]
         t.train()
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         runs[name] = ([json.loads(line)["loss"] for line in lines], t.model.state_dict(), passes)

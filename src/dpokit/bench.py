@@ -14,7 +14,7 @@ Each side runs in its own subprocess, so peak memory is its own and neither warm
 
 dpokit side: `dpokit.DPOTrainer` as a user runs it (padding_free, share_prompt, token_budget, one data group of
 pairs_per_step pairs per optimizer step), on the pre-tokenized pairs; TRL reads the same pairs in the order dpokit's
-trainer draws them (`dpokit.trainer.data_order`), so step k of each side trains on the same pairs.
+trainer draws them (`dpokit.schedule.data_order`), so step k of each side trains on the same pairs.
 
 Figures (per side): tokens_per_second counts the non-padding tokens of the padded chosen-then-rejected layout (prompt
 counted twice) for both sides, so a side that skips work (padding, a shared prompt) shows it as speed, not as fewer
@@ -278,9 +278,9 @@ def _run_dpokit(job: Job) -> dict:
             torch.cuda.synchronize(device)
 
     class TimedDPOTrainer(DPOTrainer):
-        def _optimizer_step(self, micro):
+        def training_step(self, micro):
             passes.append(len(micro))
-            record, tokens = super()._optimizer_step(micro)
+            record, tokens = super().training_step(micro)
             sync()
             marks.append(time.perf_counter())
             records.append(record)
@@ -296,7 +296,7 @@ def _run_dpokit(job: Job) -> dict:
     trainer.train()
     if len(records) != steps:
         raise RuntimeError(f"dpokit ran {len(records)} steps; expected {steps}")
-    groups = [[pairs[i] for i in g] for g in trainer._epoch_batches(0)][:steps]
+    groups = [[pairs[i] for i in g] for g in trainer.schedule.epoch_batches(0)][:steps]
     times = [b - a for a, b in zip(marks, marks[1:])]
     tokens = [padded_tokens(g) for g in groups]
     scored = [sum(len(q.chosen_ids) + len(q.rejected_ids) for q in g) for g in groups]
@@ -321,7 +321,7 @@ def _run_trl(job: Job) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from dpokit.packing import padded_tokens
-    from dpokit.trainer import data_order
+    from dpokit.schedule import data_order
 
     p, device = _setup_worker(job)
     # In the order dpokit's trainer draws them (its seeded shuffle of epoch 0): TRL reads them sequentially, so both

@@ -27,20 +27,20 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from dpokit.errors import DpokitError
+from dpokit.fileio import atomic_write_text, fsync_dir, fsync_tree, replace_dir
 
 LATEST = "latest"
+RUN_MARKER = "dpokit_config.yaml"  # the run's resolved config; its presence marks a directory holding a run
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-# Leftovers of saves a kill interrupted; they are ours (dot-names written only by dpokit) and are removed at start.
-PARTIAL_PATTERNS = (".tmp-checkpoint-*", ".old-checkpoint-*", ".tmp-save-*", ".*.tmp-*")
 # Test hook: seconds to sleep inside every checkpoint save, after the files are written and before the rename, so a
 # test can reliably SIGKILL a run in the middle of a save. Not meant for users.
 SLOW_SAVE_ENV = "DPOKIT_TEST_SLOW_SAVE"
@@ -48,62 +48,6 @@ SLOW_SAVE_ENV = "DPOKIT_TEST_SLOW_SAVE"
 
 class CheckpointError(DpokitError):
     """A checkpoint that cannot be resumed from: missing, incomplete, or from a different run."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Durable, atomic file operations
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in `path` survive a power cut, not only a killed process."""
-    if os.name == "nt":  # Windows cannot open a directory; its renames are journaled by NTFS
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old content or the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename the complete directory `src` to `dst`. A `dst` that exists (a checkpoint of an abandoned continuation
-    after resuming from an earlier one) is moved aside first and deleted only once `src` is in place."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".old-{dst.name}-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def remove_partial_saves(output_dir: Path) -> list[str]:
-    removed = []
-    for pattern in PARTIAL_PATTERNS:
-        for path in output_dir.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            removed.append(path.name)
-    return removed
 
 
 def pause_for_tests() -> None:
@@ -121,30 +65,6 @@ def is_model_file(name: str) -> bool:
     config (whose presence makes loaders take the directory for an adapter)."""
     return is_weights_file(name) or name.startswith("pytorch_model") or name.startswith("adapter_model") \
         or name == "adapter_config.json"
-
-
-# What a run writes at the top of its output_dir besides checkpoints and the model: with overwrite_output_dir they
-# go, with the model and tokenizer, so that nothing of the previous run is read as this run's (an old adapter
-# beside a new full model is what `from_pretrained` and `dpokit eval` would load).
-RUN_FILES = ("metrics.jsonl", "warnings.jsonl", "skipped_rows.jsonl", "data_report.json", "eval.json", "eval.md",
-             "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json", "config.json",
-             "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json",
-             "merges.txt")
-RUN_DIRS = ("tensorboard",)
-
-
-def remove_run_outputs(output_dir: Path) -> list[str]:
-    """Remove the previous run's model, tokenizer and logs from `output_dir` (not its checkpoints); returns names."""
-    removed = []
-    for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
-        if path.is_file() and (path.name in RUN_FILES or is_model_file(path.name)):
-            path.unlink()
-            removed.append(path.name)
-        elif path.is_dir() and path.name in RUN_DIRS:
-            shutil.rmtree(path)
-            removed.append(path.name + "/")
-    return removed
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -236,6 +156,13 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rank_rng(tensors: dict, num_processes: int, process_index: int) -> dict:
+    """This rank's saved RNG state. On another number of processes there is no such thing: every rank takes rank 0's
+    (only dropout draws from these generators, and its masks then differ from the original run's)."""
+    ranks = [tensors["rng"], *tensors["rng"].get("other_ranks", [])]
+    return ranks[process_index] if len(ranks) == num_processes else ranks[0]
+
+
 def save_state(directory: Path, tensors: dict, info: dict) -> None:
     torch.save(tensors, directory / STATE_PT)
     (directory / STATE_JSON).write_text(json.dumps({"format": FORMAT_VERSION, **info}, indent=1))
@@ -320,3 +247,140 @@ def config_differences(saved: dict, current: dict, may_change) -> list[str]:
     saved, current = plain(saved), plain(current)
     keys = sorted((set(saved) | set(current)) - set(may_change))
     return [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resuming the same run
+
+# Config keys that may differ between a checkpoint and the run resuming from it: they change what is written and where,
+# never the numbers. Any other difference is refused (it would silently turn the resume into a different run).
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "eval_steps", "eval_file",
+    "per_device_eval_batch_size", "save_steps", "save_total_limit", "report_to", "disable_tqdm", "on_nonfinite",
+    "max_nonfinite_steps", "run_name", "logging_strategy", "logging_first_step", "log_level", "eval_strategy",
+    "eval_on_start", "save_strategy", "dataset_test_split", "ddp_timeout", "precompute_ref_batch_size",
+})
+
+
+def check_same_run(saved_config: dict, cfg, what: str, *, global_micro_batch: Optional[int] = None,
+                   here: Optional[int] = None, num_processes: int = 1) -> None:
+    """Refuse a config that would make another run. With `global_micro_batch` (a checkpoint's; `here` is this run's),
+    the per-device batch may differ as long as per-device batch x processes is the same: the data order and every
+    step's global batch are then the same, so the run resumes on another number of processes."""
+    may_change = set(RESUME_MAY_CHANGE)
+    if global_micro_batch is not None:
+        if global_micro_batch != here:
+            per_device, n = cfg.per_device_train_batch_size, num_processes
+            raise CheckpointError(
+                f"cannot resume {what}: it was written with {global_micro_batch} examples per data group (a micro-step "
+                f"over all processes; with token_budget, an optimizer step), this run has {here} "
+                f"(per_device_train_batch_size={per_device} x {n} process(es)); set per_device_train_batch_size to "
+                f"{global_micro_batch}/{n} or launch {global_micro_batch}/{per_device} processes")
+        may_change.add("per_device_train_batch_size")
+    # A key the checkpoint lacks was added to dpokit after it was written: it had that key's default meaning.
+    saved_config = {**type(cfg)().to_dict(), **saved_config}
+    diffs = config_differences(saved_config, cfg.to_dict(), may_change)
+    if diffs:
+        raise CheckpointError(f"cannot resume {what}: the config differs in {', '.join(diffs)}; resume with the run's "
+                              "settings, or start a new run in another output_dir")
+
+
+def check_resumable(ckpt: Path, info: dict, cfg, *, global_micro_batch: int, num_processes: int, train_rows: int,
+                    train_fingerprint: str, ref_cache_key: Optional[str], total_steps: int) -> None:
+    """Refuse to resume from `ckpt` (its trainer_state.json is `info`) anything but the run that wrote it: the same
+    config (see `check_same_run`), the same training data, the same precomputed reference, the same length."""
+    # Checkpoints from before multi-process support have no size: they were written by one process.
+    saved_micro = info.get("global_micro_batch", info["config"].get("per_device_train_batch_size"))
+    check_same_run(info["config"], cfg, f"from {ckpt}", global_micro_batch=saved_micro, here=global_micro_batch,
+                   num_processes=num_processes)
+    if info["data"]["train_fingerprint"] != train_fingerprint:
+        raise CheckpointError(f"cannot resume from {ckpt}: the training data differs from the checkpoint's "
+                              f"({info['data']['train_rows']} rows then, {train_rows} now, or other token ids)")
+    # Only the train split's: eval_file may change on resume.
+    if info["ref_cache_keys"].get("train") != ref_cache_key:
+        raise CheckpointError(f"cannot resume from {ckpt}: the precomputed reference log-probs differ from the "
+                              "checkpoint's (another reference model or precision)")
+    if info["total_steps"] != total_steps or info["micro_step"] != 0:
+        raise CheckpointError(f"cannot resume from {ckpt}: it was written for {info['total_steps']} steps, "
+                              f"this run has {total_steps}")
+
+
+def named_weights(model: torch.nn.Module, ckpt: Path, peft: bool) -> dict:
+    """The checkpoint's weights keyed by `model`'s state-dict names (every trained parameter must be there)."""
+    files = read_weights(ckpt, peft=peft)
+    # A peft adapter file drops the adapter name ("lora_A.weight" for the module's "lora_A.default.weight").
+    names = {}
+    for name in model.state_dict():
+        names.setdefault(name, name)
+        if peft:
+            names.setdefault(name.replace(".default", ""), name)
+    unknown = [k for k in files if k not in names]
+    trained = {names[k] for k in files if k in names}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in trained]
+    if unknown or missing:
+        raise CheckpointError(f"{ckpt} does not fit this model (unknown {unknown[:3]}, missing {missing[:3]}); "
+                              "resume with the run's own model")
+    return {names[k]: v for k, v in files.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing models and checkpoints
+
+
+def write_model(directory: Path, model: torch.nn.Module, tokenizer, config, state: Optional[dict] = None) -> None:
+    """The model (or LoRA adapter) in Hugging Face format, the tokenizer and the run's config. `state`: the full
+    weights gathered by an engine that shards them (None: `save_pretrained` reads the model itself)."""
+    model.save_pretrained(str(directory), safe_serialization=True, **({"state_dict": state} if state is not None else {}))
+    tokenizer.save_pretrained(str(directory))
+    config.save(directory / RUN_MARKER)
+
+
+def save_model(out: Path, write: Callable[[Path], None]) -> None:
+    """Write a model with `write(directory)` into `out`, which it shares with checkpoints and metrics, so it cannot
+    arrive by one directory rename: it is written to a temporary directory, fsynced, and each file is renamed into
+    place (atomic per file), the weights last, so a kill never leaves a half-written file, and a model whose weights
+    are there is complete."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-save-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    fsync_tree(tmp)
+    written = {item.name for item in tmp.iterdir()}
+    for item in sorted(tmp.iterdir(), key=lambda p: is_weights_file(p.name)):
+        target = out / item.name
+        if item.is_dir() and target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    # Weights of another kind left from an earlier save (an adapter beside a full model, shards beside a single
+    # file) would be loaded instead of, or mixed with, these.
+    for stale in [p for p in out.iterdir() if p.is_file() and is_model_file(p.name) and p.name not in written]:
+        stale.unlink()
+    fsync_dir(out)
+    tmp.rmdir()
+
+
+def write_checkpoint(output_dir: Path, step: int, write: Callable[[Path], None], tensors: dict, info: dict) -> Path:
+    """checkpoint-N: the model (`write(directory)`) and the trainer state, written to a temporary directory, fsynced
+    and renamed into place; then `latest` moves to it."""
+    ckpt, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    save_state(tmp, tensors, info)
+    pause_for_tests()
+    fsync_tree(tmp)
+    replace_dir(tmp, ckpt)
+    write_latest(output_dir, ckpt)
+    return ckpt
+
+
+def rotate(output_dir: Path, step: int, limit: Optional[int]) -> None:
+    """Keep the newest `limit` checkpoints (once a new one is complete and `latest` names it). Only this run's past
+    counts: a checkpoint-M with M > step is left from a continuation abandoned by resuming an earlier checkpoint, and
+    is replaced when this run reaches step M."""
+    if not limit:
+        return
+    done = [path for s, path in list_checkpoints(output_dir) if s <= step]
+    for old in done[:-limit]:
+        shutil.rmtree(old)

@@ -39,19 +39,28 @@ class PolicyCall(nn.Module):
         super().__init__()
         self.model = model
         # accelerate's FSDP transformer auto-wrap reads the root module's block classes (e.g. LlamaDecoderLayer).
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._no_split_modules = getattr(base, "_no_split_modules", None)
+        from dpokit.models import base_model
+
+        self._no_split_modules = getattr(base_model(model), "_no_split_modules", None)
 
     def forward(self, fn: Callable, *args, **kwargs):
         return fn(self.model, *args, **kwargs)
 
 
-def make_accelerator(mixed_precision: str, cfg: Any):
+def make_accelerator(cfg: Any):
     """An `Accelerator` for this launch. Under `torchrun` or `accelerate launch --cpu` on a machine without an
     accelerator, accelerate needs `cpu=True` to set up gloo (without it every process silently runs alone).
-    `cfg` (a TrainConfig) supplies `use_cpu` and the process-group / DDP settings (`ddp_*`)."""
+    `cfg` (a TrainConfig) supplies the precision (`bf16`, `fp16`, `tf32`), `use_cpu` and the process-group / DDP
+    settings (`ddp_*`)."""
     from accelerate import Accelerator
 
+    if cfg.fp16 and not torch.cuda.is_available():
+        raise ConfigError("fp16 needs a CUDA GPU; on CPU use bf16 or neither")
+    if cfg.tf32 is not None:
+        if cfg.tf32 and not torch.cuda.is_available():
+            raise ConfigError("tf32 needs an Ampere or newer NVIDIA GPU; on CPU leave it unset")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
     use_cpu = cfg.use_cpu
     on_cpu = use_cpu or not _has_accelerator_device()
     if _asked("ACCELERATE_USE_DEEPSPEED"):
@@ -126,53 +135,6 @@ def _deepspeed_accelerator(mixed_precision: str, cpu: bool, cfg: Any):
     return acc
 
 
-def configure_deepspeed(acc, *, micro_batch_size: int, gradient_accumulation_steps: int,
-                        max_grad_norm: float) -> None:
-    """Fill the DeepSpeed config with dpokit's values before `prepare` builds the engine.
-
-    dpokit prepares no dataloader, so DeepSpeed cannot infer the micro-batch size ("auto" would fail); clipping
-    happens inside DeepSpeed's step, so it takes dpokit's `max_grad_norm`; under ZeRO-3 the final model is gathered
-    from the shards (`stage3_gather_16bit_weights_on_model_save`). DeepSpeed's gradient accumulation count only
-    checks the batch arithmetic here: dpokit marks each step's last micro-batch itself (their number may vary with
-    token_budget) and scales the loss itself."""
-    config = acc.state.deepspeed_plugin.deepspeed_config
-    for key in ("optimizer", "scheduler"):
-        if key in config:
-            raise ConfigError(f"the DeepSpeed config sets a {key}; remove it: dpokit builds its own AdamW and "
-                              "learning-rate schedule from its config")
-    config["train_micro_batch_size_per_gpu"] = micro_batch_size
-    config["gradient_accumulation_steps"] = gradient_accumulation_steps
-    config["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * acc.num_processes
-    config["gradient_clipping"] = float(max_grad_norm or 0.0)
-    zero = config.setdefault("zero_optimization", {})
-    if zero.get("stage") == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    # DeepSpeed would refuse a torch optimizer under CPU offload otherwise; dpokit's AdamW is a torch one.
-    config.setdefault("zero_force_ds_cpu_optimizer", False)
-    acc.gradient_accumulation_steps = gradient_accumulation_steps
-
-
-def deepspeed_grad_norm(policy) -> float:
-    """The global gradient norm (before clipping) of the update the DeepSpeed engine just made."""
-    norm = policy.get_global_grad_norm()
-    return float(norm.item() if hasattr(norm, "item") else norm) if norm is not None else float("nan")
-
-
-def deepspeed_fp32_weights(acc, engine, state: Optional[dict]) -> Optional[dict]:
-    """`state` (the engine's gathered 16-bit weights: DeepSpeed runs the module in bf16) with each trained parameter
-    replaced by DeepSpeed's float32 master copy, so the saved model is float32 as under the other engines. A
-    collective (every rank gathers every trained parameter, in the same order); rank 0 keeps the result."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    for name, param in acc.unwrap_model(engine).named_parameters():
-        if not param.requires_grad:
-            continue
-        full = safe_get_full_fp32_param(param)
-        if full is not None and state is not None and name in state:
-            state[name] = full.detach().cpu()
-    return state
-
-
 def _asked(variable: str) -> bool:
     return os.environ.get(variable, "false").lower() == "true"
 
@@ -217,18 +179,6 @@ def _has_accelerator_device() -> bool:
     from accelerate.utils import is_hpu_available, is_mlu_available, is_npu_available, is_xpu_available
 
     return any(check() for check in (is_xpu_available, is_npu_available, is_mlu_available, is_hpu_available))
-
-
-def engine_name(acc) -> str:
-    """'single', 'ddp', 'fsdp' or 'deepspeed'."""
-    from accelerate.utils import DistributedType
-
-    kind = acc.distributed_type
-    if kind == DistributedType.FSDP:
-        return "fsdp"
-    if kind == DistributedType.DEEPSPEED:
-        return "deepspeed"
-    return "ddp" if acc.num_processes > 1 else "single"
 
 
 def check_engine(acc) -> None:
@@ -324,132 +274,3 @@ def gather_rows(acc, table: torch.Tensor) -> torch.Tensor:
         filled = ~torch.isnan(part)
         full[filled] = part[filled]
     return full
-
-
-# ----- DeepSpeed checkpoints in dpokit's engine-independent format -----
-#
-# dpokit's checkpoints hold the full weights and the full optimizer state keyed by parameter name (the format of
-# torch.distributed.checkpoint's `get_optimizer_state_dict(..., full_state_dict=True)`), so that any engine and any
-# number of processes resumes them. Under ZeRO-2/3 the float32 master weights and Adam's moments live in DeepSpeed's
-# flat per-rank partitions; DeepSpeed's tensor-fragment API (`deepspeed.utils.safe_*_full_*`, collectives over the
-# partitions) gathers each parameter's full tensor and scatters it back. Every rank calls these functions, and they
-# visit the trained parameters in the same order on every rank.
-
-def _zero_optimizer(engine):
-    return engine.optimizer  # DeepSpeedZeroOptimizer (stage 2) or DeepSpeedZeroOptimizer_Stage3
-
-
-def _zero_flat_partitions(zero) -> list:
-    """This rank's flat float32 partitions: the parameters of DeepSpeed's inner (torch) optimizer."""
-    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: one per sub-group
-        return list(zero.fp32_partitioned_groups_flat)
-    return list(zero.single_partition_of_fp32_groups)  # ZeRO-1/2: one per parameter group
-
-
-def _link_optimizer_state(zero) -> None:
-    """ZeRO-1/2: (re)build each parameter's views of Adam's state in the flat partitions. DeepSpeed links them only
-    once, and may do so before the torch optimizer has created its state (then the views are empty)."""
-    if hasattr(zero, "_hp_optimizer_states_linked"):
-        zero._hp_optimizer_states_linked = False
-        zero._lazy_init_hp_params_optimizer_state()
-
-
-def _trained(acc, engine) -> list:
-    return [(name, p) for name, p in acc.unwrap_model(engine).named_parameters() if p.requires_grad]
-
-
-def deepspeed_optimizer_state(acc, engine, group_names: list) -> Optional[dict]:
-    """The full optimizer state keyed by parameter name, as `get_optimizer_state_dict(model, optimizer,
-    StateDictOptions(full_state_dict=True, cpu_offload=True))` gives it without DeepSpeed ({"state": {name: {"step",
-    "exp_avg", "exp_avg_sq"}}, "param_groups": [{hyperparameters..., "params": [names]}]}). `group_names` lists the
-    parameter names of each of dpokit's parameter groups, empty ones included (DeepSpeed drops those), so the
-    layout is the one the other engines build. A collective; rank 0 receives the state (others get None)."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    zero = _zero_optimizer(engine)
-    inner = zero.optimizer
-    flats = _zero_flat_partitions(zero)
-    steps = [inner.state[f]["step"] for f in flats if f in inner.state and "step" in inner.state[f]]
-    if not steps:
-        raise RuntimeError("DeepSpeed's optimizer has no state yet (no step was taken)")
-    step = steps[0]
-    step = (step.detach().clone().cpu().float() if torch.is_tensor(step) else torch.tensor(float(step)))
-    _link_optimizer_state(zero)
-    main = acc.is_main_process
-    state = {}
-    for name, param in _trained(acc, engine):
-        entry = {"step": step.clone()}
-        for key in ("exp_avg", "exp_avg_sq"):
-            full = safe_get_full_optimizer_state(param, key)
-            if full is None:
-                raise RuntimeError(f"DeepSpeed holds no {key} for {name}")
-            if main:
-                entry[key] = full.detach().float().cpu().reshape(param.ds_shape if hasattr(param, "ds_shape")
-                                                                  else param.shape)
-        if main:
-            state[name] = entry
-    if not main:
-        return None
-    groups, kept = [], iter(inner.param_groups)
-    for names in group_names:
-        hyper = next(kept) if names else None
-        if hyper is None:  # an empty group (DeepSpeed has none): the hyperparameters of the first, no weight decay
-            hyper = {**inner.param_groups[0], "weight_decay": 0.0}
-        groups.append({**{k: v for k, v in hyper.items() if k != "params"}, "params": list(names)})
-    return {"state": state, "param_groups": groups}
-
-
-def deepspeed_load_state(acc, engine, weights: dict, optimizer: dict, group_names: list) -> None:
-    """Put full float32 weights (`weights`: trained parameter name -> tensor, every rank holds them all) and a full
-    name-keyed optimizer state (see `deepspeed_optimizer_state`; any engine's) into DeepSpeed's partitions, then
-    refresh the module's (bf16 or partitioned) weights from the new master copy. Learning rates come from the
-    saved parameter groups (the schedule itself is restored by dpokit). A collective."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    zero = _zero_optimizer(engine)
-    inner = zero.optimizer
-    saved_state = optimizer["state"]
-    trained = _trained(acc, engine)
-    missing = [n for n, _ in trained if n not in weights or n not in saved_state]
-    if missing:
-        from dpokit.checkpoint import CheckpointError
-
-        raise CheckpointError(f"the checkpoint has no weights or optimizer state for {missing[:3]}; resume with the "
-                              "run's own model")
-    # DeepSpeed's torch optimizer creates Adam's state lazily at its first step; a resume comes before that, so the
-    # state is created here (zeros, then filled) and DeepSpeed's per-parameter views of it are linked again.
-    step = saved_state[trained[0][0]]["step"] if trained else torch.tensor(0.0)
-    # (ZeRO-3 lists its partitions in the torch optimizer's groups only while it steps or saves, hence not from there.)
-    on_device = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
-    for flat in _zero_flat_partitions(zero):
-        slot = inner.state[flat]
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key not in slot:
-                slot[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        slot["step"] = torch.as_tensor(step, dtype=torch.float32).detach().clone().to(
-            flat.device if on_device else "cpu")
-    _link_optimizer_state(zero)
-    device = acc.device
-    for name, param in trained:
-        safe_set_full_fp32_param(param, weights[name].to(device=device, dtype=torch.float32))
-        for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(param, saved_state[name][key].to(device=device, dtype=torch.float32), key)
-    # The module's weights (bf16 copies, or ZeRO-3's partitions) from the float32 master copy.
-    if hasattr(zero, "fp32_partitioned_groups_flat"):
-        for sub_group in range(len(zero.fp16_groups)):
-            zero._reassign_or_swap_out_partitioned_parameters(sub_group)
-    else:
-        zero.update_lp_params()
-    # Learning rates (and the other hyperparameters the config fixes) from the saved group holding the same
-    # parameters; DeepSpeed's groups are dpokit's non-empty ones, in order.
-    by_name = {}
-    for saved in optimizer["param_groups"]:
-        for n in saved["params"]:
-            by_name[n] = saved
-    kept = [names for names in group_names if names]
-    for group, names in zip(inner.param_groups, kept):
-        saved = by_name.get(names[0])
-        if saved is not None:
-            for key in ("lr", "initial_lr"):
-                if key in saved and key in group:
-                    group[key] = saved[key]

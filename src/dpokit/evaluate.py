@@ -27,6 +27,7 @@ from torch import nn
 from dpokit.data.collate import pad_sequences
 from dpokit.errors import ConfigError, DataError
 from dpokit.logps import completion_logps
+from dpokit.models import load_merged
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -440,31 +441,6 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
 # `dpokit eval`: a trained model against its reference
 
 
-def load_causal_lm(path):
-    """A full model directory, or a LoRA run (adapter merged onto its recorded base); with its tokenizer."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"model {str(path)!r}: no such directory")
-    try:
-        if (path / "adapter_config.json").is_file():
-            from peft import PeftConfig, PeftModel
-
-            base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(path)).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path))
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model {str(path)!r}: {str(exc).splitlines()[0]}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
-
-
 def run_settings(path) -> dict:
     """The resolved config a dpokit run left in its directory (empty for a plain model)."""
     from pathlib import Path
@@ -541,8 +517,8 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
     ref_path = ref_path or default_reference(model_path)
     settings = run_settings(model_path)
     beta = float(beta if beta is not None else settings.get("beta", 0.1))
-    policy, tokenizer = load_causal_lm(model_path)
-    reference, _ = load_causal_lm(ref_path)
+    policy, tokenizer = load_merged(model_path)
+    reference, _ = load_merged(ref_path)
     result = {"model": str(model_path), "reference": str(ref_path), "beta": beta}
     if pairs is not None:
         pc, pr, report = pair_logps(policy, tokenizer, pairs, max_length=max_length, batch_size=batch_size)

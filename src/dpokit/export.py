@@ -6,16 +6,13 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from dpokit.errors import DpokitError
 
 
 def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Load the adapter's base model (recorded in adapter_config.json), merge, save model and tokenizer atomically.
     An existing, non-empty `output_dir` is replaced only with `overwrite` (it may hold another model)."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dpokit.models import load_merged
 
     adapter_dir, out = Path(adapter_dir), Path(output_dir)
     if not adapter_dir.is_dir():
@@ -28,20 +25,12 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
                           "--overwrite")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DpokitError(f"{adapter_dir}: no adapter_config.json (not a LoRA run; a full model needs no merge)")
-    base_path = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    if not base_path:
-        raise DpokitError(f"{adapter_dir}/adapter_config.json: base_model_name_or_path is empty; "
-                          "the adapter was trained from an in-memory model, so its base cannot be found")
-    try:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    except OSError as exc:
-        raise DpokitError(f"cannot load the adapter's base model {base_path!r}: {str(exc).splitlines()[0]}") from exc
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged, tokenizer = load_merged(adapter_dir, what="adapter run")
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     merged.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
     if out.is_dir():
         shutil.rmtree(out)
     elif out.exists():

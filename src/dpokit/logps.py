@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpokit.models import base_model
+
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
                   softcap: Optional[float]) -> torch.Tensor:
@@ -125,14 +127,7 @@ def _as_forward(module: nn.Module, fn, *args):
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear, float, Optional[float]]:
     """(decoder, lm_head, logit scale, logit soft-cap) of a causal LM, looking through peft and DDP wrappers."""
-    base = model
-    while True:
-        if hasattr(base, "module") and isinstance(base.module, nn.Module):  # DDP / accelerate wrappers
-            base = base.module
-        elif hasattr(base, "get_base_model"):  # peft
-            base = base.get_base_model()
-        else:
-            break
+    base = base_model(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     head = base.get_output_embeddings()
     if decoder is None or decoder is base or not isinstance(head, nn.Linear):

@@ -36,6 +36,7 @@ from torch import nn
 from dpokit.data.collate import collate_packed, pair_tokens
 from dpokit.errors import ConfigError
 from dpokit.logps import CompletionLogps, causal_lm_parts, completion_logps, target_logps
+from dpokit.models import base_model
 
 ATTN_IMPLEMENTATION = "dpokit_packed"
 LAYOUT_KWARG = "dpokit_packed_layout"
@@ -224,20 +225,10 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
-
-
 def enable_packed_attention(model: nn.Module) -> nn.Module:
     """Switch `model` (or the model inside a peft/DDP wrapper) to the `dpokit_packed` attention function. Idempotent.
     Padded batches still get plain sdpa afterwards, so this is safe to call on any model that supports sdpa."""
-    base = _base_model(model)
+    base = base_model(model)
     if getattr(base.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
         return model
     if not getattr(base, "_supports_sdpa", False):

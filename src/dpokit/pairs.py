@@ -147,7 +147,8 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
 
     from dpokit import data as D
     from dpokit.data.tools import write_jsonl
-    from dpokit.evaluate import default_reference, draw_samples, load_causal_lm, load_judge, run_settings
+    from dpokit.evaluate import default_reference, draw_samples, load_judge, run_settings
+    from dpokit.models import load_merged, read_chat_template
 
     settings = settings or PairSettings()
     settings.check()
@@ -165,14 +166,12 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
         raise ConfigError(f"--beta must be a number > 0, got {beta}")
     rows, name = D.load_rows(prompts)
     examples, report = D.prompt_examples(rows, name, column_map=column_map)
-    policy, tokenizer = load_causal_lm(model)
+    policy, tokenizer = load_merged(model)
     if chat_template is not None:
-        from dpokit.trainer import read_chat_template
-
         tokenizer.chat_template = read_chat_template(chat_template)
     reference = None
     if is_implicit:
-        reference, _ = load_causal_lm(ref or default_reference(model))
+        reference, _ = load_merged(ref or default_reference(model))
     beta = float(beta if beta is not None else run_settings(model).get("beta", 0.1))
     score = load_judge(judge, policy=policy, reference=reference, tokenizer=tokenizer, beta=beta,
                        batch_size=settings.batch_size)

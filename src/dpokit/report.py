@@ -132,7 +132,7 @@ def _labels(paths: Sequence[Path]) -> list[str]:
 
 
 def _run_name(path: Path) -> Optional[str]:
-    config = path / "dpokit_config.yaml"  # trainer.RUN_MARKER (not imported: the report needs no torch)
+    config = path / "dpokit_config.yaml"  # rundir.RUN_MARKER (not imported: the report needs no torch)
     if not config.is_file():
         return None
     try:

@@ -46,7 +46,8 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
               temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
     from dpokit.config import DPOConfig, build_config, parse_overrides
     from dpokit.evaluate import evaluate_model
-    from dpokit.trainer import RUN_MARKER, DPOTrainer
+    from dpokit.rundir import RUN_MARKER
+    from dpokit.trainer import DPOTrainer
 
     axes, rest = split_axes(tokens)
     common = parse_overrides(rest)

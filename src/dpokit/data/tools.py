@@ -177,26 +177,6 @@ def _percentiles(values: list[int]) -> str:
     return " ".join(f"p{p}={v}" for p, v in zip(PERCENTILES, picks)) + f" max={ordered[-1]}"
 
 
-def _load_tokenizer(name: str, chat_template: str | None = None):
-    """The tokenizer `name`; `chat_template` (a Jinja file) replaces its template, for conversational data whose
-    tokenizer has none (as the training option ``chat_template`` does)."""
-    from transformers import AutoTokenizer
-
-    template = None
-    if chat_template is not None:
-        try:
-            template = Path(chat_template).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--chat_template {chat_template}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # OSError, ValueError, ... for a missing or broken tokenizer
-        raise ConfigError(f"cannot load tokenizer {name!r} ({' '.join(str(e).split())[:200]})") from None
-    if template is not None:
-        tokenizer.chat_template = template
-    return tokenizer
-
-
 def _tokenizer_option(p: _Parser) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory or hub id, for token lengths and truncation")
     p.add_argument("--chat_template", metavar="FILE",
@@ -206,7 +186,17 @@ def _tokenizer_option(p: _Parser) -> None:
 def _tokenizer_from(args):
     if args.chat_template is not None and not args.tokenizer:
         raise ConfigError("--chat_template needs --tokenizer (the template renders for that tokenizer)")
-    return _load_tokenizer(args.tokenizer, args.chat_template) if args.tokenizer else None
+    if not args.tokenizer:
+        return None
+    from dpokit.fileio import read_text
+    from dpokit.models import load_tokenizer
+
+    # The data tools never pad, so the tokenizer's padding is left as it is.
+    template = read_text(args.chat_template, "--chat_template") if args.chat_template is not None else None
+    tokenizer = load_tokenizer(args.tokenizer, pad=False)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def _blank(value) -> bool:
