@@ -1,7 +1,7 @@
 """`dpokit bench` end to end, very small: the JSON schema, and dpokit and TRL agreeing on the first-step loss.
 
 Runs the cpu-tiny model shape with 2 pairs per step and 1 warmup + 1 timed step per side (both sides are
-subprocesses; about a minute on 2 cores). The speed figures of so short a run mean nothing; the README's Performance section has
+subprocesses; about a minute on 2 cores). The speed figures of so short a run mean nothing; docs/performance.md has
 the real cpu-tiny numbers.
 """
 

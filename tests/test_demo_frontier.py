@@ -59,7 +59,7 @@ def test_main_frontier_prints_the_table(quick_frontier, monkeypatch, capsys, tmp
 
     monkeypatch.setattr(demo, "run_frontier", fake_run_frontier)
     assert demo.main(["--frontier", "--quick", "--seed", "3", "--output_dir", str(tmp_path)]) == 0
-    assert demo.main(["--frontier"]) == 0  # the default output folder is the one the README names
+    assert demo.main(["--frontier"]) == 0  # the default output folder is the one docs/demo.md names
     assert calls == [{"output_dir": str(tmp_path), "seed": 3, "quick": True},
                      {"output_dir": demo.FRONTIER_OUTPUT_DIR, "seed": 0, "quick": False}]
     text = capsys.readouterr().out

@@ -379,7 +379,7 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1
     """Inverse temperature of the implicit reward beta * log(pi/pi_ref); higher keeps the policy closer to the reference."""
     loss_type: Union[str, list] = "sigmoid"
-    """Preference loss name (see the loss table in the README), or a list of names weighted by `loss_weights`."""
+    """Preference loss name (see the loss table in docs/losses.md), or a list of names weighted by `loss_weights`."""
     loss_weights: Optional[list] = None
     """Weights of the losses when `loss_type` is a list (default: all 1)."""
     label_smoothing: float = 0.0
@@ -477,7 +477,7 @@ ANY = object()
 _INPUT = "dpokit tokenizes in the main process and builds batches in memory, without dataloader workers"
 _EVAL = "dpokit's evaluation sums per-pair metrics batch by batch; no predictions are gathered"
 _ENGINE = ("the engine (DDP, FSDP, DeepSpeed) comes from the launch: accelerate launch --config_file "
-           "examples/accelerate/{ddp,fsdp,zero2,zero3}.yaml (see the README, Scaling out)")
+           "examples/accelerate/{ddp,fsdp,zero2,zero3}.yaml (see docs/scaling-out.md)")
 _HUB = "it acts only with push_to_hub, and dpokit does not upload"
 _LOG = "only the first process prints"
 
