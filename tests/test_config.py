@@ -90,7 +90,7 @@ def _trl_classes():
 
 def test_every_key_of_trl_configs_is_a_field_or_a_listed_foreign_key():
     trl = _trl_classes()
-    from dpokit.config import ALIASES, FOREIGN_KEYS
+    from dpokit.compat import ALIASES, FOREIGN_KEYS
 
     for ours, theirs in ((DPOConfig, (trl.DPOConfig, trl.ModelConfig, trl.ScriptArguments)),
                          (SFTConfig, (trl.SFTConfig, trl.ModelConfig, trl.ScriptArguments))):
@@ -109,7 +109,7 @@ def test_trl_defaults_port_unchanged():
     trl = _trl_classes()
     import yaml
 
-    from dpokit.config import FOREIGN_KEYS
+    from dpokit.compat import FOREIGN_KEYS
 
     for ours, cls in ((DPOConfig, trl.ModelConfig), (DPOConfig, trl.ScriptArguments), (SFTConfig, trl.ModelConfig)):
         values = {}
