@@ -397,3 +397,13 @@ def test_every_setting_is_checked_before_a_model_loads(setting, message, tmp_pat
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("dpokit dpo: error: ") and message in err[0], err
+
+
+def test_the_configs_import_without_torch():
+    """`import dpokit` and `dpokit --help` stay fast: the configs (loss settings included) need no torch; the losses
+    are imported when a config is checked."""
+    import subprocess
+    import sys
+
+    code = "import sys, dpokit.config; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

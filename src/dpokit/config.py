@@ -6,8 +6,8 @@ defaults, then a YAML file of flat keys, then `key=value` overrides (CLI).
 
 A config is checked once, when it is made (`__post_init__`, as litgpt's configs are), so before any model loads:
 each field's type and the range or choices declared next to it (`field(metadata=...)`, read by `check_settings`),
-then the combinations of fields (`_check`). The loss settings are `dpokit.losses.LossParams`, which DPOConfig
-inherits. The docstrings under the fields are read back (with `ast`) for `dpokit <cmd> --help`, so the
+then the combinations of fields (`_check`). The loss settings are `LossParams` (`dpokit.losses.LossParams`), which
+DPOConfig inherits. The docstrings under the fields are read back (with `ast`) for `dpokit <cmd> --help`, so the
 documentation cannot drift from the code.
 """
 
@@ -32,13 +32,13 @@ import yaml
 
 from dpokit import compat
 from dpokit.errors import ConfigError
-from dpokit.losses import LossParams
 
 REPORT_SINKS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 PAIR_STRATEGIES = ("best_vs_worst", "best_vs_rest", "all_pairs")
 _STRATEGIES = ("steps", "epoch", "no")
 _LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical")
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 @dataclass
@@ -114,7 +114,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"range": "[1, inf)"})
     """Micro-batches summed before each optimizer step."""
     learning_rate: float = field(default=1e-6, metadata={"range": "[0, 1]"})
-    """Peak learning rate of AdamW."""
+    """Peak learning rate of AdamW, at most 1 (an AdamW step moves each weight by about the learning rate)."""
     optim: str = field(default="adamw_torch_fused", metadata={"choices": OPTIMIZERS})
     """Optimizer: adamw_torch_fused (torch's fused AdamW where the device has it: CUDA) or adamw_torch (its
     multi-tensor AdamW). The same update either way; other transformers optimizer names are refused."""
@@ -142,7 +142,8 @@ class TrainConfig:
     max_steps: int = field(default=-1, metadata={"range": "[-1, inf)"})
     """Total optimizer steps; > 0 overrides `num_train_epochs`."""
     seed: int = field(default=42, metadata={"range": "[0, 4294967295]"})
-    """Seed for python, numpy and torch (weights of new heads, dropout) and, unless `data_seed` is set, data order."""
+    """Seed for python, numpy and torch (weights of new heads, dropout) and, unless `data_seed` is set, data order;
+    in [0, 2^32 - 1], numpy's range."""
     data_seed: Optional[int] = field(default=None, metadata={"range": "[0, 4294967295]"})
     """Seed of the order in which training examples are drawn (default: `seed`)."""
     full_determinism: bool = False
@@ -347,11 +348,58 @@ class SFTConfig(TrainConfig):
     """Supervised fine-tuning on prompt/completion, messages or text rows."""
 
     learning_rate: float = 2e-5
-    """Peak learning rate of AdamW."""
+    """Peak learning rate of AdamW, at most 1 (an AdamW step moves each weight by about the learning rate)."""
     completion_only_loss: bool = True
     """Train on completion tokens only (the prompt is context); False trains on every token but the first. In a
     `messages` row the completion is the final assistant turn: earlier assistant turns are context (counted at load
     time), unless this is False."""
+
+
+@dataclass
+class LossParams:
+    """The settings of a preference loss, declared once: `DPOConfig` inherits them and `dpokit.losses.build` makes
+    the loss of them (`dpokit.losses.LossParams` is this class).
+
+    Each field's general range is declared next to it (``metadata``) and checked, with every other combination of
+    them, when the object is made; what a single loss needs beyond that is its ``check`` in the registry
+    (`dpokit.losses.register`). A loss function reads these as its ``params`` argument.
+    """
+
+    loss_type: Union[str, list] = "sigmoid"
+    """Preference loss name (see the loss table in the README), or a list of names weighted by `loss_weights`."""
+    loss_weights: Optional[list[float]] = field(default=None, metadata={"range": "[0, inf)"})
+    """Weights of the losses when `loss_type` is a list (default: all 1)."""
+    beta: float = field(default=0.1, metadata={"range": "(0, inf)"})
+    """Inverse temperature of the implicit reward beta * log(pi/pi_ref); higher keeps the policy closer to the reference."""
+    label_smoothing: float = field(default=0.0, metadata={"range": "[0, 0.5]"})
+    """Probability that a label is flipped (cDPO for `sigmoid`, rDPO for `robust`, which needs it below 0.5); EXO's
+    target smoothing for `exo_pair`, which needs it above 0."""
+    reference_free: bool = False
+    """Use a uniform reference (log pi_ref = 0): no reference model is loaded or run."""
+    rpo_alpha: Optional[float] = field(default=None, metadata={"range": "[0, inf)"})
+    """Add rpo_alpha x the chosen completions' per-token NLL to the loss (RPO, arXiv 2404.19733)."""
+    simpo_gamma: float = field(default=0.5, metadata={"range": "(-inf, inf)"})
+    """SimPO target reward margin gamma."""
+    discopop_tau: float = field(default=0.05, metadata={"range": "(-inf, inf)"})
+    """DiscoPOP temperature tau."""
+    f_divergence_type: str = field(default="reverse_kl", metadata={"choices": F_DIVERGENCE_TYPES})
+    """f-divergence of the reference regulariser: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"range": "(-inf, inf)"})
+    """alpha of the alpha-divergence, TRL's convention: f(u) = (u^(alpha-1) - 1) / (alpha - 1) (alpha -> 1 is reverse KL)."""
+    use_weighting: bool = False
+    """Weight each pair by its policy likelihood (WPO, arXiv 2406.11827)."""
+    ld_alpha: Optional[float] = field(default=None, metadata={"range": "[0, 1]"})
+    """LD-DPO: weight of the log-probs beyond the shorter completion's length (arXiv 2409.06411)."""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    def _check(self) -> None:
+        """The checks across fields (the loss names, their weights, each loss's own needs, in `dpokit.losses`), run
+        once by `check_settings`; the loss they build is kept for `dpokit.losses.build`."""
+        from dpokit import losses  # the losses import torch, which `import dpokit` and `--help` do without
+
+        self._loss = losses.Loss(self)
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Every loss works on B preference pairs given as summed completion log-probs (shape ``[B]``) of the policy and, for
 losses that need it, of the frozen reference model, plus the completion token counts for length-normalised losses.
 
-* :class:`LossParams` declares the loss settings once (each with its range); ``DPOConfig`` inherits them, so a config
-  checks them when it is made, before any model loads.
+* :class:`LossParams` (declared in ``dpokit.config``, which must not import torch) holds the loss settings, once,
+  each with its range; ``DPOConfig`` inherits them, so a config checks them when it is made, before any model loads.
 * :func:`build` turns checked params into a :class:`Loss`: what the trainer must provide (``.spec``), how a
   sequence's token log-probs become its score (``.sequence_logps``: the sum, or LD-DPO's with ``ld_alpha``) and the
   per-pair loss (calling it), where only the tensors are checked.
@@ -36,15 +36,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpokit.config import F_DIVERGENCE_TYPES, LossParams, declared_range, ensure_checked
 from dpokit.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -64,59 +66,6 @@ __all__ = [
     "preference_loss",
     "register",
 ]
-
-F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The loss settings
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LossParams:
-    """The settings of a preference loss, declared once: `DPOConfig` inherits them and `build` makes the loss of them.
-
-    Each field's general range is declared next to it (``metadata``) and checked, with every other combination of
-    them, when the object is made; what a single loss needs beyond that is its ``check`` in the registry
-    (:func:`register`). A loss function reads these as its ``params`` argument.
-    """
-
-    loss_type: Union[str, list] = "sigmoid"
-    """Preference loss name (see the loss table in the README), or a list of names weighted by `loss_weights`."""
-    loss_weights: Optional[list[float]] = field(default=None, metadata={"range": "[0, inf)"})
-    """Weights of the losses when `loss_type` is a list (default: all 1)."""
-    beta: float = field(default=0.1, metadata={"range": "(0, inf)"})
-    """Inverse temperature of the implicit reward beta * log(pi/pi_ref); higher keeps the policy closer to the reference."""
-    label_smoothing: float = field(default=0.0, metadata={"range": "[0, 0.5]"})
-    """Probability that a label is flipped (cDPO for `sigmoid`, rDPO for `robust`)."""
-    reference_free: bool = False
-    """Use a uniform reference (log pi_ref = 0): no reference model is loaded or run."""
-    rpo_alpha: Optional[float] = field(default=None, metadata={"range": "[0, inf)"})
-    """Add rpo_alpha x the chosen completions' per-token NLL to the loss (RPO, arXiv 2404.19733)."""
-    simpo_gamma: float = field(default=0.5, metadata={"range": "(-inf, inf)"})
-    """SimPO target reward margin gamma."""
-    discopop_tau: float = field(default=0.05, metadata={"range": "(-inf, inf)"})
-    """DiscoPOP temperature tau."""
-    f_divergence_type: str = field(default="reverse_kl", metadata={"choices": F_DIVERGENCE_TYPES})
-    """f-divergence of the reference regulariser: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
-    f_alpha_divergence_coef: float = field(default=0.5, metadata={"range": "(-inf, inf)"})
-    """alpha of the alpha-divergence, TRL's convention: f(u) = (u^(alpha-1) - 1) / (alpha - 1) (alpha -> 1 is reverse KL)."""
-    use_weighting: bool = False
-    """Weight each pair by its policy likelihood (WPO, arXiv 2406.11827)."""
-    ld_alpha: Optional[float] = field(default=None, metadata={"range": "[0, 1]"})
-    """LD-DPO: weight of the log-probs beyond the shorter completion's length (arXiv 2409.06411)."""
-
-    def __post_init__(self) -> None:
-        from dpokit.config import check_settings  # config builds on this module, so it is imported when needed
-
-        check_settings(self)
-
-    def _check(self) -> None:
-        """The checks across fields (the loss names, their weights, each loss's own needs), run once by
-        `check_settings`; the loss they build is kept for `build`."""
-        self._loss = Loss(self)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Public result and input types
@@ -642,8 +591,6 @@ def ld_aggregate(token_logps: Tensor, mask: Tensor, public_lengths: Tensor, ld_a
     Returns:
         ``[B]`` aggregated log-probs.
     """
-    from dpokit.config import declared_range
-
     allowed = declared_range(LossParams, "ld_alpha")
     if ld_alpha not in allowed:
         raise ConfigError(f"ld_alpha={ld_alpha} is outside {allowed} (1 = plain DPO, 0 = ignore tokens past the "
@@ -856,8 +803,6 @@ def build(params: LossParams, **extra: Any) -> Loss:
     Example: ``loss = build(LossParams(loss_type="ipo", beta=0.5))``; ``loss.spec.needs_lengths`` is True and
     ``loss(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr).losses`` the ``[B]`` per-pair losses.
     """
-    from dpokit.config import ensure_checked
-
     ensure_checked(params)
     return params._loss.with_extra(extra)
 
@@ -1042,18 +987,18 @@ def loss_spec(loss_type: LossType | Sequence[LossType], **params: Any) -> LossSp
     return _loss_from(loss_type, params).spec
 
 
+# The tensors a Loss takes by keyword (lengths, WPO weights): preference_loss passes them on, the rest are params.
+_TENSOR_KEYWORDS = tuple(name for name, p in inspect.signature(Loss.__call__).parameters.items()
+                         if p.kind is p.KEYWORD_ONLY)
+
+
 def preference_loss(
     loss_type: LossType | Sequence[LossType],
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor | None = None,
     ref_rejected_logps: Tensor | None = None,
-    *,
-    chosen_lengths: Tensor | None = None,
-    rejected_lengths: Tensor | None = None,
-    chosen_weight_logps: Tensor | None = None,
-    rejected_weight_logps: Tensor | None = None,
-    **params: Any,
+    **keywords: Any,
 ) -> LossOutput:
     """Per-pair preference loss for B pairs: ``build(LossParams(loss_type, **params))(...)`` in one call.
 
@@ -1067,13 +1012,13 @@ def preference_loss(
         policy_chosen_logps, policy_rejected_logps: ``[B]`` policy log-probs summed over completion tokens.
         ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-probs; required unless every loss is
             reference-free or ``reference_free=True`` (then the reference is the constant 0, as in TRL).
-        chosen_lengths, rejected_lengths: ``[B]`` completion token counts (>= 1), for length-normalised losses,
-            the chosen NLL and WPO. Giving them always is fine.
-        chosen_weight_logps, rejected_weight_logps: with ``use_weighting`` (WPO, Zhou et al., arXiv 2406.11827,
+        chosen_lengths, rejected_lengths (keyword): ``[B]`` completion token counts (>= 1), for
+            length-normalised losses, the chosen NLL and WPO. Giving them always is fine.
+        chosen_weight_logps, rejected_weight_logps (keyword): with ``use_weighting`` (WPO, Zhou et al., arXiv 2406.11827,
             Eq. 2), ``[B]`` = ``Σ_t (log p_t − log Σ_v p_v²)`` over completion tokens: each pair's loss is multiplied
             by the detached ``exp(w_c/|y_c|)·exp(w_r/|y_r|)`` (the weight-alignment form TRL 1.16 uses; like TRL
             1.16 and unlike some TRL 0.x releases, the weight is not clamped at 1).
-        **params: the fields of :class:`LossParams` (``beta``; ``label_smoothing`` ε for ``sigmoid`` (cDPO),
+        other keywords: the fields of :class:`LossParams` (``beta``; ``label_smoothing`` ε for ``sigmoid`` (cDPO),
             ``robust``, ``exo_pair``, ``aot``/``aot_unpaired``, ``simpo``; ``rpo_alpha``, which adds
             ``rpo_alpha · NLL`` per pair (RPO, Pang et al., arXiv 2404.19733; the per-sequence token-mean over the
             chosen completion, where the paper normalises by prompt + completion length and TRL 0.x took one
@@ -1093,10 +1038,9 @@ def preference_loss(
         ConfigError: unknown loss name, a parameter that cannot work, or a required input that was not given.
         ValueError / TypeError: tensors of the wrong shape or type, or a completion length below 1.
     """
-    loss = _loss_from(loss_type, params)
+    tensors = {k: v for k, v in keywords.items() if k in _TENSOR_KEYWORDS}
+    loss = _loss_from(loss_type, {k: v for k, v in keywords.items() if k not in _TENSOR_KEYWORDS})
     if loss.params.ld_alpha is not None:
         raise ConfigError("ld_alpha acts on per-token log-probs: pass ld_aggregate's sums to preference_loss "
                           "(or use the Loss of build(), whose sequence_logps applies it)")
-    return loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-                chosen_weight_logps=chosen_weight_logps, rejected_weight_logps=rejected_weight_logps)
+    return loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **tensors)
