@@ -90,7 +90,7 @@ def _trl_classes():
 
 def test_every_key_of_trl_configs_is_a_field_or_a_listed_foreign_key():
     trl = _trl_classes()
-    from dpokit.config import ALIASES, FOREIGN_KEYS
+    from dpokit.compat import ALIASES, FOREIGN_KEYS
 
     for ours, theirs in ((DPOConfig, (trl.DPOConfig, trl.ModelConfig, trl.ScriptArguments)),
                          (SFTConfig, (trl.SFTConfig, trl.ModelConfig, trl.ScriptArguments))):
@@ -109,7 +109,7 @@ def test_trl_defaults_port_unchanged():
     trl = _trl_classes()
     import yaml
 
-    from dpokit.config import FOREIGN_KEYS
+    from dpokit.compat import FOREIGN_KEYS
 
     for ours, cls in ((DPOConfig, trl.ModelConfig), (DPOConfig, trl.ScriptArguments), (SFTConfig, trl.ModelConfig)):
         values = {}
@@ -284,3 +284,126 @@ def test_bf16_left_unset_takes_trls_decision(monkeypatch):
     assert build_config(DPOConfig, overrides={"fp16": True}).bf16 is False
     assert build_config(DPOConfig, overrides={"use_cpu": True}).bf16 is False
     assert build_config(DPOConfig, overrides={"bf16": False}).bf16 is False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every setting is checked once, when the config is made, against the range or choices declared with it.
+
+@pytest.mark.parametrize("key, value, message", [
+    ("learning_rate", "nan", "learning_rate must be a finite number in [0, 1] (got nan)"),
+    ("learning_rate", "1e38", "learning_rate must be in [0, 1] (got 1e+38)"),
+    ("num_train_epochs", "nan", "num_train_epochs must be a finite number >= 0 (got nan)"),
+    ("num_train_epochs", "inf", "num_train_epochs must be a finite number >= 0 (got inf)"),
+    ("beta", "inf", "beta must be a finite number > 0 (got inf)"),
+    ("beta", "-1", "beta must be > 0 (got -1.0)"),
+    ("adam_beta1", "1.5", "adam_beta1 must be in [0, 1) (got 1.5)"),
+    ("adam_beta2", "1", "adam_beta2 must be in [0, 1) (got 1.0)"),
+    ("adam_epsilon", "-1", "adam_epsilon must be > 0 (got -1.0)"),
+    ("weight_decay", "-1", "weight_decay must be >= 0 (got -1.0)"),
+    ("max_grad_norm", "-1", "max_grad_norm must be >= 0 (got -1.0)"),
+    ("seed", "-1", "seed must be in [0, 4294967295] (got -1)"),
+    ("data_seed", "4294967296", "data_seed must be in [0, 4294967295] or null (got 4294967296)"),
+    ("loss_weights", "[a, b]", "loss_weights[0]: expected a number, got 'a'"),
+    ("loss_weights", "[1, .nan]", "loss_weights[1] must be a finite number >= 0 (got nan)"),
+    ("label_smoothing", "0.6", "label_smoothing must be in [0, 0.5] (got 0.6)"),
+    ("ld_alpha", "1.5", "ld_alpha must be in [0, 1] or null (got 1.5)"),
+    ("rpo_alpha", "-0.5", "rpo_alpha must be >= 0 or null (got -0.5)"),
+    ("simpo_gamma", "inf", "simpo_gamma must be a finite number (got inf)"),
+    ("f_alpha_divergence_coef", "nan", "f_alpha_divergence_coef must be a finite number (got nan)"),
+    ("warmup_ratio", "nan", "warmup_ratio must be a finite number in [0, 1] (got nan)"),
+    ("save_steps", "inf", "save_steps must be an integer >= 0 or a fraction of the run's steps in (0, 1) (got inf)"),
+    ("lora_dropout", "1", "lora_dropout must be in [0, 1) (got 1.0)"),
+    ("lora_r", "0", "lora_r must be >= 1 (got 0)"),
+    ("min_score_gap", "-1", "min_score_gap must be >= 0 (got -1.0)"),
+    ("max_nonfinite_steps", "-1", "max_nonfinite_steps must be >= 0 (got -1)"),
+    ("precompute_ref_batch_size", "0", "precompute_ref_batch_size must be >= 1 or null (got 0)"),
+    ("pair_strategy", "best", "pair_strategy: 'best' is not one of best_vs_worst, best_vs_rest, all_pairs"),
+    ("f_divergence_type", "kl", "f_divergence_type: 'kl' is not one of reverse_kl, forward_kl"),
+])
+def test_numeric_settings_have_declared_ranges(key, value, message):
+    from dpokit.config import _coerce
+
+    with pytest.raises(ConfigError) as info:
+        build_config(DPOConfig, overrides={key: value})
+    assert message in str(info.value) and "\n" not in str(info.value)
+    # The same value given in Python is refused when the config is made, with the same words.
+    field = {f.name: f for f in dataclasses.fields(DPOConfig)}[key]
+    try:
+        value = _coerce(key, value, field.type)
+    except ConfigError:
+        value = value.strip("[]").split(", ")  # loss_weights [a, b]: the strings themselves
+    with pytest.raises(ConfigError, match=re.escape(message.split(" (got")[0])):
+        DPOConfig(**{key: value})
+
+
+def test_a_yaml_key_that_is_not_a_name_is_refused(tmp_path):
+    f = tmp_path / "dpo.yaml"
+    f.write_text("beta: 0.1\n3: x\n")
+    with pytest.raises(ConfigError, match=r"config key 3 in .*dpo.yaml is not a setting name"):
+        build_config(DPOConfig, f)
+
+
+def test_a_config_is_checked_once_however_it_is_handed_on(monkeypatch, tmp_path):
+    """`dpokit dpo beta=0.2` builds the config (checked as it is made) and hands it to DPOTrainer, which hands it to
+    the base trainer: no second check. A config changed by hand in between is checked again."""
+    from dpokit import config as C
+
+    calls = []
+    check = C.check_settings
+    monkeypatch.setattr(C, "check_settings", lambda obj: (calls.append(type(obj).__name__), check(obj))[1])
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    cfg = build_config(DPOConfig, overrides={"beta": "0.2", "model_name_or_path": str(model_dir)})
+    assert C.config_from_args(DPOConfig, C.config_from_args(DPOConfig, cfg)) is cfg
+    assert calls == ["DPOConfig"]
+    assert cfg.bf16 is not None and cfg.model_name_or_path == str(model_dir.resolve())  # resolved for the run
+    from dpokit import losses
+
+    assert losses.build(cfg) is losses.build(cfg) and calls == ["DPOConfig"]
+    cfg.beta = -1.0
+    with pytest.raises(ConfigError, match="beta must be > 0"):
+        C.config_from_args(DPOConfig, cfg)
+    assert calls == ["DPOConfig", "DPOConfig"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("ld_alpha=1.5", "ld_alpha must be in [0, 1] or null (got 1.5)"),
+    ("loss_type=exo_pair", "loss_type 'exo_pair' needs label_smoothing > 0"),
+    ("loss_type=robust label_smoothing=0.5", "loss_type 'robust' needs label_smoothing < 0.5"),
+    ("label_smoothing=0.1 loss_type=hinge", "label_smoothing=0.1 has no effect on loss_type 'hinge'"),
+    ("learning_rate=nan", "learning_rate must be a finite number in [0, 1] (got nan)"),
+])
+def test_every_setting_is_checked_before_a_model_loads(setting, message, tmp_path, monkeypatch, capsys):
+    """`dpokit dpo` with a bad loss setting: one line, exit code 2, and no model or tokenizer file is read (the
+    model directory holds files that would fail to load, and every from_pretrained fails the test)."""
+    import transformers
+
+    from dpokit.cli import main
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        (model_dir / name).write_text("not a model file")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the settings were checked")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text('{"prompt": "Q?", "chosen": " yes", "rejected": " no"}\n')
+    argv = ["dpo", f"model_name_or_path={model_dir}", f"train_file={prefs}", f"output_dir={tmp_path / 'out'}",
+            *setting.split()]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("dpokit dpo: error: ") and message in err[0], err
+
+
+def test_the_configs_import_without_torch():
+    """`import dpokit` and `dpokit --help` stay fast: the configs (loss settings included) need no torch; the losses
+    are imported when a config is checked."""
+    import subprocess
+    import sys
+
+    code = "import sys, dpokit.config; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

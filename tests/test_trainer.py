@@ -441,7 +441,7 @@ def test_ld_alpha_logs_the_scores_the_loss_reads(tmp_path, tok):
     _, _, metrics = t.loss_and_metrics(batch, train=False)
     with torch.no_grad():
         out = batch_logps(t.model, batch)
-    scores = t.aggregate(out)
+    scores = t.loss.sequence_logps(out)
     assert metrics["logps/chosen"] == pytest.approx(float(scores[:3].mean()), rel=1e-5)
     assert metrics["logps/rejected"] == pytest.approx(float(scores[3:].mean()), rel=1e-5)
     plain = (float(out.logps[:3].mean()), float(out.logps[3:].mean()))  # the longer side is desensitised

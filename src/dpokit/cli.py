@@ -55,7 +55,7 @@ def _config_help(command: str, cls: type) -> str:
         default = f.default if f.default is not dataclasses.MISSING else None
         out.append(f"  {f.name} (default: {default!r})")
         out.append(textwrap.fill(docs.get(f.name, ""), 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
-    from dpokit.config import ALIASES, ANY, FOREIGN_KEYS
+    from dpokit.compat import ALIASES, ANY, FOREIGN_KEYS
 
     fields = {f.name for f in dataclasses.fields(cls)}
     out += ["", "Other TRL / transformers keys, so a TRL config ports unchanged:",

@@ -1,13 +1,261 @@
-"""Compatibility with TRL and transformers: what code written against their trainers reaches for, with their names.
+"""Compatibility with TRL and transformers, in one place.
 
-`TransformersTrainerAPI` gives dpokit's trainers transformers' `state` (a `TrainerState`), `evaluate()` with its
-metric names (``eval_loss``), `log_metrics`, `save_metrics` and `save_state`. dpokit's own records (metrics.jsonl,
-the report) keep dpokit's names (``eval/loss``).
+- Their config keys that dpokit has no field for, each with what dpokit does instead: a TRL config must port without
+  edits, and nothing it asks for may be dropped silently, so `dpokit.config` reads every key through these tables
+  (`FOREIGN_KEYS`, `ALIASES`, `ported` for a `trl.DPOConfig` object).
+- Their trainer keywords dpokit cannot honour, refused by name (`refuse_trl_arguments`).
+- `TransformersTrainerAPI`: what code written against their trainers reaches for, with their names: `state` (a
+  `TrainerState`), `evaluate()` with its metric names (``eval_loss``), `log_metrics`, `save_metrics`, `save_state`.
+  dpokit's own records (metrics.jsonl, the report) keep dpokit's names (``eval/loss``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
+
+from dpokit.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------------------------
+# TRL / transformers config keys without a dpokit field
+#
+# A TRL config must port without edits, and nothing it asks for may be dropped silently. So every other key of TRL's
+# DPOConfig (TrainingArguments included) and of its scripts' ModelConfig / ScriptArguments is listed here: ANY keys
+# change nothing in dpokit whatever their value (they tune machinery dpokit does not have: dataloader workers, hub
+# uploads, integrations); the others are accepted at TRL's default, which asks for nothing dpokit does differently,
+# and any other value is refused with the reason.
+
+ANY = object()
+
+_INPUT = "dpokit tokenizes in the main process and builds batches in memory, without dataloader workers"
+_EVAL = "dpokit's evaluation sums per-pair metrics batch by batch; no predictions are gathered"
+_ENGINE = ("the engine (DDP, FSDP, DeepSpeed) comes from the launch: accelerate launch --config_file "
+           "examples/accelerate/{ddp,fsdp,zero2,zero3}.yaml (see docs/scaling-out.md)")
+_HUB = "it acts only with push_to_hub, and dpokit does not upload"
+_LOG = "only the first process prints"
+
+FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
+    # for scripts, not trainers (in transformers too)
+    "do_train": (ANY, "it is for scripts; the trainer does not read it"),
+    "do_eval": (ANY, "it is for scripts; the trainer does not read it"),
+    "do_predict": (ANY, "it is for scripts; the trainer does not read it"),
+    "local_rank": (ANY, "dpokit reads the launch from the environment (torchrun, accelerate launch)"),
+    # input pipeline
+    "dataset_num_proc": (ANY, _INPUT),
+    "dataloader_num_workers": (ANY, _INPUT),
+    "dataloader_pin_memory": (ANY, _INPUT),
+    "dataloader_persistent_workers": (ANY, _INPUT),
+    "dataloader_prefetch_factor": (ANY, _INPUT),
+    "dataloader_multiprocessing_context": (ANY, _INPUT),
+    "dataloader_in_order": (ANY, _INPUT),
+    "remove_unused_columns": (ANY, "dpokit reads only the columns its data format needs"),
+    "ignore_bias_buffers": (ANY, "dpokit's DDP wrapper does not broadcast buffers of a frozen kind"),
+    "length_column_name": (ANY, "it acts only with train_sampling_strategy: group_by_length"),
+    "label_names": (ANY, _EVAL),
+    "dataset_streaming": (False, "dpokit reads the whole data set first, so every row is checked and counted"),
+    "dataloader_drop_last": (False, "every pair is trained on; a smaller last batch is weighted exactly"),
+    "train_sampling_strategy": ("random", "pairs are drawn in a seeded random order (data_seed); for batches of "
+                                          "similar length use padding_free with token_budget"),
+    "pad_to_multiple_of": ("auto", "batches are padded to their longest sequence, or not at all with padding_free"),
+    # evaluation
+    "eval_accumulation_steps": (ANY, _EVAL),
+    "eval_do_concat_batches": (ANY, _EVAL),
+    "eval_use_gather_object": (ANY, _EVAL),
+    "include_for_metrics": ([], "dpokit's evaluation metrics are fixed (dpokit eval computes more)"),
+    "batch_eval_metrics": (False, _EVAL),
+    "prediction_loss_only": (False, _EVAL),
+    "eval_delay": (0, "evaluation follows eval_strategy and eval_steps"),
+    "bf16_full_eval": (False, "evaluation runs in the training precision (bf16/fp16 autocast)"),
+    "fp16_full_eval": (False, "evaluation runs in the training precision (bf16/fp16 autocast)"),
+    "load_best_model_at_end": (False, "not implemented: the final model is the last step's"),
+    "metric_for_best_model": (ANY, "it acts only with load_best_model_at_end, which dpokit does not do"),
+    "greater_is_better": (ANY, "it acts only with load_best_model_at_end, which dpokit does not do"),
+    # logging and integrations
+    "log_on_each_node": (ANY, _LOG),
+    "log_level_replica": (ANY, _LOG),
+    "logging_nan_inf_filter": (ANY, "a non-finite loss never reaches the log: on_nonfinite stops or skips the step"),
+    "skip_memory_metrics": (ANY, "dpokit logs no memory metrics"),
+    "include_num_input_tokens_seen": (ANY, "dpokit logs tokens_per_second instead"),
+    "project": (ANY, "it names a trackio project; report_to knows none, tensorboard and wandb"),
+    "trackio_space_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
+    "trackio_bucket_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
+    "trackio_static_space_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
+    "logging_dir": (None, "TensorBoard events are written under output_dir"),
+    # saving and the hub
+    "push_to_hub": (False, "dpokit does not upload: the final model is a Hugging Face directory in output_dir "
+                           "(upload it with `hf upload`)"),
+    "hub_model_id": (ANY, _HUB),
+    "hub_token": (ANY, _HUB),
+    "hub_private_repo": (ANY, _HUB),
+    "hub_strategy": (ANY, _HUB),
+    "hub_always_push": (ANY, _HUB),
+    "hub_revision": (ANY, _HUB),
+    "save_only_model": (False, "a checkpoint always holds optimizer, scheduler and RNG state so a resume is exact; "
+                               "the final model in output_dir holds the weights only"),
+    "save_on_each_node": (False, "only the first process writes"),
+    "enable_jit_checkpoint": (False, "checkpoints are written every save_steps, atomically; a killed run resumes "
+                                     "from the last one"),
+    "ignore_data_skip": (False, "a resume always continues at the exact next batch"),
+    "restore_callback_states_from_checkpoint": (False, "dpokit has no callbacks"),
+    # optimisation and model
+    "optim_args": (None, "the optimizer takes adam_beta1, adam_beta2, adam_epsilon and weight_decay only"),
+    "optim_target_modules": (ANY, "it acts only with GaLore/APOLLO optimizers, which dpokit does not have"),
+    "label_smoothing_factor": (0.0, "that is transformers' cross-entropy smoothing; DPO's label noise is "
+                                    "label_smoothing (cDPO)"),
+    "average_tokens_across_devices": (True, "dpokit's loss is always the exact mean over the global batch"),
+    "auto_find_batch_size": (False, "an out-of-memory error names the setting to lower instead"),
+    "neftune_noise_alpha": (None, "NEFTune embedding noise is not implemented"),
+    "use_liger_kernel": (False, "dpokit does not use Liger kernels; its LM head never holds full-vocabulary logits "
+                                "anyway (logps_chunk_size)"),
+    "liger_kernel_config": (ANY, "it acts only with use_liger_kernel"),
+    "activation_offloading": (False, "not implemented; use gradient_checkpointing"),
+    "torch_empty_cache_steps": (ANY, "emptying the allocator's cache does not lower the peak a step needs"),
+    "use_cache": (ANY, "training forwards never use the KV cache"),
+    "router_aux_loss_coef": (None, "the load-balancing loss of mixture-of-experts models is not added"),
+    "sync_ref_model": (False, "TR-DPO reference updates are not implemented; the reference stays fixed"),
+    "ref_model_mixup_alpha": (ANY, "it acts only with sync_ref_model"),
+    "ref_model_sync_steps": (ANY, "it acts only with sync_ref_model"),
+    "evaluation_strategy": (None, "transformers calls it eval_strategy: rename the key"),
+    "load_in_8bit": (False, "quantized (bitsandbytes) training is not supported"),
+    "load_in_4bit": (False, "quantized (bitsandbytes) training is not supported"),
+    "bnb_4bit_quant_type": (ANY, "it acts only with load_in_4bit"),
+    "use_bnb_nested_quant": (ANY, "it acts only with load_in_4bit"),
+    "bnb_4bit_quant_storage": (ANY, "it acts only with load_in_4bit"),
+    "lora_task_type": ("CAUSAL_LM", "dpokit trains causal LMs"),
+    "lora_target_parameters": (None, "LoRA on bare parameters (MoE experts) is not supported; use "
+                                     "lora_target_modules"),
+    # TRL's SFTConfig (keys that DPOConfig has as fields are read as fields there)
+    "dataset_text_field": ("text", "dpokit detects the text column; rename yours with column_map: {your_column: text}"),
+    "dataset_kwargs": (None, "dpokit reads the data set itself"),
+    "shuffle_dataset": (ANY, "pairs are always drawn in a seeded random order (data_seed)"),
+    "packing": (False, "TRL's packing of several examples into max_length rows is not implemented; padding_free=true "
+                       "packs each micro-batch into one row without padding (token_budget: by token count)"),
+    "packing_strategy": (ANY, "it acts only with packing"),
+    "eval_packing": (ANY, "it acts only with packing"),
+    "assistant_only_loss": (False, "a messages row trains its final assistant turn (completion_only_loss) or, with "
+                                   "completion_only_loss=false, the whole conversation; a loss on every assistant "
+                                   "turn is not supported"),
+    "loss_type": ("nll", "dpokit's SFT loss is the negative log-likelihood"),
+    # engines
+    "fsdp": (None, _ENGINE),
+    "fsdp_config": (None, _ENGINE),
+    "deepspeed": (None, _ENGINE),
+    "accelerator_config": (None, _ENGINE),
+    "parallelism_config": (None, _ENGINE),
+    "debug": ("", "use dpokit's --debug for tracebacks"),
+}
+
+
+# transformers' newer names for the same settings (its own aliases): read into the dpokit field.
+ALIASES = {"activation_checkpointing": "gradient_checkpointing",
+           "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+           "torch_dtype": "dtype",  # transformers v5's new name
+           "chat_template_path": "chat_template"}  # dpokit's chat_template also takes a file
+
+
+def at_default(value: Any, default: Any) -> bool:
+    """Whether a value read from YAML or the command line is TRL's default `default` (None, "", [] and "auto" count
+    as one another's default where TRL means "nothing asked for")."""
+    nothing = (None, "", "none", "null", "auto", "[]")
+    if isinstance(value, str) and value.strip().lower() in nothing:
+        value = None
+    if isinstance(value, (list, dict)) and not value:
+        value = None
+    if default in (None, "", "auto") or default == []:
+        return value is None or value == default
+    if isinstance(default, bool):
+        from dpokit.config import _coerce  # the config reads true/false this way; it imports this module
+
+        try:
+            return _coerce("", value, bool) is default
+        except ConfigError:
+            return False
+    if isinstance(default, (int, float)):
+        try:
+            return float(value) == float(default)
+        except (TypeError, ValueError):
+            return False
+    return str(value) == str(default)
+
+
+def apply_aliases(values: dict) -> None:
+    """Move each value given under a transformers alias to its dpokit key (in place); two values of one setting that
+    disagree are refused."""
+    for alias, name in ALIASES.items():
+        if alias in values:
+            value = values.pop(alias)
+            if value is None:
+                continue
+            if name in values and values[name] is not None and values[name] != value:
+                raise ConfigError(f"{alias} ({value!r}) and {name} ({values[name]!r}) disagree; they are one setting")
+            values[name] = value
+
+
+def foreign_key(key: str, value: Any, where: str = "") -> str:
+    """Why a FOREIGN_KEYS key changes nothing in dpokit, if `value` asks for nothing dpokit does differently;
+    otherwise ConfigError with the reason (`where` names the file it came from)."""
+    default, reason = FOREIGN_KEYS[key]
+    if default is not ANY and not at_default(value, default):
+        raise ConfigError(f"{key}: {value!r}{where} is not supported: {reason}")
+    return reason
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A TRL / transformers config object
+
+
+def ported(cls: type, args: Any) -> dict:
+    """The keys of a TRL / transformers config object (e.g. `trl.DPOConfig`) as dpokit overrides: every key that is a
+    dpokit field, with TRL's value, and every other key whose value differs from a default object of the same class,
+    so that it is checked against FOREIGN_KEYS."""
+    def as_dict(obj) -> dict:
+        # to_dict() turns enums into their values, but also hides every `*_token` field as "<KEY>" (for hub
+        # tokens); TRL's `pad_token` is a real setting, so those fields are read as they are.
+        d = obj.to_dict()
+        return {k: getattr(obj, k, v) if k.endswith("_token") else v for k, v in d.items()}
+
+    values = as_dict(args)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    try:
+        # The same device flags, since transformers checks them against the machine when the object is made.
+        base = as_dict(type(args)(**{k: getattr(args, k) for k in ("use_cpu", "bf16", "fp16") if hasattr(args, k)}))
+    except Exception:  # noqa: BLE001 - a class that cannot be made bare: every foreign key is checked as given
+        base = {}
+    return {key: value for key, value in values.items()
+            if key in fields or key not in base or value != base[key]}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TRL trainer keyword arguments
+
+# Keyword arguments of TRL's trainers that dpokit's do not take, with what dpokit does instead. None (TRL's default)
+# is accepted, so code written for TRL runs unchanged; anything else is refused rather than silently ignored.
+TRL_TRAINER_ARGUMENTS = {
+    "data_collator": "dpokit builds its own batches (padded, or packed with padding_free) from the tokenized rows",
+    "compute_metrics": "evaluation reports the DPO metrics (eval/loss, eval/rewards/...); `dpokit eval` computes more",
+    "preprocess_logits_for_metrics": "evaluation never holds full-vocabulary logits",
+    "compute_loss_func": "the loss is chosen with loss_type (DPO) or is the completion NLL (SFT)",
+    "callbacks": "metrics go to metrics.jsonl and TensorBoard (report_to); trainer.state.log_history holds them",
+    "optimizers": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay, the schedule from "
+                  "lr_scheduler_type and lr_scheduler_kwargs",
+    "optimizer_cls_and_kwargs": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay",
+    "formatting_func": "rows are read by their format (prompt/completion, messages, text); rename columns with "
+                       "column_map",
+}
+
+
+def refuse_trl_arguments(trainer: str, arguments: dict) -> None:
+    """TRL trainer keywords at TRL's default (None) pass; any other value, or an unknown keyword, is refused."""
+    for name, value in arguments.items():
+        if name not in TRL_TRAINER_ARGUMENTS:
+            raise TypeError(f"{trainer}() got an unexpected keyword argument {name!r}")
+        if value is not None and value != (None, None):
+            raise ConfigError(f"{trainer}: {name} is not supported: {TRL_TRAINER_ARGUMENTS[name]}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transformers' trainer API
 
 
 def transformers_names(record: dict) -> dict:

@@ -23,9 +23,9 @@ from torch import nn
 from dpokit.logps import CompletionLogps
 from dpokit.packing import batch_logps
 
-# A function from the policy's or reference's CompletionLogps to one score per sequence ([N]); plain summing, or
-# LD-DPO's length-desensitised sum (see `dpokit.losses.ld_aggregate`).
-Aggregate = Callable[[CompletionLogps], torch.Tensor]
+# How the reference's CompletionLogps become one score per sequence ([N]): the run's `dpokit.losses.Loss.sequence_logps`
+# (the plain sum, or LD-DPO's length-desensitised sum with ld_alpha), the same method the policy's go through.
+SequenceLogps = Callable[[CompletionLogps], torch.Tensor]
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -44,15 +44,15 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 class ModelReference:
     """A separate frozen model (a copy of the starting policy or a user-given reference)."""
 
-    def __init__(self, model: nn.Module, aggregate: Aggregate, chunk_size: int, autocast: Callable):
+    def __init__(self, model: nn.Module, sequence_logps: SequenceLogps, chunk_size: int, autocast: Callable):
         self.model = frozen(model)
-        self.aggregate, self.chunk_size, self.autocast = aggregate, chunk_size, autocast
+        self.sequence_logps, self.chunk_size, self.autocast = sequence_logps, chunk_size, autocast
 
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
         with self.autocast():
             out = batch_logps(self.model, batch, chunk_size=self.chunk_size)
-        return self.aggregate(out)
+        return self.sequence_logps(out)
 
 
 class AdapterOffReference:
@@ -61,17 +61,18 @@ class AdapterOffReference:
     `call(fn, *args)` runs `fn(policy, *args)`; the trainer points it at the engine-wrapped policy once the engine is
     set up (`dpokit.distributed.PolicyCall`), so that under FSDP the sharded base weights are gathered for the pass."""
 
-    def __init__(self, policy: nn.Module, aggregate: Aggregate, chunk_size: int, autocast: Callable):
+    def __init__(self, policy: nn.Module, sequence_logps: SequenceLogps, chunk_size: int, autocast: Callable):
         if not hasattr(policy, "disable_adapter"):
             raise TypeError("adapter-off reference needs a peft model")
-        self.policy, self.aggregate, self.chunk_size, self.autocast = policy, aggregate, chunk_size, autocast
+        self.policy, self.sequence_logps = policy, sequence_logps
+        self.chunk_size, self.autocast = chunk_size, autocast
         self.call: Callable = lambda fn, *args, **kw: fn(policy, *args, **kw)
 
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
         with self.autocast():
             out = self.call(_adapter_off_logps, batch, chunk_size=self.chunk_size)
-        return self.aggregate(out)
+        return self.sequence_logps(out)
 
 
 def _adapter_off_logps(policy: nn.Module, batch: dict, **kwargs) -> CompletionLogps:

@@ -26,16 +26,15 @@ from dpokit import checkpoint as C
 from dpokit import data as D
 from dpokit import distributed as dist
 from dpokit import losses, models, rundir
-from dpokit.compat import TransformersTrainerAPI
+from dpokit.compat import TransformersTrainerAPI, refuse_trl_arguments
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
 from dpokit.data.sources import load_split, run_sources
 from dpokit.data.collate import collate_packed, collate_packed_sft, collate_pairs, collate_sft
 from dpokit.engines import make_engine
 from dpokit.errors import ConfigError, DataError, DpokitError
 from dpokit.guards import NonFiniteError, NonFiniteGuard, OutOfMemory, nonfinite_loss, out_of_memory_hint  # noqa: F401 (public)
-from dpokit.logps import CompletionLogps
-from dpokit.optim import group_names, make_optimizer
 from dpokit.metrics import DisplacementWatch, MeanMeter, MetricsSink, log, set_quiet, warn  # noqa: F401 (public)
+from dpokit.optim import group_names, make_optimizer
 from dpokit.packing import batch_logps, enable_packed_attention, pack_by_cost, pack_pairs, pair_tokens
 from dpokit.reference import (AdapterOffReference, ModelReference, data_fingerprint, frozen_copy,
                               model_fingerprint, precompute)
@@ -511,7 +510,9 @@ class DPOTrainer(Trainer):
         self._ref_model_arg = ref_model
         self.reference = None
         cfg = config_from_args(DPOConfig, args)
-        self.spec = cfg.loss_spec()
+        # The loss is built once, from settings checked when the config was made; each step checks tensors only.
+        self.loss = losses.build(cfg)
+        self.spec = self.loss.spec
         if not self.spec.needs_reference and ref_model is not None:
             raise ConfigError(f"a ref_model was given but loss_type {cfg.loss_type!r} uses no reference "
                               "(or reference_free is set)")
@@ -584,11 +585,11 @@ class DPOTrainer(Trainer):
                 enable_packed_attention(self._ref_module)  # the reference runs the same packed batches
             if cfg.torch_compile and not cfg.precompute_ref_log_probs:
                 models.compile_layers(self._ref_module, cfg)
-            ref = ModelReference(self._ref_module.to(self.accelerator.device), self.aggregate,
+            ref = ModelReference(self._ref_module.to(self.accelerator.device), self.loss.sequence_logps,
                                  cfg.logps_chunk_size, self.autocast)
             ref_fp = model_fingerprint(self._ref_module) if cfg.precompute_ref_log_probs else None
         else:
-            ref = AdapterOffReference(self.model, self.aggregate, cfg.logps_chunk_size, self.autocast)
+            ref = AdapterOffReference(self.model, self.loss.sequence_logps, cfg.logps_chunk_size, self.autocast)
             ref_fp = None
             if cfg.precompute_ref_log_probs:
                 ref_fp = model_fingerprint(self.model, skip=lambda name: "lora_" in name)
@@ -627,28 +628,20 @@ class DPOTrainer(Trainer):
         return self.reference.logps(batch)
 
     # ----- loss -----
-    def aggregate(self, out: CompletionLogps) -> torch.Tensor:
-        """One score per sequence: the summed completion log-probs, or LD-DPO's length-desensitised sum."""
-        if self.args.ld_alpha is None:
-            return out.logps
-        b = out.logps.shape[0] // 2
-        public = torch.minimum(out.lengths[:b], out.lengths[b:]).repeat(2)
-        return losses.ld_aggregate(out.token_logps, out.mask, public, self.args.ld_alpha)
-
     def loss_and_metrics(self, batch: dict, train: bool):
         cfg = self.args
         b = len(batch["row"])
         out = self.policy(batch_logps, batch, chunk_size=cfg.logps_chunk_size,
                           with_weights=self.spec.needs_weight_logps)
-        policy = self.aggregate(out)
+        policy = self.loss.sequence_logps(out)  # the sum, or LD-DPO's with ld_alpha (the reference uses the same)
         ref = self.ref_logps(batch, train)
         weights = {}
         if self.spec.needs_weight_logps:
             weights = dict(chosen_weight_logps=out.weight_logps[:b], rejected_weight_logps=out.weight_logps[b:])
-        result = losses.preference_loss(
-            cfg.loss_type, policy[:b], policy[b:],
+        result = self.loss(
+            policy[:b], policy[b:],
             None if ref is None else ref[:b].to(policy.dtype), None if ref is None else ref[b:].to(policy.dtype),
-            chosen_lengths=out.lengths[:b], rejected_lengths=out.lengths[b:], **cfg.loss_params(), **weights)
+            chosen_lengths=out.lengths[:b], rejected_lengths=out.lengths[b:], **weights)
         chosen_r, rejected_r = result.chosen_rewards, result.rejected_rewards
         metrics = {
             "loss": float(result.losses.detach().mean()),
@@ -663,30 +656,6 @@ class DPOTrainer(Trainer):
         for k, v in (result.metrics or {}).items():
             metrics[k] = float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
         return result.losses.sum(), float(b), metrics
-
-
-# Keyword arguments of TRL's trainers that dpokit's do not take, with what dpokit does instead. None (TRL's default)
-# is accepted, so code written for TRL runs unchanged; anything else is refused rather than silently ignored.
-TRL_TRAINER_ARGUMENTS = {
-    "data_collator": "dpokit builds its own batches (padded, or packed with padding_free) from the tokenized rows",
-    "compute_metrics": "evaluation reports the DPO metrics (eval/loss, eval/rewards/...); `dpokit eval` computes more",
-    "preprocess_logits_for_metrics": "evaluation never holds full-vocabulary logits",
-    "compute_loss_func": "the loss is chosen with loss_type (DPO) or is the completion NLL (SFT)",
-    "callbacks": "metrics go to metrics.jsonl and TensorBoard (report_to); trainer.state.log_history holds them",
-    "optimizers": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay, the schedule from "
-                  "lr_scheduler_type and lr_scheduler_kwargs",
-    "optimizer_cls_and_kwargs": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay",
-    "formatting_func": "rows are read by their format (prompt/completion, messages, text); rename columns with "
-                       "column_map",
-}
-
-
-def refuse_trl_arguments(trainer: str, arguments: dict) -> None:
-    for name, value in arguments.items():
-        if name not in TRL_TRAINER_ARGUMENTS:
-            raise TypeError(f"{trainer}() got an unexpected keyword argument {name!r}")
-        if value is not None and value != (None, None):
-            raise ConfigError(f"{trainer}: {name} is not supported: {TRL_TRAINER_ARGUMENTS[name]}")
 
 
 def _pretokenized(pairs, max_length: Optional[int]) -> list:
