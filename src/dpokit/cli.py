@@ -21,7 +21,7 @@ import sys
 import textwrap
 from typing import Optional
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, Interrupted, Terminated
 
 COMMANDS = {
     "sft": "supervised fine-tuning (prompt/completion, messages or text rows)",
@@ -119,8 +119,15 @@ def _train(command: str, argv: list[str]) -> int:
 
     trainer_cls = SFTTrainer if command == "sft" else DPOTrainer
     trainer = trainer_cls(cfg.model_name_or_path, args=cfg)
-    metrics = trainer.train().metrics
-    out = trainer.save_model()
+    with trainer.held():  # the run directory stays locked from the first step to the final model
+        try:
+            metrics = trainer.train().metrics
+        except KeyboardInterrupt:
+            from dpokit.checkpoint import last_checkpoint_note
+
+            raise Interrupted(f"interrupted (SIGINT) during step {trainer.global_step + 1}; "
+                              f"{last_checkpoint_note(trainer.output_dir)} (resume with --resume)", 2) from None
+        out = trainer.save_model()
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                       if isinstance(v, float) and k not in ("epoch", "train_runtime", "train_loss"))
     if trainer.accelerator.is_main_process:
@@ -240,17 +247,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         hint = f" (did you mean {match[0]!r}?)" if match else ""
         print(f"dpokit: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    import signal
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    # SLURM and Kubernetes send SIGTERM before they kill a job: outside a training loop (which finishes its step,
+    # checkpoints and stops, see dpokit.guards.StopSignals) it ends the command like Ctrl-C, with one line.
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         return handlers[command](rest)
     except DpokitError as exc:
         if debug:
             raise
         message = " ".join(str(exc).split())  # one line, whatever the message held
-        print(f"dpokit {command}: error: {message}", file=sys.stderr)
-        return 2
+        print(f"dpokit {command}: {'stopped' if isinstance(exc, Interrupted) else 'error'}: {message}",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"dpokit {command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"dpokit {command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

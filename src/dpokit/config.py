@@ -201,6 +201,9 @@ class TrainConfig:
     """Write a checkpoint every this many optimizer steps (0: none; a float in (0, 1): that fraction of all steps)."""
     save_total_limit: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})
     """Keep at most this many checkpoints, deleting the oldest once a new one is complete."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (what SLURM and Kubernetes send before they kill a job) write a checkpoint at the next step boundary,
+    then stop (exit code 143), so a pre-empted job loses at most one step; false stops there without one."""
     resume_from_checkpoint: Optional[str] = None
     """Continue a stopped run exactly: `latest` (the newest complete checkpoint in `output_dir`; a fresh start if none
     was written yet) or a `checkpoint-N` directory. The later losses and final weights equal those of a run that was
@@ -290,6 +293,13 @@ class TrainConfig:
             if self.torch_compile_backend not in backends:
                 raise ConfigError(f"torch_compile_backend: unknown {self.torch_compile_backend!r}"
                                   f"{_closest(self.torch_compile_backend, backends)}; valid: {', '.join(backends)}")
+        attention = self.attn_implementation or (self.model_init_kwargs or {}).get("attn_implementation")
+        if isinstance(attention, str) and attention.startswith("flash_attention"):
+            # transformers would fail only once the weights are loaded; the kernel needs its package and a GPU.
+            package = "flash_attn_3" if attention == "flash_attention_3" else "flash_attn"
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(f"attn_implementation: {attention} needs the {package} package (pip install "
+                                  f"{package.replace('_', '-')}) and a CUDA GPU; use sdpa (or leave it unset)")
         if self.dataset_name and self.train_file:
             raise ConfigError("train_file and dataset_name are both set; choose one data source")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

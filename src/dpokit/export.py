@@ -12,7 +12,8 @@ from dpokit.errors import DpokitError
 def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Load the adapter's base model (recorded in adapter_config.json), merge, save model and tokenizer atomically.
     An existing, non-empty `output_dir` is replaced only with `overwrite` (it may hold another model)."""
-    from dpokit.models import load_merged
+    from dpokit.fileio import refuse_overlap
+    from dpokit.models import adapter_base, load_merged
 
     adapter_dir, out = Path(adapter_dir), Path(output_dir)
     if not adapter_dir.is_dir():
@@ -25,6 +26,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
                           "--overwrite")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DpokitError(f"{adapter_dir}: no adapter_config.json (not a LoRA run; a full model needs no merge)")
+    refuse_overlap({"output_dir": out}, {"the adapter run": adapter_dir, "the base model": adapter_base(adapter_dir)})
     merged, tokenizer = load_merged(adapter_dir, what="adapter run")
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     if tmp.exists():

@@ -8,6 +8,7 @@ power cut, not only a killed process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -37,20 +38,67 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def write_error(path, exc: BaseException):
+    """A failure while writing `path` as one line naming it and the OS's reason (a full disk, an I/O error, a lost
+    permission). torch and safetensors report OS failures in their own words; their first line is kept."""
+    from dpokit.errors import DpokitError, WriteError
+
+    if isinstance(exc, DpokitError):
+        return exc
+    cause = _os_error(exc)
+    if cause is not None:
+        reason = f"[Errno {cause.errno}] {cause.strerror or os.strerror(cause.errno)}"
+    else:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return WriteError(f"cannot write {path}: {reason}")
+
+
+def _os_error(exc: BaseException):
+    """The OS error behind a write failure: the exception itself, one it was raised from or during (torch wraps a
+    file object's OSError in its own RuntimeError), or the `os error N` that safetensors writes into its message."""
+    import re
+
+    seen, current = set(), exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    found = re.search(r"os error (\d+)", str(exc))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a failure while writing `path` into `write_error`'s one line (KeyboardInterrupt and the like pass)."""
+    try:
+        yield
+    except Exception as exc:
+        raise write_error(path, exc) from exc
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old content or the new, never a mix."""
+    """Readers see the old content or the new, never a mix; a failure leaves the old content and no temporary file."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a log (metrics.jsonl, warnings.jsonl); a failure is `write_error`'s one line."""
+    with writing(path):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -78,3 +126,37 @@ def read_text(path, label: str = "") -> str:
         raise DpokitError(f"{prefix}: cannot read (not UTF-8 text: byte {exc.start})") from None
     except OSError as exc:
         raise DpokitError(f"{prefix}: cannot read ({exc.strerror or exc})") from None
+
+
+def _resolved(path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def refuse_overlap(outputs: dict, inputs: dict) -> None:
+    """The one rule every command that writes follows: no output may be, contain, or lie inside any of its inputs
+    (model, reference, adapter, data, run directory), compared after resolving links and `..`, so that writing (or,
+    with an overwrite, replacing) an output can never destroy an input. `outputs` and `inputs` map a label (the option
+    that named the path, e.g. `output_dir`, `--pairs`) to a path; None values, and inputs that are not on this disk
+    (hub ids), are skipped. A command that writes its
+    own record into a directory it reads (`dpokit eval`'s eval.json into the evaluated run) lists as inputs the files
+    it reads there, not the directory."""
+    from dpokit.errors import ConfigError
+
+    given = {label: _resolved(path) for label, path in inputs.items()
+             if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().exists()}
+    for out_label, out_path in outputs.items():
+        if out_path is None:
+            continue
+        out = _resolved(out_path)
+        for in_label, inp in given.items():
+            if out == inp:
+                how = "is"
+            elif inp.is_relative_to(out):
+                how = "contains"
+            elif out.is_relative_to(inp):
+                how = "lies inside"
+            else:
+                continue
+            raise ConfigError(f"{out_label} {str(out_path)!r} {how} {in_label} {str(inputs[in_label])!r}: an output may "
+                              f"not be, contain or lie inside an input (writing it could destroy the input); choose "
+                              f"another {out_label}")
