@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpokit.config import LossParams, declared_range, ensure_checked
+from dpokit.config import LossParams
+from dpokit.settings import declared_range, ensure_checked
 from dpokit.errors import ConfigError
 from dpokit.losses import registry
 from dpokit.losses.registry import LOSS_TYPES, LossOutput, LossSpec, Pairs, _Entry
