@@ -35,17 +35,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpokit.data.formats import (
-    PAIR_STRATEGIES,
-    DataReport,
-    PreferenceExample,
-    SFTExample,
-    example_key,
-    load_rows,
-    preference_examples,
-    prompt_key,
-    sft_examples,
-)
+from dpokit.data.examples import DataReport, PreferenceExample, SFTExample, example_key, prompt_key
+from dpokit.data.formats import PAIR_STRATEGIES, preference_examples, sft_examples
+from dpokit.data.readers import load_rows
 from dpokit.errors import ConfigError, DataError, DpokitError
 
 DEFAULT_CHECK_LENGTHS = (512, 1024, 2048)
