@@ -227,17 +227,23 @@ class JsonLines:
                             f"{exc.start + 1})") from None
 
 
-def read_yaml(path, loader: Any = None) -> Any:
-    """The YAML value of a file (`loader`: a yaml Loader class, default SafeLoader), or a one-line ConfigError naming
-    ``file:LINE`` (dpokit reads YAML only as configs); nesting too deep for PyYAML (which recurses) is refused."""
+def read_yaml(path, loader: Any = None) -> dict:
+    """The mapping a YAML file holds (every YAML file dpokit reads is a config; an empty file is an empty mapping),
+    `loader` a yaml Loader class (default SafeLoader). Invalid YAML, YAML nested too deeply for PyYAML (which
+    recurses), or a value that is not a mapping is a one-line ConfigError naming ``file:LINE``."""
     import yaml
 
     text = read_text(path)
     try:
-        return yaml.load(text, Loader=loader or yaml.SafeLoader)
+        value = yaml.load(text, Loader=loader or yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', None) or one_line(exc)})") from None
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply to read (deeper than Python's parser can follow)") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(value).__name__}")
+    return value

@@ -10,13 +10,14 @@ from the policy's samples), and the sweep writes `sweep.json`, `sweep.md` and `f
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
 from typing import Optional
 
 from dpokit.errors import ConfigError
+from dpokit.fileio import read_text
+from dpokit.options import Parser, positive_float, positive_int, seed
 
 
 def split_axes(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -122,18 +123,18 @@ def plot_frontier(rows: list[dict], keys: list[str], path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     # No abbreviations: `--max_steps 5` must stay a training override, not match a sweep option's prefix.
-    parser = argparse.ArgumentParser(prog="dpokit sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = Parser(prog="dpokit sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--config", help="the DPO config every run starts from")
     parser.add_argument("--prompts", required=True, help="prompts to sample from each run and its reference")
     parser.add_argument("--judge", required=True, help="implicit | module:function | rm:PATH")
-    parser.add_argument("--num_samples", type=int, default=4)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_samples", type=positive_int, default=4)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=64)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
     args, tokens = parser.parse_known_args(argv)
     summary = run_sweep(args.config, tokens, prompts=args.prompts, judge=args.judge, num_samples=args.num_samples,
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         batch_size=args.batch_size)
-    print((Path(summary["written_to"]) / "sweep.md").read_text())
+    print(read_text(Path(summary["written_to"]) / "sweep.md"))
     return 0
