@@ -46,7 +46,7 @@ def run_name(setting: dict[str, str]) -> str:
 def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, judge: str, num_samples: int = 4,
               temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
     from dpokit.config import DPOConfig, build_config, parse_overrides
-    from dpokit.evaluate import evaluate_model
+    from dpokit.evaluate import evaluate_model, read_prompts
     from dpokit.rundir import RUN_MARKER
     from dpokit.trainer import DPOTrainer
 
@@ -63,6 +63,7 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
                 and cfg.resume_from_checkpoint is None:
             raise ConfigError(f"{cfg.output_dir} already holds a run; add overwrite_output_dir=true to run the sweep "
                               "again, or choose another output_dir")
+    read_prompts(prompts)  # every run samples from them after it trains: an unreadable file is refused now
     rows = []
     for setting, cfg in zip(settings, configs):
         trainer = DPOTrainer(cfg.model_name_or_path, args=cfg)
