@@ -15,7 +15,6 @@ A user mistake (a `DpokitError`) prints one line to stderr and exits with code 2
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import textwrap
@@ -141,47 +140,15 @@ def _train(command: str, argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dpokit export", description=COMMANDS["export"])
-    parser.add_argument("adapter_dir", help="a run directory holding a LoRA adapter (adapter_config.json)")
-    parser.add_argument("output_dir", help="where to write the merged model")
-    parser.add_argument("--merge", action="store_true", required=True,
-                        help="merge the adapter into the base weights (the only export so far)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output_dir")
-    args = parser.parse_args(argv)
-    from dpokit.export import merge_adapter
+    from dpokit.export import main as export_main
 
-    out = merge_adapter(args.adapter_dir, args.output_dir, overwrite=args.overwrite)
-    print(f"[dpokit] merged model written to {out}")
-    return 0
+    return export_main(argv)
 
 
 def _eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dpokit eval", description=COMMANDS["eval"])
-    parser.add_argument("--model", required=True, help="a run directory (full model or LoRA adapter) or a model path")
-    parser.add_argument("--ref", help="the reference model (default: the model the run started from)")
-    parser.add_argument("--pairs", help="held-out preference pairs: implicit-reward accuracy, margins, log-probs")
-    parser.add_argument("--prompts", help="prompts to sample from policy and reference: win rate and KL")
-    parser.add_argument("--judge", help="implicit | module:function | rm:PATH (reward model) — scores samples")
-    parser.add_argument("--output_dir", help="where eval.json and eval.md go (default: the model's directory)")
-    parser.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's)")
-    parser.add_argument("--num_samples", type=int, default=4, help="samples per prompt and model")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same for policy and reference)")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_length", type=int, help="truncate pairs as in training (dropped pairs are counted)")
-    args = parser.parse_args(argv)
-    from dpokit.evaluate import evaluate_model
+    from dpokit.evaluate import main as eval_main
 
-    result = evaluate_model(args.model, ref_path=args.ref, pairs=args.pairs, prompts=args.prompts, judge=args.judge,
-                            output_dir=args.output_dir, beta=args.beta, num_samples=args.num_samples,
-                            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)
-    from pathlib import Path
-
-    print((Path(result["written_to"]) / "eval.md").read_text())
-    return 0
+    return eval_main(argv)
 
 
 def _data(argv: list[str]) -> int:

@@ -26,6 +26,7 @@ import yaml
 from dpokit import compat
 from dpokit.errors import ConfigError
 from dpokit import settings
+from dpokit.fileio import read_yaml
 from dpokit.settings import annotation_of, closest, coerce, field_docs, is_null, mark_checked  # noqa: F401
 
 REPORT_SINKS = ("none", "tensorboard", "wandb", "all")
@@ -480,15 +481,7 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
             raise ConfigError(f"config file {path} is a directory; give the YAML file in it")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
-        values.update(loaded)
+        values.update(read_yaml(path, _UniqueKeyLoader))
     values.update(overrides or {})
     compat.apply_aliases(values)
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -39,3 +39,20 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
         out.unlink()
     os.replace(tmp, out)
     return out
+
+
+def main(argv: list[str]) -> int:
+    """`dpokit export ADAPTER_DIR OUTPUT_DIR --merge [--overwrite]`."""
+    from dpokit.cli import COMMANDS
+    from dpokit.options import Parser
+
+    parser = Parser(prog="dpokit export", description=COMMANDS["export"])
+    parser.add_argument("adapter_dir", help="a run directory holding a LoRA adapter (adapter_config.json)")
+    parser.add_argument("output_dir", help="where to write the merged model")
+    parser.add_argument("--merge", action="store_true", required=True,
+                        help="merge the adapter into the base weights (the only export so far)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output_dir")
+    args = parser.parse_args(argv)
+    out = merge_adapter(args.adapter_dir, args.output_dir, overwrite=args.overwrite)
+    print(f"[dpokit] merged model written to {out}")
+    return 0

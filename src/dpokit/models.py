@@ -130,15 +130,21 @@ def load_tokenizer(source: Any = None, cfg: Any = None, *, tokenizer: Any = None
 
 
 def adapter_base(path: Path) -> str:
-    """The base model a LoRA run directory was trained on (its adapter_config.json's base_model_name_or_path)."""
-    from peft import PeftConfig
+    """The base model a LoRA run directory was trained on (its adapter_config.json's base_model_name_or_path). The
+    file is read through the guarded JSON reader, so a damaged one is one line naming it (peft would raise a
+    TypeError for a list, a RecursionError for deep nesting)."""
+    from dpokit.fileio import json_type_name, read_json
 
-    try:
-        base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-    except (OSError, ValueError) as exc:
-        raise DpokitError(f"{path}/adapter_config.json: cannot read ({_first_line(exc)})") from None
+    config_file = Path(path) / "adapter_config.json"
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise DpokitError(f"{config_file}: expected a JSON object (a peft adapter config), got "
+                          f"{json_type_name(config)}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise DpokitError(f"{config_file}: base_model_name_or_path must be a string, got {base!r}")
     if not base:
-        raise DpokitError(f"{path}/adapter_config.json: base_model_name_or_path is empty; the adapter was trained "
+        raise DpokitError(f"{config_file}: base_model_name_or_path is empty; the adapter was trained "
                           "from an in-memory model, so its base cannot be found")
     return base
 

@@ -67,7 +67,7 @@ class Range:
 
 
 @functools.lru_cache(maxsize=None)
-def _parse_range(text: str) -> Range:
+def parse_range(text: str) -> Range:
     match = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", text)
     if match is None:
         raise ValueError(f"bad range {text!r}; write it like [0, 1) or (0, inf)")  # a bug in a field declaration
@@ -86,7 +86,7 @@ def _declared(cls: type, name: str) -> typing.Mapping[str, Any]:
 
 def declared_range(cls: type, name: str) -> Range:
     """The range declared for field `name` of `cls`, for code that takes the same setting as an argument."""
-    return _parse_range(_declared(cls, name)["range"])
+    return parse_range(_declared(cls, name)["range"])
 
 
 def _check_number(name: str, value: Any, allowed: Range, fractions: bool, nullable: bool) -> None:
@@ -115,7 +115,7 @@ def _check_field(obj: Any, f: dataclasses.Field) -> None:
         choices = rule["choices"]
         raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}{closest(str(value), choices)}")
     if "range" in rule:
-        allowed = _parse_range(rule["range"])
+        allowed = parse_range(rule["range"])
         if isinstance(value, list):
             for i, item in enumerate(value):
                 _check_number(f"{f.name}[{i}]", item, allowed, False, False)
