@@ -155,6 +155,24 @@ def test_export_never_replaces_the_run_it_merges_or_its_base(tmp_path, lora_run,
     refused(capsys, ["export", lora_run, model_dir, "--merge", "--overwrite"], "is the base model", [lora_run, model_dir])
 
 
+def test_data_tools_report_pairs_and_eval_never_write_over_what_they_read(tmp_path, stopped_run, model_dir,
+                                                                          pairs_file, capsys):
+    data = shutil.copy(pairs_file, tmp_path / "pairs.jsonl")
+    refused(capsys, ["data", "convert", data, data], ["OUTPUT", "is INPUT"], [data])
+    refused(capsys, ["data", "filter", data, tmp_path / "x" / ".." / "pairs.jsonl", "--dedup"], "is INPUT", [data])
+    refused(capsys, ["data", "split", data, "--eval_fraction", "0.5", "--train_out", data, "--eval_out",
+                     tmp_path / "e.jsonl"], "--train_out", [data])
+    run = stopped_run[0]
+    refused(capsys, ["report", run, "--output", run / "metrics.jsonl"], ["--output", "metrics.jsonl"], [run])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Question: is it good?"}) + "\n")
+    refused(capsys, ["pairs", "--model", run, "--prompts", prompts, "--judge", "implicit", "--output", prompts],
+            "is the prompts file", [prompts, run])
+    refused(capsys, ["eval", "--model", run, "--ref", run, "--pairs", data], "is the policy itself", [run, data])
+    refused(capsys, ["eval", "--model", run, "--ref", model_dir, "--pairs", data, "--output_dir", model_dir],
+            "lies inside --ref", [run, model_dir, data])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 2. One run per directory
 

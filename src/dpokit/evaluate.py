@@ -513,11 +513,21 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
     import json as _json
     from pathlib import Path
 
+    from dpokit.fileio import atomic_write_text, refuse_overlap, writing
+
     if pairs is None and prompts is None:
         raise ConfigError("nothing to evaluate: give --pairs and/or --prompts")
     if prompts is not None and judge is None:
         raise ConfigError("--prompts needs --judge (implicit, module:function or rm:PATH) to compare samples")
     ref_path = ref_path or default_reference(model_path)
+    if Path(ref_path).exists() and Path(ref_path).resolve() == Path(model_path).resolve():
+        # Every margin, win rate and KL would be 0 against itself, which reads as "no change", not as a mistake.
+        raise ConfigError(f"the reference {ref_path} is the policy itself; pass --ref with the model the run started "
+                          "from (or a run directory whose dpokit_config.yaml names it)")
+    out = Path(output_dir or model_path)
+    judge_file = judge[len("rm:"):] if isinstance(judge, str) and judge.startswith("rm:") else None
+    refuse_overlap({"eval.json": out / "eval.json", "eval.md": out / "eval.md"},
+                   {"--pairs": pairs, "--prompts": prompts, "--ref": ref_path, "the judge": judge_file})
     settings = run_settings(model_path)
     beta = float(beta if beta is not None else settings.get("beta", 0.1))
     policy, tokenizer = load_merged(model_path)
@@ -560,10 +570,10 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
             "examples": [{"prompt": prompt_text(texts[i]), "policy": pol[i][0], "reference": ref[i][0]}
                          for i in range(min(show, len(texts)))],
         }
-    out = Path(output_dir or model_path)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(_json.dumps(result, indent=2))
-    (out / "eval.md").write_text(eval_markdown(result))
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "eval.json", _json.dumps(result, indent=2))
+    atomic_write_text(out / "eval.md", eval_markdown(result))
     result["written_to"] = str(out)
     return result
 

@@ -326,6 +326,6 @@ def refuse_overlap(outputs: dict, inputs: dict) -> None:
                 how = "lies inside"
             else:
                 continue
-            raise ConfigError(f"{out_label} {str(out_path)!r} {how} {in_label} {str(inputs[in_label])!r}: an output may "
-                              f"not be, contain or lie inside an input (writing it could destroy the input); choose "
-                              f"another {out_label}")
+            raise ConfigError(f"{out_label} {out_path} {how} {in_label} {inputs[in_label]}: an output may not be, "
+                              f"contain or lie inside an input (writing it could destroy the input); choose another "
+                              f"{out_label}")

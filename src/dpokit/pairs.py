@@ -144,6 +144,8 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
     """Sample, score and pair (module docstring); writes `output` (and `scored_output`); returns the counts."""
     from pathlib import Path
 
+    from dpokit.fileio import refuse_overlap
+
     from dpokit import data as D
     from dpokit.data.tools import write_jsonl
     from dpokit.evaluate import default_reference, draw_samples, load_judge, run_settings
@@ -155,9 +157,9 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
     _check_output(scored_output, "--scored_output")
     if scored_output is not None and Path(scored_output).resolve() == Path(output).resolve():
         raise ConfigError("--scored_output must differ from --output")
-    for option, path in (("--output", output), ("--scored_output", scored_output)):
-        if path is not None and isinstance(prompts, (str, Path)) and Path(path).resolve() == Path(prompts).resolve():
-            raise ConfigError(f"{option} {path} is the prompts file; write the pairs elsewhere")
+    refuse_overlap({"--output": output, "--scored_output": scored_output},
+                   {"the prompts file": prompts if isinstance(prompts, (str, Path)) else None, "--model": model,
+                    "--ref": ref})
     is_implicit = judge.strip() == "implicit"
     if beta is not None and not is_implicit:
         raise ConfigError(f"--beta is the implicit judge's; judge {judge!r} does not read it")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.fileio import JsonLines, read_json, read_text, read_yaml
+from dpokit.fileio import JsonLines, read_json, read_text, read_yaml, refuse_overlap
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -377,8 +377,13 @@ def write_report(run_dirs: list, output: str | None = None) -> Path:
     return _write(load_runs(run_dirs), output)
 
 
+# The files the report reads in each run directory; its output may be none of them.
+READS = ("metrics.jsonl", "warnings.jsonl", "eval.md", "eval.json", "dpokit_config.yaml")
+
+
 def _write(runs: Sequence[Run], output: str | None) -> Path:
     out = Path(output) if output is not None else runs[0].path / "report.html"
+    refuse_overlap({"--output": out}, {f"{run.path}'s {name}": run.path / name for run in runs for name in READS})
     if out.is_dir():
         raise ConfigError(f"--output {str(out)!r} is a directory; give a file path such as "
                           f"{str(out / 'report.html')!r}")

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from dpokit import checkpoint as C
 from dpokit.errors import ConfigError
-from dpokit.fileio import atomic_write_text, writing
+from dpokit.fileio import atomic_write_text, read_yaml, writing
 from dpokit.metrics import log
 
 RUN_MARKER = C.RUN_MARKER
@@ -142,8 +142,6 @@ def claim(output_dir: Path, *, resume: Optional[str], overwrite: bool, main_proc
     tokenizer, ...) unless `overwrite`; on resume, find the checkpoint (None: there is nothing to resume yet).
     `same_run(saved_config, what)` refuses a config that would make the resumed run another run. The main process
     holds the run's lock (`RunLock`) when it calls this, so nothing is removed under another live run."""
-    import yaml
-
     marker = output_dir / RUN_MARKER
     if resume is not None:
         if overwrite:
@@ -155,7 +153,7 @@ def claim(output_dir: Path, *, resume: Optional[str], overwrite: bool, main_proc
             # A job script that passes --resume on every restart: its first start, or a kill before the first
             # checkpoint, has nothing to resume, and starting over *is* then the exact resume — of the same run.
             if marker.exists():
-                same_run(yaml.safe_load(marker.read_text()) or {}, f"the run in {output_dir}")
+                same_run(read_yaml(marker), f"the run in {output_dir}")
             else:
                 _refuse_foreign(output_dir, "resume_from_checkpoint=latest found no run there")
             log(f"resume_from_checkpoint=latest: no checkpoint in {output_dir} yet; starting at step 0")

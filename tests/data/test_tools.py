@@ -152,12 +152,18 @@ def test_filter_dedup_and_length(tmp_path):
     assert filter_main([src, out, "--max_length", "20"]) == 2
 
 
-def test_filter_in_place_writes_whole_files_only(tmp_path):
+def test_filter_and_convert_never_replace_their_input(tmp_path, capsys):
+    """An output is never an input (the rows a filter drops would be gone); a real output is written whole."""
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 3 + [{"prompt": "r", "chosen": "a", "rejected": "b"}]
     src = _write(tmp_path, "in.jsonl", rows)
-    assert filter_main([src, src, "--dedup"]) == 0
-    assert [json.loads(line) for line in open(src)] == [rows[0], rows[3]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no temporary file left behind
+    before = Path(src).read_bytes()
+    for main in (filter_main, convert_main):
+        assert main([src, str(tmp_path / "sub" / ".." / "in.jsonl")]) == 2
+        assert f"OUTPUT {tmp_path / 'sub' / '..' / 'in.jsonl'} is INPUT" in capsys.readouterr().err
+    assert Path(src).read_bytes() == before
+    assert filter_main([src, str(tmp_path / "out.jsonl"), "--dedup"]) == 0
+    assert [json.loads(line) for line in open(tmp_path / "out.jsonl")] == [rows[0], rows[3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary file left behind
 
 
 def test_split_keeps_each_prompt_on_one_side(tmp_path):
@@ -505,9 +511,9 @@ def test_split_refuses_one_file_for_both_sides_or_the_input(tmp_path, capsys):
     assert split_main([src, "--eval_fraction", "0.2", "--train_out", same, "--eval_out", other]) == 2
     assert capsys.readouterr().err == (f"error: --train_out and --eval_out are the same file ({same}); give two paths\n")
     assert split_main([src, "--eval_fraction", "0.2", "--train_out", src, "--eval_out", same]) == 2
-    assert capsys.readouterr().err == f"error: --train_out {src} is the input file; write the split to new files\n"
+    assert f"--train_out {src} is INPUT {src}: an output may not be" in capsys.readouterr().err
     assert split_main([src, "--eval_fraction", "0.2", "--train_out", same, "--eval_out", src]) == 2
-    assert capsys.readouterr().err == f"error: --eval_out {src} is the input file; write the split to new files\n"
+    assert f"--eval_out {src} is INPUT {src}: an output may not be" in capsys.readouterr().err
     assert Path(src).read_bytes() == before and not Path(same).exists()
 
 

@@ -38,6 +38,7 @@ from dpokit.data.examples import DataReport, PreferenceExample, SFTExample, exam
 from dpokit.data.formats import PAIR_STRATEGIES, preference_examples, sft_examples
 from dpokit.data.readers import load_rows
 from dpokit.errors import ConfigError, DataError, DpokitError
+from dpokit.fileio import refuse_overlap
 from dpokit.options import Parser, integer, json_object, number, positive_int, seed
 
 DEFAULT_CHECK_LENGTHS = (512, 1024, 2048)
@@ -316,11 +317,18 @@ def check_main(argv) -> int:
 
 
 def _rewrite_parser(prog: str, description: str) -> _Parser:
-    """The parser of a command that reads INPUT and writes canonical rows to OUTPUT."""
+    """The parser of a command that reads INPUT and writes canonical rows to OUTPUT (never INPUT itself: the rows
+    it leaves out, and the columns it does not keep, would be gone)."""
     p = _parser(prog, description)
     p.add_argument("input")
     p.add_argument("output")
     return p
+
+
+def _rewrite_args(p: _Parser, argv):
+    args = p.parse_args(argv)
+    refuse_overlap({"OUTPUT": args.output}, {"INPUT": args.input})
+    return args
 
 
 def _write_canonical(examples, report: DataReport, output: str) -> int:
@@ -330,7 +338,7 @@ def _write_canonical(examples, report: DataReport, output: str) -> int:
 
 
 def _convert(argv) -> int:
-    args = _rewrite_parser("convert", "Write a dataset as canonical JSON Lines.").parse_args(argv)
+    args = _rewrite_args(_rewrite_parser("convert", "Write a dataset as canonical JSON Lines."), argv)
     return _write_canonical(*_examples(args.input, args), args.output)
 
 
@@ -346,7 +354,7 @@ def _filter(argv) -> int:
     _length_options(p)
     p.add_argument("--truncation_mode", default="keep_start")
     p.add_argument("--drop_truncated", action="store_true", help="also drop rows that truncation would cut")
-    args = p.parse_args(argv)
+    args = _rewrite_args(p, argv)
     limited = any(v is not None for v in (args.max_length, args.max_prompt_length, args.max_completion_length))
     if limited and not args.tokenizer:
         raise ConfigError("length limits need --tokenizer (lengths are counted in tokens)")
@@ -403,12 +411,9 @@ def split_by_prompt(examples, eval_fraction: float, seed: int) -> tuple[list, li
 def _distinct_paths(args) -> None:
     """Refuse outputs that would overwrite each other (the eval part would replace the train part: half the data
     gone, exit 0) or the input (replaced by its train part). Paths are compared resolved: ./a.jsonl is a.jsonl."""
-    train, held, source = (Path(p).resolve() for p in (args.train_out, args.eval_out, args.input))
-    if train == held:
+    if Path(args.train_out).resolve() == Path(args.eval_out).resolve():
         raise ConfigError(f"--train_out and --eval_out are the same file ({args.train_out}); give two paths")
-    for flag, path, resolved in (("--train_out", args.train_out, train), ("--eval_out", args.eval_out, held)):
-        if resolved == source:
-            raise ConfigError(f"{flag} {path} is the input file; write the split to new files")
+    refuse_overlap({"--train_out": args.train_out, "--eval_out": args.eval_out}, {"INPUT": args.input})
 
 
 def _split(argv) -> int:
