@@ -465,25 +465,39 @@ def default_reference(path) -> str:
     return ref
 
 
-def pair_logps(model, tokenizer, pairs_source, *, max_length=None, batch_size=16):
-    """Summed completion log-probs of chosen and rejected for every usable pair of a file, tokenized as in training."""
+def tokenized_pairs(pairs_source, tokenizer, *, max_length=None):
+    """(examples, tokenized pairs, report) of a preference file, read and tokenized as in training."""
     from dpokit import data as D
-    from dpokit.data.collate import collate_pairs
 
     rows, name = D.load_rows(pairs_source)
     examples, report = D.preference_examples(rows, name, chat_template_available=bool(tokenizer.chat_template))
-    pairs = D.tokenize_preference(examples, tokenizer, max_length=max_length, report=report)
+    return examples, D.tokenize_preference(examples, tokenizer, max_length=max_length, report=report), report
+
+
+def pair_logps(model, tokenizer, pairs_source, *, max_length=None, batch_size=16):
+    """Summed completion log-probs of chosen and rejected for every usable pair of a file, tokenized as in training."""
+    _, pairs, report = tokenized_pairs(pairs_source, tokenizer, max_length=max_length)
+    chosen, rejected = tokenized_pair_logps(model, pairs, tokenizer.pad_token_id, batch_size=batch_size)
+    return chosen, rejected, report
+
+
+def tokenized_pair_logps(model, pairs, pad_id: int, *, batch_size=16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of chosen and rejected of `tokenize_preference`'s pairs, float32 [N] each."""
+    from dpokit.data.collate import collate_pairs
+
+    if not pairs:
+        return torch.zeros(0), torch.zeros(0)
     chosen, rejected = [], []
     device = _device(model)
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            batch = collate_pairs(pairs[start:start + batch_size], tokenizer.pad_token_id)
+            batch = collate_pairs(pairs[start:start + batch_size], pad_id)
             out = completion_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                    batch["completion_mask"].to(device))
             b = len(batch["row"])
             chosen.append(out.logps[:b].float().cpu())
             rejected.append(out.logps[b:].float().cpu())
-    return torch.cat(chosen), torch.cat(rejected), report
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 def read_prompts(source, column_map=None) -> list:
