@@ -166,13 +166,16 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same for policy and reference)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_length", type=int, help="truncate pairs as in training (dropped pairs are counted)")
+    parser.add_argument("--save_samples", metavar="FILE.jsonl",
+                        help="also save every policy/reference sample pair, for a blind human A/B (dpokit annotate)")
     args = parser.parse_args(argv)
     from dpokit.evaluate import evaluate_model
 
     result = evaluate_model(args.model, ref_path=args.ref, pairs=args.pairs, prompts=args.prompts, judge=args.judge,
                             output_dir=args.output_dir, beta=args.beta, num_samples=args.num_samples,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)
+                            seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+                            save_samples=args.save_samples)
     from pathlib import Path
 
     print((Path(result["written_to"]) / "eval.md").read_text())

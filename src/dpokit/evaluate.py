@@ -519,8 +519,12 @@ def prompt_text(prompt) -> str:
 
 def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge=None, output_dir=None,
                    beta=None, num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0, batch_size=16,
-                   max_length=None, show=4) -> dict:
-    """Everything `dpokit eval` reports; writes eval.json and eval.md into `output_dir` (default: the model's dir)."""
+                   max_length=None, show=4, save_samples=None) -> dict:
+    """Everything `dpokit eval` reports; writes eval.json and eval.md into `output_dir` (default: the model's dir).
+
+    `save_samples` (a .jsonl path) also writes every sample pair: prompt, the policy's and the reference's sample j
+    of it (same seed), the judge's scores and where eval.json went, for people to compare blind
+    (`dpokit annotate serve`), whose win rate `dpokit annotate export` adds to eval.json."""
     import json as _json
     from pathlib import Path
 
@@ -528,6 +532,10 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
         raise ConfigError("nothing to evaluate: give --pairs and/or --prompts")
     if prompts is not None and judge is None:
         raise ConfigError("--prompts needs --judge (implicit, module:function or rm:PATH) to compare samples")
+    if save_samples is not None and prompts is None:
+        raise ConfigError("--save_samples saves the samples of --prompts; give --prompts and --judge")
+    if save_samples is not None and not str(save_samples).endswith((".jsonl", ".jsonl.gz")):
+        raise ConfigError(f"--save_samples {save_samples}: must be a .jsonl file")
     ref_path = ref_path or default_reference(model_path)
     settings = run_settings(model_path)
     beta = float(beta if beta is not None else settings.get("beta", 0.1))
@@ -573,6 +581,15 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
         }
     out = Path(output_dir or model_path)
     out.mkdir(parents=True, exist_ok=True)
+    if save_samples is not None:
+        from dpokit.data.tools import write_jsonl
+
+        flat_j = [(i, j) for i, group in enumerate(pol) for j in range(len(group))]
+        write_jsonl([{"prompt": texts[i], "policy": pol[i][j], "reference": ref[i][j], "prompt_index": i,
+                      "sample": j, "policy_score": ps, "reference_score": rs, "model": str(model_path),
+                      "reference_model": str(ref_path), "eval_dir": str(out.resolve())}
+                     for (i, j), ps, rs in zip(flat_j, pol_scores, ref_scores)], str(save_samples))
+        result["samples"]["saved_to"] = str(save_samples)
     (out / "eval.json").write_text(_json.dumps(result, indent=2))
     (out / "eval.md").write_text(eval_markdown(result))
     result["written_to"] = str(out)
@@ -617,4 +634,19 @@ def eval_markdown(result: dict) -> str:
         for ex in s["examples"]:
             cells = [ex[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "policy", "reference")]
             lines.append("| " + " | ".join(cells) + " |")
+    if "human" in result:
+        h = result["human"]
+        judge = result.get("samples", {})
+        lines += ["", "## Win rate of the policy over the reference: judge and people", "",
+                  "| by | win rate (ties = 1/2) | items |", "|---|---|---|"]
+        if "win_rate" in judge:
+            lines.append(f"| judge `{judge['judge']}` | {_pm(judge['win_rate'], judge['win_rate_se'])} | "
+                         f"{judge['num_prompts'] * judge['num_samples']} |")
+        lines += [f"| people, blind A/B ({len(h['annotators'])} annotators) | {_pm(h['win_rate'], h['win_rate_se'])} "
+                  f"| {h['items']} |", "",
+                  f"People preferred the policy's sample {h['policy_preferred']} times, the reference's "
+                  f"{h['reference_preferred']}, tied {h['ties']} and skipped {h['skips']}; {h['identical']} identical "
+                  "sample pairs count as ties."
+                  + (f" The judge agrees with the people's verdict on {h['judge_agreement']:.0%} of "
+                     f"{h['judge_agreement_items']} items." if h.get("judge_agreement") is not None else "")]
     return "\n".join(lines) + "\n"
