@@ -369,3 +369,27 @@ def test_save_samples_needs_prompts(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path), "--ref", str(tmp_path), "--pairs", "p.jsonl",
                "--save_samples", "s.jsonl"])
     assert rc == 2 and "--save_samples saves the samples of --prompts" in capsys.readouterr().err
+
+
+def test_ab_export_of_conversations_gives_conversational_pairs_and_needs_its_evaluation(tmp_path):
+    from dpokit.data import load_rows, preference_examples
+
+    prompt = [{"role": "user", "content": "hello?"}]
+    rows = [{"prompt": prompt, "policy": f"hi {i}", "reference": f"go {i}", "prompt_index": 0, "sample": i,
+             "eval_dir": str(tmp_path / "missing")} for i in range(3)]
+    s = Store(tmp_path / "ab.sqlite")
+    found = read_items(write_jsonl(tmp_path / "ab.jsonl", rows))
+    s.add_items(found.kind, found.items)
+    label(s, "alice", prefer("hi"))
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(ConfigError, match="missing/eval.json: no such file"):
+        export(str(tmp_path / "ab.sqlite"), output=str(out))
+    assert not out.exists()  # refused before anything was written
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "eval.json").write_text(json.dumps({"model": "m", "reference": "r", "beta": 0.1}))
+    summary, _ = export(str(tmp_path / "ab.sqlite"), output=str(out), eval_dir=str(tmp_path / "e"))
+    assert summary["human"]["win_rate"] == 1.0 and summary["human"]["win_rate_se"] == 0.0
+    examples, report = preference_examples(*load_rows(str(out)))
+    assert report.format == "conversational" and examples[0].chosen == [{"role": "assistant", "content": "hi 0"}]
+    assert json.loads(out.read_text().splitlines()[0])["chosen_model"] == "policy"
+    assert "| people, blind A/B (1 annotators) | 1.0000 ± 0.0000 | 3 |" in (tmp_path / "e" / "eval.md").read_text()

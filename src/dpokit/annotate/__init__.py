@@ -29,7 +29,7 @@ COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise ConfigError(f"{self.prog}: {message}")
+        raise ConfigError(f"{self.prog.split()[-1]}: {message}")  # the CLI prefixes "dpokit annotate: error:"
 
 
 def _parser(name: str) -> _Parser:
@@ -193,5 +193,5 @@ def main(argv: list[str]) -> int:
         print("\n".join(f"  {name:<7} {doc}" for name, doc in COMMANDS.items()))
         return 0
     if argv[0] not in HANDLERS:
-        raise ConfigError(f"dpokit annotate: unknown command {argv[0]!r}; one of {', '.join(HANDLERS)}")
+        raise ConfigError(f"unknown command {argv[0]!r}; one of {', '.join(HANDLERS)}")
     return HANDLERS[argv[0]](argv[1:])

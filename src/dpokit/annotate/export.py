@@ -118,7 +118,10 @@ def training_rows(kind: str, judged: list[dict]) -> tuple[list[dict], Counter]:
             counts["tie_items"] += 1
             continue
         other = "b" if verdict == "a" else "a"
-        row = canonical_row(PreferenceExample(it["prompt"], it[verdict], it[other], 0, it["system"]))
+        chosen, rejected = it[verdict], it[other]
+        if isinstance(it["prompt"], list) and isinstance(chosen, str):  # a sample answering a conversation
+            chosen, rejected = ([{"role": "assistant", "content": t}] for t in (chosen, rejected))
+        row = canonical_row(PreferenceExample(it["prompt"], chosen, rejected, 0, it["system"]))
         relative = {verdict: "chosen", other: "rejected", "tie": "tie"}
         row.update({
             "chosen_by": [name for name, c, _ in v["labels"] if c == verdict],
@@ -184,9 +187,6 @@ def write_human_eval(eval_dir: Path, human: dict) -> Path:
     from dpokit.fileio import atomic_write_text, read_text
 
     path = eval_dir / "eval.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; the A/B samples come from `dpokit eval ... --save_samples`, "
-                          "which writes it (or pass --eval_dir)")
     try:
         result = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
@@ -244,6 +244,12 @@ def export(db: str, *, output: Optional[str] = None, label_studio: Optional[str]
     if output is None and label_studio is None and kind != "ab":
         raise ConfigError("nothing to write: give --output (training pairs) and/or --label_studio")
     judged = verdicts(items, decisions)
+    if kind == "ab":  # checked before anything is written: a missing evaluation leaves no half-done export
+        human = {"db": str(db), **human_win_rate(judged)}
+        target = _eval_dir(items, eval_dir)
+        if not (target / "eval.json").is_file():
+            raise ConfigError(f"{target / 'eval.json'}: no such file; the A/B samples come from `dpokit eval ... "
+                              "--save_samples`, which writes it (or pass --eval_dir)")
     summary: dict = {"db": str(db), "kind": kind, "items": len(items), "decisions": len(decisions)}
     lines = [f"{db}: {len(items)} items ({kind}), {len(decisions)} decisions by "
              f"{len({d['annotator'] for d in decisions})} annotators"]
@@ -270,9 +276,8 @@ def export(db: str, *, output: Optional[str] = None, label_studio: Optional[str]
     summary["agreement"] = agreed
     lines += agreement_lines(kind, agreed, show)
     if kind == "ab":
-        human = {"db": str(db), **human_win_rate(judged)}
         summary["human"] = human
-        path = write_human_eval(_eval_dir(items, eval_dir), human)
+        path = write_human_eval(target, human)
         lines.append(f"human win rate of the policy over the reference: {human['win_rate']:.4f} ± "
                      f"{human['win_rate_se']:.4f} over {human['items']} items (ties = 1/2); written to {path} "
                      "and eval.md")

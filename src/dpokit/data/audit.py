@@ -134,7 +134,7 @@ def audit_pairs(pairs_source, model, ref=None, *, beta=None, batch_size: int = 1
 
 
 def _items_path(output: str, top: int) -> str:
-    stem = output[: -len(".jsonl")] if output.endswith(".jsonl") else output
+    stem = output.removesuffix(".gz").removesuffix(".jsonl")
     return f"{stem}-top{top}.jsonl"
 
 
