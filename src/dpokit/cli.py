@@ -8,6 +8,7 @@
     dpokit export ADAPTER_DIR OUTPUT_DIR --merge
     dpokit data check|convert|filter|split ...
     dpokit pairs --model M --prompts P --judge J --output pairs.jsonl
+    dpokit annotate serve|export|import|tokens ...
     dpokit demo [--quick] [--frontier]
 
 A user mistake (a `DpokitError`) prints one line to stderr and exits with code 2; `--debug` shows the traceback.
@@ -27,8 +28,9 @@ COMMANDS = {
     "dpo": "preference optimisation: DPO and its family (prompt/chosen/rejected rows)",
     "eval": "a model against its reference: held-out pair accuracy and margins, sampled win rate and KL",
     "export": "write a LoRA run as a merged full model (--merge)",
-    "data": "check, convert, filter and split preference data",
+    "data": "check, convert, filter, split and audit preference data",
     "pairs": "on-policy pair creation: sample completions from a model, score them with a judge, write pairs",
+    "annotate": "people in the loop: label pairs in the browser, agreement, human win rate (serve, export)",
     "report": "a self-contained HTML page of training curves (metrics.jsonl) and eval tables; several runs overlaid",
     "sweep": "one DPO run per setting (beta=0.05,0.1,0.3 ...) and the reward-KL frontier of them",
     "bench": "dpokit vs TRL speed, memory and loss on the same model and pairs (--preset cpu-tiny)",
@@ -155,9 +157,15 @@ def _data(argv: list[str]) -> int:
     from dpokit.data.tools import main as data_main
 
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: dpokit data {check,convert,filter,split} ...  (dpokit data <command> --help for its options)")
+        print("usage: dpokit data {check,convert,filter,split,audit} ...  (dpokit data <command> --help for its options)")
         return 0
     return data_main(argv)
+
+
+def _annotate(argv: list[str]) -> int:
+    from dpokit.annotate import main as annotate_main
+
+    return annotate_main(argv)
 
 
 def _pairs(argv: list[str]) -> int:
@@ -206,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     hf_logging.disable_progress_bar()
     handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "eval": _eval,
-                "export": _export, "data": _data, "pairs": _pairs, "report": _report, "sweep": _sweep, "bench": _bench, "demo": _demo}
+                "export": _export, "data": _data, "pairs": _pairs, "annotate": _annotate, "report": _report, "sweep": _sweep, "bench": _bench, "demo": _demo}
     if command not in handlers:
         import difflib
 

@@ -468,25 +468,39 @@ def default_reference(path) -> str:
     return ref
 
 
-def pair_logps(model, tokenizer, pairs_source, *, max_length=None, batch_size=16):
-    """Summed completion log-probs of chosen and rejected for every usable pair of a file, tokenized as in training."""
+def tokenized_pairs(pairs_source, tokenizer, *, max_length=None):
+    """(examples, tokenized pairs, report) of a preference file, read and tokenized as in training."""
     from dpokit import data as D
-    from dpokit.data.collate import collate_pairs
 
     rows, name = D.load_rows(pairs_source)
     examples, report = D.preference_examples(rows, name, chat_template_available=bool(tokenizer.chat_template))
-    pairs = D.tokenize_preference(examples, tokenizer, max_length=max_length, report=report)
+    return examples, D.tokenize_preference(examples, tokenizer, max_length=max_length, report=report), report
+
+
+def pair_logps(model, tokenizer, pairs_source, *, max_length=None, batch_size=16):
+    """Summed completion log-probs of chosen and rejected for every usable pair of a file, tokenized as in training."""
+    _, pairs, report = tokenized_pairs(pairs_source, tokenizer, max_length=max_length)
+    chosen, rejected = tokenized_pair_logps(model, pairs, tokenizer.pad_token_id, batch_size=batch_size)
+    return chosen, rejected, report
+
+
+def tokenized_pair_logps(model, pairs, pad_id: int, *, batch_size=16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of chosen and rejected of `tokenize_preference`'s pairs, float32 [N] each."""
+    from dpokit.data.collate import collate_pairs
+
+    if not pairs:
+        return torch.zeros(0), torch.zeros(0)
     chosen, rejected = [], []
     device = _device(model)
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            batch = collate_pairs(pairs[start:start + batch_size], tokenizer.pad_token_id)
+            batch = collate_pairs(pairs[start:start + batch_size], pad_id)
             out = completion_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                    batch["completion_mask"].to(device))
             b = len(batch["row"])
             chosen.append(out.logps[:b].float().cpu())
             rejected.append(out.logps[b:].float().cpu())
-    return torch.cat(chosen), torch.cat(rejected), report
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 def read_prompts(source, column_map=None) -> list:
@@ -508,8 +522,12 @@ def prompt_text(prompt) -> str:
 
 def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge=None, output_dir=None,
                    beta=None, num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=64, seed=0, batch_size=16,
-                   max_length=None, show=4) -> dict:
-    """Everything `dpokit eval` reports; writes eval.json and eval.md into `output_dir` (default: the model's dir)."""
+                   max_length=None, show=4, save_samples=None) -> dict:
+    """Everything `dpokit eval` reports; writes eval.json and eval.md into `output_dir` (default: the model's dir).
+
+    `save_samples` (a .jsonl path) also writes every sample pair: prompt, the policy's and the reference's sample j
+    of it (same seed), the judge's scores and where eval.json went, for people to compare blind
+    (`dpokit annotate serve`), whose win rate `dpokit annotate export` adds to eval.json."""
     import json as _json
     from pathlib import Path
 
@@ -519,6 +537,10 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
         raise ConfigError("nothing to evaluate: give --pairs and/or --prompts")
     if prompts is not None and judge is None:
         raise ConfigError("--prompts needs --judge (implicit, module:function or rm:PATH) to compare samples")
+    if save_samples is not None and prompts is None:
+        raise ConfigError("--save_samples saves the samples of --prompts; give --prompts and --judge")
+    if save_samples is not None and not str(save_samples).endswith((".jsonl", ".jsonl.gz")):
+        raise ConfigError(f"--save_samples {save_samples}: must be a .jsonl file")
     ref_path = ref_path or default_reference(model_path)
     if Path(ref_path).exists() and Path(ref_path).resolve() == Path(model_path).resolve():
         # Every margin, win rate and KL would be 0 against itself, which reads as "no change", not as a mistake.
@@ -526,7 +548,7 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
                           "from (or a run directory whose dpokit_config.yaml names it)")
     out = Path(output_dir or model_path)
     judge_file = judge[len("rm:"):] if isinstance(judge, str) and judge.startswith("rm:") else None
-    refuse_overlap({"eval.json": out / "eval.json", "eval.md": out / "eval.md"},
+    refuse_overlap({"eval.json": out / "eval.json", "eval.md": out / "eval.md", "--save_samples": save_samples},
                    {"--pairs": pairs, "--prompts": prompts, "--ref": ref_path, "the judge": judge_file})
     settings = run_settings(model_path)
     beta = float(beta if beta is not None else settings.get("beta", 0.1))
@@ -572,6 +594,15 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
         }
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
+    if save_samples is not None:
+        from dpokit.data.tools import write_jsonl
+
+        flat_j = [(i, j) for i, group in enumerate(pol) for j in range(len(group))]
+        write_jsonl([{"prompt": texts[i], "policy": pol[i][j], "reference": ref[i][j], "prompt_index": i,
+                      "sample": j, "policy_score": ps, "reference_score": rs, "model": str(model_path),
+                      "reference_model": str(ref_path), "eval_dir": str(out.resolve())}
+                     for (i, j), ps, rs in zip(flat_j, pol_scores, ref_scores)], str(save_samples))
+        result["samples"]["saved_to"] = str(save_samples)
     atomic_write_text(out / "eval.json", _json.dumps(result, indent=2))
     atomic_write_text(out / "eval.md", eval_markdown(result))
     result["written_to"] = str(out)
@@ -616,6 +647,21 @@ def eval_markdown(result: dict) -> str:
         for ex in s["examples"]:
             cells = [ex[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "policy", "reference")]
             lines.append("| " + " | ".join(cells) + " |")
+    if "human" in result:
+        h = result["human"]
+        judge = result.get("samples", {})
+        lines += ["", "## Win rate of the policy over the reference: judge and people", "",
+                  "| by | win rate (ties = 1/2) | items |", "|---|---|---|"]
+        if "win_rate" in judge:
+            lines.append(f"| judge `{judge['judge']}` | {_pm(judge['win_rate'], judge['win_rate_se'])} | "
+                         f"{judge['num_prompts'] * judge['num_samples']} |")
+        lines += [f"| people, blind A/B ({len(h['annotators'])} annotators) | {_pm(h['win_rate'], h['win_rate_se'])} "
+                  f"| {h['items']} |", "",
+                  f"People preferred the policy's sample {h['policy_preferred']} times, the reference's "
+                  f"{h['reference_preferred']}, tied {h['ties']} and skipped {h['skips']}; {h['identical']} identical "
+                  "sample pairs count as ties."
+                  + (f" The judge agrees with the people's verdict on {h['judge_agreement']:.0%} of "
+                     f"{h['judge_agreement_items']} items." if h.get("judge_agreement") is not None else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -643,10 +689,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--max_length", type=positive_int,
                         help="truncate pairs as in training (dropped pairs are counted)")
+    parser.add_argument("--save_samples", metavar="FILE.jsonl",
+                        help="also save every policy/reference sample pair, for a blind human A/B (dpokit annotate)")
     args = parser.parse_args(argv)
     result = evaluate_model(args.model, ref_path=args.ref, pairs=args.pairs, prompts=args.prompts, judge=args.judge,
                             output_dir=args.output_dir, beta=args.beta, num_samples=args.num_samples,
                             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)
+                            seed=args.seed, batch_size=args.batch_size, max_length=args.max_length, save_samples=args.save_samples)
     print(read_text(Path(result["written_to"]) / "eval.md"))
     return 0

@@ -1,4 +1,4 @@
-"""The ``dpokit data`` commands: check, convert, filter, split.
+"""The ``dpokit data`` commands: check, convert, filter, split, audit (`dpokit.data.audit`).
 
 Each ``<command>_main(argv) -> int`` takes the arguments after ``dpokit data <command>`` and returns the exit code;
 `main(argv)` dispatches on ``argv[0]``. A `DpokitError` (unreadable file, undetectable format, no usable row, bad
@@ -14,7 +14,9 @@ option) prints one line to stderr and returns 2.
 - ``convert IN OUT``: canonical JSON Lines (see `canonical_row`), bad rows skipped and reported.
 - ``filter IN OUT [--dedup] [--tokenizer T [--chat_template FILE] --max_length N [--drop_truncated]]``: canonical rows that are valid,
   optionally not exact duplicates and not dropped (or, with ``--drop_truncated``, not cut) by truncation; as in
-  training, a pair whose chosen and rejected ids are identical once truncated is dropped.
+  training, a pair whose chosen and rejected ids are identical once truncated is dropped. ``--audit FILE --drop_top
+  K`` also drops the K most suspect pairs of a `dpokit data audit` of IN, and ``--add FILE`` appends the rows of
+  another file (e.g. those pairs as people re-labelled them, from `dpokit annotate export`).
 - ``split IN --eval_fraction F --train_out A --eval_out B [--seed S]``: all rows sharing a prompt go to the same side.
   A and B must be two files, neither of them IN.
 
@@ -354,15 +356,34 @@ def _filter(argv) -> int:
     _length_options(p)
     p.add_argument("--truncation_mode", default="keep_start")
     p.add_argument("--drop_truncated", action="store_true", help="also drop rows that truncation would cut")
+    p.add_argument("--audit", help="a `dpokit data audit` of the input: with --drop_top K, drop its K most suspect")
+    p.add_argument("--drop_top", type=int, help="how many of the audit's most suspect pairs to drop")
+    p.add_argument("--add", metavar="FILE", help="append the valid rows of FILE (e.g. re-labelled pairs)")
     args = _rewrite_args(p, argv)
+    if (args.audit is None) != (args.drop_top is None):
+        raise ConfigError("--audit and --drop_top go together: --audit audit.jsonl --drop_top K")
     limited = any(v is not None for v in (args.max_length, args.max_prompt_length, args.max_completion_length))
     if limited and not args.tokenizer:
         raise ConfigError("length limits need --tokenizer (lengths are counted in tokens)")
     tokenizer = _tokenizer_from(args) if limited else None
     examples, report = _examples(args.input, args, deduplicate=args.dedup, tokenizer=tokenizer)
+    notes = ""
+    if args.audit is not None:
+        from dpokit.data.audit import audited_rows
+
+        drop = audited_rows(args.audit, args.drop_top, examples, report)
+        examples = [e for e in examples if e.row not in drop]
+        notes += f"; {len(drop)} most suspect pairs of {args.audit} dropped"
     if limited:
         examples = _within_limits(examples, tokenizer, args, report)
-    return _write_canonical(examples, report, args.output)
+    rows = [canonical_row(e) for e in examples]
+    if args.add is not None:
+        added, added_report = _examples(args.add, args, deduplicate=args.dedup, tokenizer=tokenizer)
+        rows += [canonical_row(e) for e in added]
+        notes += f"; {len(added)} rows of {args.add} added ({added_report.summary()})"
+    write_jsonl(rows, args.output)
+    print(f"{args.output}: wrote {len(rows)} rows; {report.summary()}{notes}")
+    return 0
 
 
 def _within_limits(examples, tokenizer, args, report: DataReport):
@@ -441,7 +462,15 @@ def split_main(argv) -> int:
     return _run(_split, argv)
 
 
-COMMANDS = {"check": check_main, "convert": convert_main, "filter": filter_main, "split": split_main}
+def audit_main(argv) -> int:
+    """``dpokit data audit`` (`dpokit.data.audit`, imported on use: it loads models)."""
+    from dpokit.data.audit import main as audit
+
+    return audit(argv)
+
+
+COMMANDS = {"check": check_main, "convert": convert_main, "filter": filter_main, "split": split_main,
+            "audit": audit_main}
 
 
 def main(argv) -> int:
