@@ -141,18 +141,6 @@ def _train(command: str, argv: list[str]) -> int:
     return 0
 
 
-def _export(argv: list[str]) -> int:
-    from dpokit.export import main as export_main
-
-    return export_main(argv)
-
-
-def _eval(argv: list[str]) -> int:
-    from dpokit.evaluate import main as eval_main
-
-    return eval_main(argv)
-
-
 def _data(argv: list[str]) -> int:
     from dpokit.data.tools import main as data_main
 
@@ -162,40 +150,20 @@ def _data(argv: list[str]) -> int:
     return data_main(argv)
 
 
-def _annotate(argv: list[str]) -> int:
-    from dpokit.annotate import main as annotate_main
-
-    return annotate_main(argv)
-
-
-def _pairs(argv: list[str]) -> int:
-    from dpokit.pairs import main as pairs_main
-
-    return pairs_main(argv)
+# Commands whose module parses its own arguments: `dpokit NAME ARGS` is `MODULE.main(ARGS)`, imported only when used
+# (most of them import torch, which `dpokit --help` does without).
+MODULE_COMMANDS = {"eval": "dpokit.evaluate", "export": "dpokit.export", "annotate": "dpokit.annotate",
+                   "pairs": "dpokit.pairs", "report": "dpokit.report", "sweep": "dpokit.sweep", "bench": "dpokit.bench",
+                   "demo": "dpokit.demo"}
 
 
-def _report(argv: list[str]) -> int:
-    from dpokit.report import main as report_main
+def _module_command(command: str):
+    def run(argv: list[str]) -> int:
+        import importlib
 
-    return report_main(argv)
+        return importlib.import_module(MODULE_COMMANDS[command]).main(argv)
 
-
-def _sweep(argv: list[str]) -> int:
-    from dpokit.sweep import main as sweep_main
-
-    return sweep_main(argv)
-
-
-def _bench(argv: list[str]) -> int:
-    from dpokit.bench import main as bench_main
-
-    return bench_main(argv)
-
-
-def _demo(argv: list[str]) -> int:
-    from dpokit.demo import main as demo_main
-
-    return demo_main(argv)
+    return run
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -213,8 +181,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "eval": _eval,
-                "export": _export, "data": _data, "pairs": _pairs, "annotate": _annotate, "report": _report, "sweep": _sweep, "bench": _bench, "demo": _demo}
+    handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "data": _data,
+                **{name: _module_command(name) for name in MODULE_COMMANDS}}
     if command not in handlers:
         import difflib
 

@@ -71,7 +71,7 @@ def load_model(model: Any, cfg: Any = None, what: str = "model") -> nn.Module:
         kwargs.setdefault("revision", cfg.model_revision)
     try:
         return AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         # torch.load(weights_only=True) met a pickle that holds more than tensors: loading it would run its code.
         raise DpokitError(f"cannot load {what} {str(model)!r}: its pickle weights (pytorch_model*.bin) hold non-tensor "
                           "objects and were refused as possibly unsafe (loading them could run code); use a "
