@@ -34,6 +34,7 @@ from dpokit.data import load_rows  # noqa: E402
 SHARED = ROOT / "shared" if (ROOT / "shared").is_dir() else ROOT.parent / "shared"
 FIRST_STEP_RTOL = 2e-2  # bf16 autocast: packed and padded round differently
 BUDGET_S = float(os.environ.get("CHECK_BUDGET_S", 540))  # stop starting variants after this (a call has 600 s)
+STEPS = int(os.environ.get("CHECK_STEPS", 6))  # optimizer steps per trainer variant
 QLORA = {"use_peft": True, "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True,
          "dtype": "bfloat16", "lora_r": 16, "lora_alpha": 32}
 VARIANTS = {  # name: (settings, the variant whose first step it must match)
@@ -57,22 +58,10 @@ def write(results, out_path):
 # 1. The packed attention kernel
 
 
-def layout_of(lengths, device):
-    width = max(lengths)
-    index = torch.zeros(len(lengths), width, dtype=torch.long)
-    out, start = [], 0
-    for s, n in enumerate(lengths):
-        index[s, :n] = torch.arange(start, start + n)
-        out.extend(s * width + p for p in range(n))
-        start += n
-    return packing.PackedLayout(index.to(device), torch.tensor(lengths, device=device),
-                                torch.tensor(out, dtype=torch.long, device=device)), start
-
-
 def kernel_check() -> dict:
     torch.manual_seed(0)
     lengths = list(range(1, 65)) + [300, 517, 1024, 0]
-    layout, n = layout_of(lengths, "cuda")
+    layout, n = packing.PackedLayout.of_segments(lengths, "cuda"), sum(lengths)
     scale = 64 ** -0.5
     base = [torch.randn(1, h, n, 64, device="cuda") for h in (32, 8, 8)]
     cotangent = torch.randn(1, n, 32, 64, device="cuda")
@@ -168,7 +157,7 @@ def counting_varlen(calls: dict) -> None:
 def run_variant(name: str, extra: dict, model: str, rows: list, calls: dict) -> dict:
     calls["varlen"] = 0
     torch.cuda.reset_peak_memory_stats()
-    args = DPOConfig(output_dir=f"/tmp/dpokit-gpu-{name}", overwrite_output_dir=True, bf16=True, max_steps=int(os.environ.get("CHECK_STEPS", 6)),
+    args = DPOConfig(output_dir=f"/tmp/dpokit-gpu-{name}", overwrite_output_dir=True, bf16=True, max_steps=STEPS,
                      per_device_train_batch_size=16, learning_rate=1e-4, logging_steps=1, save_steps=0,
                      disable_tqdm=True, max_length=512, seed=0, **extra)
     t0 = time.perf_counter()

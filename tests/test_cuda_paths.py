@@ -118,18 +118,6 @@ def cuda_torch(monkeypatch):
 # The attention function on a hand-built layout: segments of lengths 1..N and an empty tail
 
 
-def layout_of(lengths):
-    """A packed row of disjoint segments with these lengths (0 allowed), as collate_packed lays them out."""
-    width = max(max(lengths), 1)
-    index = torch.zeros(len(lengths), width, dtype=torch.long)
-    out, start = [], 0
-    for s, n in enumerate(lengths):
-        index[s, :n] = torch.arange(start, start + n)
-        out.extend(s * width + p for p in range(n))
-        start += n
-    return PackedLayout(index, torch.tensor(lengths), torch.tensor(out, dtype=torch.long)), start
-
-
 def dense_reference(q, k, v, lengths, scale):
     """Each segment alone through sdpa in [1, H, L, D]: the padded path's attention, segment by segment."""
     out, start = [], 0
@@ -151,7 +139,7 @@ class Attn(torch.nn.Module):
 def test_flash_wiring_equals_per_segment_attention(cuda_torch, version, kv_heads):
     torch.manual_seed(0)
     lengths = [1, 2, 3, 4, 5, 6, 7, 0]  # every length up to the widest, and an empty tail segment
-    layout, n = layout_of(lengths)
+    layout, n = PackedLayout.of_segments(lengths), sum(lengths)
     scale = 8 ** -0.5 if version == "2.10.0" else 0.3  # 2.10 takes no scale; elsewhere one the kernel must be given
     q = torch.randn(1, 4, n, 8, requires_grad=True)
     k, v = (torch.randn(1, kv_heads, n, 8, requires_grad=True) for _ in range(2))
@@ -379,3 +367,143 @@ def test_unfused_adamw_leaves_torch_its_default(monkeypatch, optim_name, device_
     optimizer, logged = optimizer_for(optim_name, monkeypatch, device_types)
     assert all(g["fused"] is None and g["foreach"] is None for g in optimizer.param_groups)
     assert logged == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# QLoRA: refused off CUDA before any model loads; the loading and preparation it does on a GPU, with fakes
+
+
+QLORA = {"load_in_4bit": True, "use_peft": True}
+
+
+@pytest.fixture
+def gpu_with_bitsandbytes(monkeypatch):
+    """A config check that sees a CUDA GPU and bitsandbytes (QLoRA's environment), on this CPU machine."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"load_in_4bit": True},
+     r"^load_in_4bit \(QLoRA\) trains LoRA adapters on the quantized model: set use_peft=true$"),
+    (QLORA, r"^load_in_4bit \(QLoRA\) needs a CUDA GPU \(bitsandbytes' 4-bit kernels\); none is available here$"),
+    ({**QLORA, "use_cpu": True}, r"needs a CUDA GPU .*; use_cpu is set$"),
+    ({"bnb_4bit_quant_type": "int4"}, r"bnb_4bit_quant_type: 'int4' is not one of nf4, fp4"),
+    ({"model_init_kwargs": {"quantization_config": {"load_in_4bit": True}}},
+     r"model_init_kwargs.quantization_config: set load_in_4bit \(with bnb_4bit_quant_type, .*\) instead"),
+    ({"load_in_8bit": True}, r"load_in_8bit: True is not supported: quantized 8-bit .* load_in_4bit \(QLoRA\) is"),
+])
+def test_qlora_settings_refused_before_any_model_loads(settings, message):
+    from dpokit.config import DPOConfig, build_config
+    from dpokit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build_config(DPOConfig, overrides=settings)
+
+
+def test_qlora_needs_bitsandbytes(gpu_with_bitsandbytes, monkeypatch):
+    import importlib.util
+
+    from dpokit.config import DPOConfig
+    from dpokit.errors import ConfigError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match=r"needs the bitsandbytes package \(pip install bitsandbytes\)"):
+        DPOConfig(**QLORA)
+
+
+def test_qlora_quantization_config_is_trls(gpu_with_bitsandbytes):
+    """The BitsAndBytesConfig dpokit builds from TRL's ModelConfig keys is the one TRL builds from them."""
+    trl = pytest.importorskip("trl")
+    from trl.trainer.utils import get_quantization_config
+
+    from dpokit.config import DPOConfig, build_config
+    from dpokit.models import quantization_config
+
+    keys = {"load_in_4bit": True, "dtype": "bfloat16", "bnb_4bit_quant_type": "fp4", "use_bnb_nested_quant": True,
+            "bnb_4bit_quant_storage": "bfloat16"}
+    ours = quantization_config(build_config(DPOConfig, overrides={**keys, "use_peft": True}))
+    theirs = get_quantization_config(trl.ModelConfig(**keys))
+    assert ours.to_dict() == theirs.to_dict()
+    assert quantization_config(DPOConfig()) is None
+
+
+def test_qlora_loads_quantized_on_this_process_gpu(gpu_with_bitsandbytes, monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.config import DPOConfig
+    from dpokit.models import load_model
+
+    seen = {}
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda path, **kwargs: seen.update(kwargs) or tiny_llama())
+    load_model(str(tmp_path), DPOConfig(**QLORA, dtype="bfloat16"))
+    q = seen["quantization_config"]
+    assert (q.load_in_4bit, q.bnb_4bit_compute_dtype, q.bnb_4bit_quant_type) == (True, torch.bfloat16, "nf4")
+    assert seen["device_map"] == {"": 0} and seen["dtype"] == torch.bfloat16
+    seen.clear()
+    load_model(str(tmp_path), DPOConfig(use_peft=True))
+    assert "quantization_config" not in seen and "device_map" not in seen
+
+
+def test_qlora_prepares_the_quantized_model_for_adapters():
+    """peft's k-bit preparation before the adapters: the base frozen, its unquantized weights float32, only LoRA
+    weights train (a bf16 model marked quantized stands in for a 4-bit one; its Params4bit would stay as they are)."""
+    import types
+
+    from dpokit.models import apply_lora
+
+    model = tiny_llama().to(torch.bfloat16)
+    model.is_loaded_in_4bit = True
+    cfg = types.SimpleNamespace(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=None,
+                                lora_modules_to_save=None, use_rslora=False, use_dora=False)
+    peft_model = apply_lora(model, cfg)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {p.dtype for p in peft_model.parameters()} == {torch.float32}
+
+
+def test_a_quantized_model_object_needs_use_peft():
+    from dpokit.config import DPOConfig
+    from dpokit.errors import ConfigError
+    from dpokit.models import load_model
+
+    model = tiny_llama()
+    model.is_loaded_in_4bit = True
+    with pytest.raises(ConfigError, match=r"^the model is quantized \(bitsandbytes\), so only LoRA adapters can "
+                                          r"train: set use_peft=true"):
+        load_model(model, DPOConfig())
+    assert load_model(model, DPOConfig(use_peft=True)) is model
+    assert load_model(model, DPOConfig(), what="ref_model") is model  # a reference is not trained
+
+
+def test_qlora_refused_under_sharding_engines():
+    import types
+
+    from dpokit.engines import DeepSpeedEngine, FSDPEngine
+    from dpokit.errors import ConfigError
+
+    cfg = types.SimpleNamespace(load_in_4bit=True, on_nonfinite="stop")
+    for engine, name in ((FSDPEngine, "FSDP"), (DeepSpeedEngine, "DeepSpeed")):
+        with pytest.raises(ConfigError, match=f"load_in_4bit \\(QLoRA\\) is not supported under {name}; run it on "
+                                              "one GPU or with DDP"):
+            engine(None).check(cfg)
+
+
+def test_trls_quantization_config_argument_names_the_fields(tmp_path):
+    """TRL's scripts pass DPOTrainer(quantization_config=get_quantization_config(model_args)): None passes, a
+    BitsAndBytesConfig is refused with the settings that ask for it here."""
+    from transformers import BitsAndBytesConfig
+
+    from dpokit import DPOConfig, DPOTrainer
+    from dpokit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^DPOTrainer: quantization_config is not supported: in the config: set "
+                                          r"load_in_4bit \(with bnb_4bit_quant_type"):
+        DPOTrainer(tiny_llama(), args=DPOConfig(output_dir=str(tmp_path)), train_dataset=[],
+                   quantization_config=BitsAndBytesConfig(load_in_4bit=True))

@@ -120,6 +120,20 @@ class PackedLayout:
         self._varlen = None
         self._buckets = None
 
+    @classmethod
+    def of_segments(cls, lengths: Sequence[int], device=None) -> "PackedLayout":
+        """The layout of disjoint segments of these lengths (0 allowed), one after another in the packed row: what
+        `collate_packed` makes without a shared prompt, for checking attention kernels on any segment lengths."""
+        width = max(max(lengths, default=0), 1)
+        index = torch.zeros(len(lengths), width, dtype=torch.long)
+        out, start = [], 0
+        for s, n in enumerate(lengths):
+            index[s, :n] = torch.arange(start, start + n)
+            out.extend(s * width + p for p in range(n))
+            start += n
+        return cls(index.to(device), torch.tensor(lengths, dtype=torch.long, device=device),
+                   torch.tensor(out, dtype=torch.long, device=device))
+
     def varlen(self):
         """(token index [T], cumulative lengths [S+1] int32, output index [N]) of the concatenated segments, for
         Flash varlen: the same segments without the pad slots."""
