@@ -33,3 +33,22 @@ def llama2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
+
+
+def refused(capsys, argv, *needles, unchanged=()) -> str:
+    """Run `dpokit ARGV` in-process and check a user mistake's contract: exit code 2, one line on stderr holding every
+    needle (the file, the line), no traceback, and every file in `unchanged` byte for byte as it was; returns the
+    line."""
+    from dpokit.cli import main
+
+    before = {Path(p): Path(p).read_bytes() for p in unchanged}
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, err)
+    for path, content in before.items():
+        assert path.read_bytes() == content, f"{path} changed"
+    return lines[0]

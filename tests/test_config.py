@@ -321,7 +321,7 @@ def test_bf16_left_unset_takes_trls_decision(monkeypatch):
     ("f_divergence_type", "kl", "f_divergence_type: 'kl' is not one of reverse_kl, forward_kl"),
 ])
 def test_numeric_settings_have_declared_ranges(key, value, message):
-    from dpokit.config import _coerce
+    from dpokit.settings import coerce as _coerce
 
     with pytest.raises(ConfigError) as info:
         build_config(DPOConfig, overrides={key: value})
@@ -347,10 +347,11 @@ def test_a_config_is_checked_once_however_it_is_handed_on(monkeypatch, tmp_path)
     """`dpokit dpo beta=0.2` builds the config (checked as it is made) and hands it to DPOTrainer, which hands it to
     the base trainer: no second check. A config changed by hand in between is checked again."""
     from dpokit import config as C
+    from dpokit import settings
 
     calls = []
-    check = C.check_settings
-    monkeypatch.setattr(C, "check_settings", lambda obj: (calls.append(type(obj).__name__), check(obj))[1])
+    check = settings.check_settings
+    monkeypatch.setattr(settings, "check_settings", lambda obj: (calls.append(type(obj).__name__), check(obj))[1])
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     cfg = build_config(DPOConfig, overrides={"beta": "0.2", "model_name_or_path": str(model_dir)})

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import refused
 from dpokit.cli import main
 from dpokit.errors import ConfigError
 from dpokit.evaluate import evaluate_model, load_judge, pair_metrics
@@ -129,3 +130,24 @@ def test_eval_of_a_missing_model_says_it_is_missing(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "nope"), "--pairs", str(tmp_path / "p.jsonl")])
     err = capsys.readouterr().err
     assert rc == 2 and f"model '{tmp_path / 'nope'}': no such directory" in err
+
+
+def test_unreadable_eval_inputs_are_one_line(models, tmp_path, capsys):
+    """A damaged run config, prompts file or reward-model config: exit 2, one line naming the file (and line)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "dpokit_config.yaml").write_bytes(b"model_name_or_path: base\nbeta: [0.1\n")
+    refused(capsys, ["eval", "--model", run, "--pairs", tmp_path / "p.jsonl"],
+            f"{run / 'dpokit_config.yaml'}:3: invalid YAML", unchanged=[run / "dpokit_config.yaml"])
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    common = ["eval", "--model", models / "policy", "--ref", models / "ref", "--output_dir", tmp_path / "o"]
+    refused(capsys, [*common, "--prompts", deep, "--judge", "test_evaluate_cli:positive_words"],
+            f"{deep}:1: JSON nested too deeply to read", unchanged=[deep])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in PAIRS])
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_bytes(b'{"architectures": ["LlamaForSequenceClassification"],\n')
+    refused(capsys, [*common, "--prompts", prompts, "--judge", f"rm:{rm}"],
+            f"{rm / 'config.json'}:2: invalid JSON", unchanged=[rm / "config.json", prompts])
+    assert not (tmp_path / "o").exists()

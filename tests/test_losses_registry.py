@@ -23,7 +23,7 @@ PAIRS = [{"prompt": f"Review {i}: the film was", "chosen": " great fun, I loved 
 def registry(monkeypatch):
     """`register` adds to the process-wide registry; each test gets a copy, so other tests' loss lists stay as
     they are."""
-    monkeypatch.setattr(losses, "_REGISTRY", dict(losses._REGISTRY))
+    monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))
 
 
 def _needs_margin(params: LossParams) -> str | None:
@@ -95,7 +95,7 @@ def test_a_loss_is_built_once_and_calls_check_only_tensors(monkeypatch):
     loss = build(params)
     assert build(params) is loss  # checked when made; not again while unchanged
     checks = []
-    monkeypatch.setattr(losses, "_check_terms", lambda *a: checks.append(a))
+    monkeypatch.setattr(losses.core, "_check_terms", lambda *a: checks.append(a))
     x = torch.zeros(3, dtype=torch.float64)
     lengths = torch.ones(3, dtype=torch.long)
     loss(x, x, x, x, chosen_lengths=lengths, rejected_lengths=lengths)

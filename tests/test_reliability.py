@@ -184,6 +184,7 @@ def test_a_checkpoint_without_keys_added_since_resumes(tmp_path, tok):
     for key in ("optim", "data_seed", "lr_scheduler_kwargs", "dtype"):
         del state["config"][key]
     (ckpt / C.STATE_JSON).write_text(json.dumps(state))
+    (ckpt / C.MANIFEST).unlink()  # such a checkpoint was also written before checkpoints had a manifest
     DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "b", max_steps=2, resume_from_checkpoint=str(ckpt)),
                train_dataset=PAIRS, processing_class=tok).train()
     other = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "c", max_steps=2, data_seed=3,

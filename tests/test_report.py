@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from conftest import refused
 from dpokit import report
 from dpokit.errors import ConfigError, DataError
 
@@ -125,7 +126,7 @@ def test_errors_name_the_directory_and_line(tmp_path):
     bad = _run_dir(tmp_path, "bad", _dpo_records(2, 1.0))
     with (bad / "metrics.jsonl").open("a") as f:
         f.write('{"step": 3, "loss": 0.5\n')
-    with pytest.raises(DataError, match=r"bad/metrics.jsonl:3: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad/metrics.jsonl:3: invalid JSON"):
         report.write_report([bad], None)
     (bad / "metrics.jsonl").write_text('{"step": 1, "loss": "high"}\n')
     with pytest.raises(DataError, match=r"metrics.jsonl:1: 'loss' must be a number"):
@@ -178,3 +179,73 @@ def test_training_warnings_appear_in_the_report(tmp_path):
                                                     "message": "chosen log-probs fell <fast>"}) + "\n")
     page = report.write_report([run]).read_text()
     assert "<h2>Warnings</h2>" in page and "step 12: chosen log-probs fell &lt;fast&gt;" in page
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Unreadable run files through the command line: one line naming the file (and line), exit 2, nothing changed
+
+
+def _cli_run(tmp_path, metrics: bytes):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(metrics)
+    return run
+
+
+GOOD = b'{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n'
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("metrics.jsonl", b'{"step": 1, "loss": 0.7}\n{"step": 2, "note": "\xff"}\n{"step": 3, "loss": 0.5}\n',
+     "metrics.jsonl:2: invalid UTF-8 (byte 0xff at column 22)"),
+    ("metrics.jsonl", b'{"step": 1, "loss": 0.7}\n{"step": 2, "lo\n{"step": 3, "loss": 0.5}\n',
+     "metrics.jsonl:2: invalid JSON (Unterminated string"),
+    ("metrics.jsonl", GOOD + b'{"step": 3, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+     "metrics.jsonl:3: JSON nested too deeply to read"),
+    ("warnings.jsonl", b'{"step": 1, "message": "caf\xe9"}\n', "warnings.jsonl:1: invalid UTF-8 (byte 0xe9"),
+    ("warnings.jsonl", b'{"step": 1, "message": "a"}\n{"step": 2, "mess\n{"step": 3, "message": "c"}\n',
+     "warnings.jsonl:2: invalid JSON"),
+    ("eval.json", b'{"model": "m",\n "pairs": {"accuracy": 0.7,}\n}', "eval.json:2: invalid JSON (Expecting property name"),
+    ("eval.json", b"[" * 100_000 + b"]" * 100_000, "eval.json: JSON nested too deeply to read"),
+    ("dpokit_config.yaml", b"run_name: a\nbeta: [0.1\n", "dpokit_config.yaml:3: invalid YAML"),
+    ("dpokit_config.yaml", b"- not\n- a mapping\n", "dpokit_config.yaml: expected a mapping of keys to values"),
+])
+def test_report_refuses_unreadable_run_files(tmp_path, capsys, name, content, message):
+    run = _cli_run(tmp_path, GOOD)
+    (run / name).write_bytes(content)
+    refused(capsys, ["report", run], f"{run}/{message}", unchanged=[run / "metrics.jsonl", run / name])
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "warnings.jsonl"])
+def test_a_half_written_last_line_is_skipped_and_said(tmp_path, capsys, name):
+    """A run killed while writing a log line leaves it without its newline: the report skips it and says so in one
+    line (stderr and page); the rest is drawn."""
+    from dpokit.cli import main
+
+    run = _cli_run(tmp_path, GOOD)
+    (run / "warnings.jsonl").write_bytes(b'{"step": 1, "kind": "k", "message": "first"}\n')
+    with (run / name).open("ab") as f:
+        f.write(b'{"step": 3, "lo' if name == "metrics.jsonl" else b'{"step": 2, "kind": "k", "mess')
+    before = (run / name).read_bytes()
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    captured = capsys.readouterr()
+    note = (f"{run / name}:{3 if name == 'metrics.jsonl' else 2}: last line is incomplete (the run was stopped while "
+            "writing it); skipped")
+    assert captured.err == f"dpokit report: note: {note}\n"
+    assert captured.out == f"wrote {run / 'report.html'}\n"
+    page = (run / "report.html").read_text()
+    assert html_escape(note) in page and "step 1: first" in page and _img_alts(page)[0] == "Loss"
+    assert (run / name).read_bytes() == before
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def test_report_options_are_one_line(tmp_path, capsys):
+    refused(capsys, ["report"], "the following arguments are required: RUN_DIR")
+    refused(capsys, ["report", tmp_path, "--colour", "red"], "unrecognized arguments: --colour red")

@@ -56,3 +56,16 @@ def test_sweep_checks_every_setting_before_training(tmp_path):
         from dpokit.sweep import run_sweep
 
         run_sweep(None, ["loss_type=sigmoid,sigmod", "train_file=x.jsonl"], prompts="p.jsonl", judge="implicit")
+
+
+def test_sweep_refuses_unreadable_prompts_before_training(tmp_path, capsys):
+    from conftest import refused
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path / 'base'}\ntrain_file: {tmp_path / 'prefs.jsonl'}\n"
+                   f"output_dir: {tmp_path / 'sweep'}\n")
+    refused(capsys, ["sweep", "--config", cfg, "--prompts", prompts, "--judge", "implicit", "beta=0.1,1.0"],
+            f"{prompts}:2: invalid UTF-8 (byte 0xe9 at column 16)", unchanged=[prompts, cfg])
+    assert not (tmp_path / "sweep").exists()

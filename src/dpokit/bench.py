@@ -572,25 +572,27 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpokit.options import positive_float, positive_int
+
     parser.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
     parser.add_argument("--output", help="write the result as JSON to this file")
-    parser.add_argument("--steps", type=int, help="timed optimizer steps (default: the preset's)")
-    parser.add_argument("--pairs-per-step", type=int, help="pairs per optimizer step (default: the preset's)")
-    parser.add_argument("--token-budget", type=int, help="dpokit's packed tokens per micro-batch")
-    parser.add_argument("--trl-micro-batches", type=int, nargs="+", help="TRL micro-batch sizes to try")
+    parser.add_argument("--steps", type=positive_int, help="timed optimizer steps (default: the preset's)")
+    parser.add_argument("--pairs-per-step", type=positive_int, help="pairs per optimizer step (default: the preset's)")
+    parser.add_argument("--token-budget", type=positive_int, help="dpokit's packed tokens per micro-batch")
+    parser.add_argument("--trl-micro-batches", type=positive_int, nargs="+", help="TRL micro-batch sizes to try")
     parser.add_argument("--no-shared-prompt", action="store_true", help="dpokit: pack prompt twice per pair")
     parser.add_argument("--precompute-ref", action="store_true",
                         help="both sides precompute the reference log-probs before training (not timed)")
     parser.add_argument("--find-max-length", action="store_true",
                         help="long presets: also find the longest sequence each side trains before running out of memory")
     parser.add_argument("--compile", action="store_true", help="dpokit: torch_compile=true (decoder layers)")
-    parser.add_argument("--threads", type=int, help="CPU threads per side (default: all available)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads per side (default: all available)")
     parser.add_argument("--skip-trl", action="store_true", help="run the dpokit side only")
     parser.add_argument("--trl-liger", action="store_true",
                         help="also run TRL with use_liger_kernel (CUDA presets; needs liger-kernel), as trl_liger")
-    parser.add_argument("--trl-liger-micro-batches", type=int, nargs="+",
+    parser.add_argument("--trl-liger-micro-batches", type=positive_int, nargs="+",
                         help="micro-batch sizes TRL with use_liger_kernel is run with (default: --trl-micro-batches)")
-    parser.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: known GPUs only)")
+    parser.add_argument("--peak-tflops", type=positive_float, help="device peak TFLOP/s for MFU (default: known GPUs only)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Llama-2 tokenizer directory")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HH-RLHF jsonl(.gz) file")
 
@@ -603,7 +605,9 @@ def main(argv: Optional[list] = None) -> int:
         result = (_run_dpokit if side == "dpokit" else _run_trl)(job)
         Path(result_file).write_text(json.dumps(result))
         return 0
-    parser = argparse.ArgumentParser(prog="dpokit bench", description=__doc__.split("\n\n")[0])
+    from dpokit.options import Parser
+
+    parser = Parser(prog="dpokit bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run_from_args(args)

@@ -33,16 +33,18 @@ import numpy as np
 import torch
 
 from dpokit.errors import DpokitError
-from dpokit.fileio import atomic_write_text, fsync_dir, fsync_tree, replace_dir
+from dpokit.fileio import atomic_write_text, fsync_dir, fsync_tree, replace_dir, write_error
 
 LATEST = "latest"
 RUN_MARKER = "dpokit_config.yaml"  # the run's resolved config; its presence marks a directory holding a run
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
+MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 # Test hook: seconds to sleep inside every checkpoint save, after the files are written and before the rename, so a
-# test can reliably SIGKILL a run in the middle of a save. Not meant for users.
+# test can reliably SIGKILL a run in the middle of a save; or the path of a file to wait for (at most 5 minutes), so a
+# test can act while a save is under way however slow the machine. Not meant for users.
 SLOW_SAVE_ENV = "DPOKIT_TEST_SLOW_SAVE"
 
 
@@ -51,9 +53,15 @@ class CheckpointError(DpokitError):
 
 
 def pause_for_tests() -> None:
-    seconds = os.environ.get(SLOW_SAVE_ENV)
-    if seconds:
-        time.sleep(float(seconds))
+    value = os.environ.get(SLOW_SAVE_ENV)
+    if not value:
+        return
+    try:
+        time.sleep(float(value))
+    except ValueError:
+        deadline = time.monotonic() + 300
+        while not Path(value).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def is_weights_file(name: str) -> bool:
@@ -81,17 +89,21 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted((step, p) for step, p in found if step is not None)
 
 
-def read_latest(output_dir: Path) -> Optional[Path]:
-    """The checkpoint `output_dir/latest` names, or None when no checkpoint has been completed yet."""
+def _pointer_target(output_dir: Path) -> tuple[Optional[str], Optional[Path]]:
+    """(the name `output_dir/latest` holds, the path it means); (None, None) without a readable pointer."""
     pointer = output_dir / LATEST
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    path = Path(name) if os.path.isabs(name) else output_dir / name
-    if not (path / STATE_JSON).is_file():
-        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint; "
-                              "pass resume_from_checkpoint=PATH to pick one")
-    return path
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    return name, (Path(name) if os.path.isabs(name) else output_dir / name) if name else None
+
+
+def read_latest(output_dir: Path) -> Optional[Path]:
+    """The checkpoint `output_dir/latest` names when it is complete, else None (no checkpoint yet, or a pointer that
+    `resolve` will have to see to)."""
+    _, path = _pointer_target(output_dir)
+    return path if path is not None and path.is_dir() and problem(path) is None else None
 
 
 def write_latest(output_dir: Path, checkpoint: Path) -> None:
@@ -103,24 +115,109 @@ def write_latest(output_dir: Path, checkpoint: Path) -> None:
     atomic_write_text(output_dir / LATEST, name + "\n")
 
 
-def resolve(spec: str, output_dir: Path) -> Optional[Path]:
-    """`latest` -> the checkpoint `output_dir/latest` names (None if there is none yet); anything else is a path that
-    must be a complete checkpoint."""
-    if spec == LATEST:
-        return read_latest(output_dir)
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"resume_from_checkpoint: no checkpoint directory {spec!r}")
-    check_complete(path)
-    return path
+def _damaged(path: Path, what: str, older: list[Path]) -> CheckpointError:
+    previous = next((p for p in reversed(older) if problem(p) is None), None)
+    offer = (f"; the previous complete checkpoint is {previous}: resume from it with resume_from_checkpoint={previous}"
+             if previous is not None else "; no earlier complete checkpoint is left: start the run again")
+    return CheckpointError(f"{what} {path} is damaged ({problem(path)}){offer}")
 
 
-def check_complete(path: Path) -> None:
-    missing = [name for name in (STATE_PT, STATE_JSON) if not (path / name).is_file()]
+def resolve(spec: str, output_dir: Path) -> tuple[Optional[Path], Optional[str]]:
+    """The checkpoint to resume from, and a note to tell the user when it is not the one the pointer names.
+
+    `latest`: the checkpoint `output_dir/latest` names. Checkpoints are found by their own completeness, not only
+    through the pointer: with the pointer missing or naming no checkpoint, the newest complete checkpoint is taken
+    (and said); with none at all, (None, None): there is nothing to resume yet. A checkpoint whose files do not
+    verify is never skipped silently: it is named with what is wrong, and the previous complete one is offered.
+    Anything else is the path of a checkpoint, which must verify."""
+    found = [path for _, path in list_checkpoints(output_dir)] if output_dir.is_dir() else []
+    if spec != LATEST:
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"resume_from_checkpoint: no checkpoint directory {spec!r}")
+        if problem(path) is not None:
+            siblings = [p for _, p in list_checkpoints(path.parent)]
+            raise _damaged(path, "resume_from_checkpoint:", [p for p in siblings if p != path and
+                                                             checkpoint_step(p) < (checkpoint_step(path) or 0)])
+        return path, None
+    name, named = _pointer_target(output_dir)
+    if named is not None and named.is_dir():
+        if problem(named) is not None:
+            raise _damaged(named, "the latest checkpoint", [p for p in found if p != named
+                           and (checkpoint_step(p) or 0) < (checkpoint_step(named) or 0)])
+        return named, None
+    if not found:
+        if name is not None:
+            raise CheckpointError(f"{output_dir / LATEST} names {name!r}, which is not a checkpoint, and "
+                                  f"{output_dir} holds none; start the run again")
+        return None, None
+    newest = found[-1]
+    if problem(newest) is not None:
+        raise _damaged(newest, "the newest checkpoint", found[:-1])
+    why = "is missing" if name is None else f"names {name!r}, which is not a checkpoint"
+    return newest, f"{output_dir / LATEST} {why}; resuming from {newest.name}, the newest complete checkpoint"
+
+
+REQUIRED_FILES = (STATE_PT, STATE_JSON)
+# Files up to this size are hashed into the manifest; larger ones (weights, optimizer state) are checked by size and
+# by their own structure (safetensors headers, torch's zip records), so that a save of a large model does not spend
+# minutes hashing what a kill or a full disk leaves short, never subtly altered.
+HASH_LIMIT = 64 << 20
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """`manifest.json`, written last into a checkpoint: every file with its size (and, for small files, its hash),
+    so that completeness can be checked file by file."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        size = path.stat().st_size
+        files[path.relative_to(directory).as_posix()] = {"size": size, **(
+            {"sha256": _sha256(path)} if size <= HASH_LIMIT else {})}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _missing(path: Path) -> Optional[str]:
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         missing.append("model.safetensors or adapter_model.safetensors")
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def problem(path: Path) -> Optional[str]:
+    """What makes `path` an incomplete or damaged checkpoint (one phrase), or None when it verifies."""
+    missing = _missing(path)
     if missing:
-        raise CheckpointError(f"{path} is not a complete dpokit checkpoint (missing {', '.join(missing)})")
+        return missing
+    manifest = path / MANIFEST
+    if manifest.is_file():  # checkpoints written before manifests have none: their structure is still checked
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        for name, entry in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            size = file.stat().st_size
+            if size != entry.get("size"):
+                return f"{name} has {size} bytes, the manifest says {entry.get('size')}"
+            if "sha256" in entry and _sha256(file) != entry["sha256"]:
+                return f"{name} does not match its checksum"
+    from dpokit.models import safetensors_problem
+
+    for file in sorted(path.glob("*.safetensors")):
+        wrong = safetensors_problem(file)
+        if wrong:
+            return f"{file.name}: {wrong}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -164,12 +261,21 @@ def rank_rng(tensors: dict, num_processes: int, process_index: int) -> dict:
 
 
 def save_state(directory: Path, tensors: dict, info: dict) -> None:
-    torch.save(tensors, directory / STATE_PT)
+    with open(directory / STATE_PT, "wb") as f:  # a Python file: an OS error (a full disk) surfaces as itself
+        torch.save(tensors, f)
     (directory / STATE_JSON).write_text(json.dumps({"format": FORMAT_VERSION, **info}, indent=1))
 
 
+# What every checkpoint's trainer_state.json holds (keys added later, such as global_micro_batch, are optional).
+STATE_KEYS = ("global_step", "total_steps", "position", "micro_step", "nonfinite_steps", "meter", "metrics", "data",
+              "ref_cache_keys", "config")
+
+
 def load_state(directory: Path) -> tuple[dict, dict]:
-    check_complete(directory)
+    """A checkpoint's trainer state (`resolve` has verified its files against the manifest)."""
+    missing = _missing(directory)
+    if missing:
+        raise CheckpointError(f"{directory} is not a complete dpokit checkpoint ({missing})")
     try:
         info = json.loads((directory / STATE_JSON).read_text())
         # weights_only: a checkpoint from elsewhere cannot run code when it is read.
@@ -177,15 +283,29 @@ def load_state(directory: Path) -> tuple[dict, dict]:
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
         first = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"cannot read checkpoint {directory}: {first}") from exc
-    if info.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{directory}: checkpoint format {info.get('format')!r}; this dpokit reads "
-                              f"format {FORMAT_VERSION}")
+    if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint format {info.get('format') if isinstance(info, dict) else None!r}; "
+                              f"this dpokit reads format {FORMAT_VERSION}")
+    lacking = [k for k in STATE_KEYS if k not in info] + [f"data.{k}" for k in ("train_rows", "train_fingerprint")
+                                                          if k not in info.get("data", {})]
+    lacking += [k for k in ("optimizer", "scheduler", "rng") if not isinstance(tensors, dict) or k not in tensors]
+    if lacking:
+        raise CheckpointError(f"{directory / STATE_JSON}: lacks {', '.join(lacking)} (a damaged or foreign "
+                              "checkpoint); resume from another checkpoint")
     return tensors, info
 
 
 def read_weights(directory: Path, peft: bool) -> dict:
     """The tensors of a checkpoint's model files: the LoRA adapter, or the (possibly sharded) full model."""
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as load
+
+    def load_file(path: str) -> dict:
+        try:
+            return load(path)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is damaged ({' '.join(str(exc).split())[:200]}); resume from another "
+                                  "checkpoint") from None
 
     if peft:
         path = directory / "adapter_model.safetensors"
@@ -259,6 +379,7 @@ RESUME_MAY_CHANGE = frozenset({
     "per_device_eval_batch_size", "save_steps", "save_total_limit", "report_to", "disable_tqdm", "on_nonfinite",
     "max_nonfinite_steps", "run_name", "logging_strategy", "logging_first_step", "log_level", "eval_strategy",
     "eval_on_start", "save_strategy", "dataset_test_split", "ddp_timeout", "precompute_ref_batch_size",
+    "save_on_sigterm",
 })
 
 
@@ -340,12 +461,16 @@ def save_model(out: Path, write: Callable[[Path], None]) -> None:
     arrive by one directory rename: it is written to a temporary directory, fsynced, and each file is renamed into
     place (atomic per file), the weights last, so a kill never leaves a half-written file, and a model whose weights
     are there is complete."""
-    out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-save-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    fsync_tree(tmp)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write(tmp)
+        fsync_tree(tmp)
+    except Exception as exc:  # a full disk, an I/O error: nothing of the new model replaced anything yet
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(f"the model in {out}", exc) from exc
     written = {item.name for item in tmp.iterdir()}
     for item in sorted(tmp.iterdir(), key=lambda p: is_weights_file(p.name)):
         target = out / item.name
@@ -364,15 +489,26 @@ def write_checkpoint(output_dir: Path, step: int, write: Callable[[Path], None],
     """checkpoint-N: the model (`write(directory)`) and the trainer state, written to a temporary directory, fsynced
     and renamed into place; then `latest` moves to it."""
     ckpt, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    save_state(tmp, tensors, info)
-    pause_for_tests()
-    fsync_tree(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write(tmp)
+        save_state(tmp, tensors, info)
+        write_manifest(tmp)  # last: a checkpoint whose manifest is there was written whole
+        pause_for_tests()
+        fsync_tree(tmp)
+    except Exception as exc:  # a full disk, an I/O error: the temporary directory goes, the older checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(ckpt, exc) from exc
     replace_dir(tmp, ckpt)
     write_latest(output_dir, ckpt)
     return ckpt
+
+
+def last_checkpoint_note(output_dir: Path) -> str:
+    """Which checkpoint a stopped run can be resumed from, for the line that says why it stopped."""
+    latest = read_latest(output_dir)
+    return f"the last complete checkpoint, {latest}, is intact" if latest else "no checkpoint had been written"
 
 
 def rotate(output_dir: Path, step: int, limit: Optional[int]) -> None:
@@ -384,3 +520,68 @@ def rotate(output_dir: Path, step: int, limit: Optional[int]) -> None:
     done = [path for s, path in list_checkpoints(output_dir) if s <= step]
     for old in done[:-limit]:
         shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A trainer's checkpoint: what the loop needs to go on exactly where it stopped
+
+
+def save_checkpoint(trainer) -> Path:
+    """`trainer`'s checkpoint-N: model, tokenizer and trainer state; then `latest` moves to it; only then are checkpoints
+    beyond save_total_limit deleted."""
+    from dpokit import distributed as dist
+    from dpokit.optim import group_names
+
+    acc, groups = trainer.accelerator, group_names(trainer.model)
+    # Each rank's RNG state, the full weights and the full optimizer state: collectives, every rank calls them.
+    rng_ranks = dist.gather_objects(acc, capture_rng())
+    state = trainer.engine.full_weights(trainer.policy, trainer.args.bf16)
+    optimizer = trainer.engine.optimizer_state(trainer.policy, trainer.optimizer, groups)
+    ckpt = trainer.output_dir / f"checkpoint-{trainer.global_step}"
+    if acc.is_main_process:
+        tensors = {"optimizer": optimizer, "scheduler": trainer.engine.scheduler_state(trainer.scheduler.state_dict(),
+                                                                                     groups),
+                   "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                   "rng": {**rng_ranks[0], **({"other_ranks": rng_ranks[1:]} if len(rng_ranks) > 1 else {})}}
+        info = {
+            "global_step": trainer.global_step, "total_steps": trainer.schedule.total_steps(),
+            # Checkpoints fall between optimizer steps, so no micro-batch of the next step has been consumed: the
+            # micro-step within accumulation is always 0 and (epoch, next data group) is the whole data position.
+            "position": list(trainer._position), "micro_step": 0, "nonfinite_steps": trainer.guard.skipped,
+            "meter": trainer._meter.state(), "metrics": trainer._sink.history,
+            "data": {"train_rows": len(trainer.train_examples), "train_fingerprint": _train_fingerprint(trainer)},
+            "ref_cache_keys": trainer.ref_cache_keys, "config": plain(trainer.args.to_dict()),
+            # The data position counts global data groups of this size; a resume needs the same size.
+            "num_processes": acc.num_processes, "global_micro_batch": trainer.schedule.global_micro_batch_size(),
+        }
+        write_checkpoint(trainer.output_dir, trainer.global_step, trainer._writer(state), tensors, info)
+        rotate(trainer.output_dir, trainer.global_step, trainer.args.save_total_limit)
+    acc.wait_for_everyone()
+    return ckpt
+
+def _train_fingerprint(trainer) -> str:
+    if trainer._train_fp is None:
+        trainer._train_fp = examples_fingerprint(trainer.train_examples)
+    return trainer._train_fp
+
+def restore(trainer, ckpt: Path, tensors: dict, info: dict, total_steps: int) -> None:
+    """Put weights, optimizer, scheduler, scaler, data position and counters back where `ckpt` left them, after
+    checking it is this run's (the RNG states are restored by `train`, right before the first step)."""
+    from dpokit.metrics import MeanMeter, log
+    from dpokit.optim import group_names
+
+    acc, groups = trainer.accelerator, group_names(trainer.model)
+    check_resumable(ckpt, info, trainer.args, global_micro_batch=trainer.schedule.global_micro_batch_size(),
+                      num_processes=acc.num_processes, train_rows=len(trainer.train_examples),
+                      train_fingerprint=_train_fingerprint(trainer),
+                      ref_cache_key=trainer.ref_cache_keys.get("train"), total_steps=total_steps)
+    trainer.engine.load_state(trainer.model, trainer.policy, trainer.optimizer, ckpt, tensors["optimizer"], groups,
+                           trainer.use_peft)
+    trainer.scheduler.load_state_dict(trainer.engine.load_scheduler_state(tensors["scheduler"], groups))
+    if acc.scaler is not None and tensors["scaler"] is not None:
+        acc.scaler.load_state_dict(tensors["scaler"])
+    trainer.global_step, trainer._position = info["global_step"], tuple(info["position"])
+    trainer.guard.skipped = info["nonfinite_steps"]
+    trainer._meter = MeanMeter.from_state(info["meter"])
+    log(f"resumed from {ckpt} at step {trainer.global_step} "
+        f"(epoch {trainer._position[0]}, micro-batch {trainer._position[1]})")

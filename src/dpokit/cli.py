@@ -15,13 +15,12 @@ A user mistake (a `DpokitError`) prints one line to stderr and exits with code 2
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import textwrap
 from typing import Optional
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, Interrupted, Terminated
 
 COMMANDS = {
     "sft": "supervised fine-tuning (prompt/completion, messages or text rows)",
@@ -119,8 +118,15 @@ def _train(command: str, argv: list[str]) -> int:
 
     trainer_cls = SFTTrainer if command == "sft" else DPOTrainer
     trainer = trainer_cls(cfg.model_name_or_path, args=cfg)
-    metrics = trainer.train().metrics
-    out = trainer.save_model()
+    with trainer.held():  # the run directory stays locked from the first step to the final model
+        try:
+            metrics = trainer.train().metrics
+        except KeyboardInterrupt:
+            from dpokit.checkpoint import last_checkpoint_note
+
+            raise Interrupted(f"interrupted (SIGINT) during step {trainer.global_step + 1}; "
+                              f"{last_checkpoint_note(trainer.output_dir)} (resume with --resume)", 2) from None
+        out = trainer.save_model()
     shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                       if isinstance(v, float) and k not in ("epoch", "train_runtime", "train_loss"))
     if trainer.accelerator.is_main_process:
@@ -134,47 +140,15 @@ def _train(command: str, argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dpokit export", description=COMMANDS["export"])
-    parser.add_argument("adapter_dir", help="a run directory holding a LoRA adapter (adapter_config.json)")
-    parser.add_argument("output_dir", help="where to write the merged model")
-    parser.add_argument("--merge", action="store_true", required=True,
-                        help="merge the adapter into the base weights (the only export so far)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output_dir")
-    args = parser.parse_args(argv)
-    from dpokit.export import merge_adapter
+    from dpokit.export import main as export_main
 
-    out = merge_adapter(args.adapter_dir, args.output_dir, overwrite=args.overwrite)
-    print(f"[dpokit] merged model written to {out}")
-    return 0
+    return export_main(argv)
 
 
 def _eval(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dpokit eval", description=COMMANDS["eval"])
-    parser.add_argument("--model", required=True, help="a run directory (full model or LoRA adapter) or a model path")
-    parser.add_argument("--ref", help="the reference model (default: the model the run started from)")
-    parser.add_argument("--pairs", help="held-out preference pairs: implicit-reward accuracy, margins, log-probs")
-    parser.add_argument("--prompts", help="prompts to sample from policy and reference: win rate and KL")
-    parser.add_argument("--judge", help="implicit | module:function | rm:PATH (reward model) — scores samples")
-    parser.add_argument("--output_dir", help="where eval.json and eval.md go (default: the model's directory)")
-    parser.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's)")
-    parser.add_argument("--num_samples", type=int, default=4, help="samples per prompt and model")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same for policy and reference)")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_length", type=int, help="truncate pairs as in training (dropped pairs are counted)")
-    args = parser.parse_args(argv)
-    from dpokit.evaluate import evaluate_model
+    from dpokit.evaluate import main as eval_main
 
-    result = evaluate_model(args.model, ref_path=args.ref, pairs=args.pairs, prompts=args.prompts, judge=args.judge,
-                            output_dir=args.output_dir, beta=args.beta, num_samples=args.num_samples,
-                            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)
-    from pathlib import Path
-
-    print((Path(result["written_to"]) / "eval.md").read_text())
-    return 0
+    return eval_main(argv)
 
 
 def _data(argv: list[str]) -> int:
@@ -240,17 +214,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         hint = f" (did you mean {match[0]!r}?)" if match else ""
         print(f"dpokit: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    import signal
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    # SLURM and Kubernetes send SIGTERM before they kill a job: outside a training loop (which finishes its step,
+    # checkpoints and stops, see dpokit.guards.StopSignals) it ends the command like Ctrl-C, with one line.
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         return handlers[command](rest)
     except DpokitError as exc:
         if debug:
             raise
         message = " ".join(str(exc).split())  # one line, whatever the message held
-        print(f"dpokit {command}: error: {message}", file=sys.stderr)
-        return 2
+        print(f"dpokit {command}: {'stopped' if isinstance(exc, Interrupted) else 'error'}: {message}",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"dpokit {command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"dpokit {command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from dpokit.errors import ConfigError
+from dpokit.settings import coerce
 
 # One way to ask for QLoRA, as TRL's ModelConfig has it, so a run's config records it (a BitsAndBytesConfig object
 # would not be written to YAML).
@@ -166,10 +167,8 @@ def at_default(value: Any, default: Any) -> bool:
     if default in (None, "", "auto") or default == []:
         return value is None or value == default
     if isinstance(default, bool):
-        from dpokit.config import _coerce  # the config reads true/false this way; it imports this module
-
         try:
-            return _coerce("", value, bool) is default
+            return coerce("", value, bool) is default  # the config reads true/false this way
         except ConfigError:
             return False
     if isinstance(default, (int, float)):

@@ -13,16 +13,9 @@ documentation cannot drift from the code.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import functools
 import importlib.util
-import inspect
 import math
-import re
-import textwrap
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +25,9 @@ import yaml
 
 from dpokit import compat
 from dpokit.errors import ConfigError
+from dpokit import settings
+from dpokit.fileio import read_yaml
+from dpokit.settings import annotation_of, closest, coerce, field_docs, is_null, mark_checked  # noqa: F401
 
 REPORT_SINKS = ("none", "tensorboard", "wandb", "all")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
@@ -201,6 +197,9 @@ class TrainConfig:
     """Write a checkpoint every this many optimizer steps (0: none; a float in (0, 1): that fraction of all steps)."""
     save_total_limit: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})
     """Keep at most this many checkpoints, deleting the oldest once a new one is complete."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (what SLURM and Kubernetes send before they kill a job) write a checkpoint at the next step boundary,
+    then stop (exit code 143), so a pre-empted job loses at most one step; false stops there without one."""
     resume_from_checkpoint: Optional[str] = None
     """Continue a stopped run exactly: `latest` (the newest complete checkpoint in `output_dir`; a fresh start if none
     was written yet) or a `checkpoint-N` directory. The later losses and final weights equal those of a run that was
@@ -280,11 +279,11 @@ class TrainConfig:
     fill a budget, long ones do not run out of memory). null: per_device_train_batch_size examples per micro-batch."""
 
     def __post_init__(self) -> None:
-        check_settings(self)
+        settings.check_settings(self)
 
     def validate(self) -> None:
         """Check the config again (after fields were changed by hand) and resolve what it leaves to the run."""
-        check_settings(self)
+        settings.check_settings(self)
         self._resolve()
 
     def _check(self) -> None:
@@ -303,7 +302,14 @@ class TrainConfig:
             backends = torch._dynamo.list_backends(exclude_tags=())
             if self.torch_compile_backend not in backends:
                 raise ConfigError(f"torch_compile_backend: unknown {self.torch_compile_backend!r}"
-                                  f"{_closest(self.torch_compile_backend, backends)}; valid: {', '.join(backends)}")
+                                  f"{closest(self.torch_compile_backend, backends)}; valid: {', '.join(backends)}")
+        attention = self.attn_implementation or (self.model_init_kwargs or {}).get("attn_implementation")
+        if isinstance(attention, str) and attention.startswith("flash_attention"):
+            # transformers would fail only once the weights are loaded; the kernel needs its package and a GPU.
+            package = "flash_attn_3" if attention == "flash_attention_3" else "flash_attn"
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(f"attn_implementation: {attention} needs the {package} package (pip install "
+                                  f"{package.replace('_', '-')}) and a CUDA GPU; use sdpa (or leave it unset)")
         if "quantization_config" in (self.model_init_kwargs or {}):
             raise ConfigError(f"model_init_kwargs.quantization_config: {compat.QLORA_FIELDS}")
         if self.load_in_4bit:
@@ -322,7 +328,7 @@ class TrainConfig:
 
         valid = [s.value for s in SchedulerType]
         if self.lr_scheduler_type not in valid:
-            raise ConfigError(f"lr_scheduler_type: unknown {self.lr_scheduler_type!r}{_closest(self.lr_scheduler_type, valid)}")
+            raise ConfigError(f"lr_scheduler_type: unknown {self.lr_scheduler_type!r}{closest(self.lr_scheduler_type, valid)}")
 
     def _check_qlora(self) -> None:
         if not self.use_peft:
@@ -350,7 +356,7 @@ class TrainConfig:
             value = getattr(self, name, None)
             if isinstance(value, str) and value and Path(value).expanduser().exists():
                 setattr(self, name, str(Path(value).expanduser().resolve()))
-        _mark_checked(self)
+        mark_checked(self)
 
     @property
     def _sinks(self) -> list:
@@ -421,7 +427,7 @@ class LossParams:
     """LD-DPO: weight of the log-probs beyond the shorter completion's length (arXiv 2409.06411)."""
 
     def __post_init__(self) -> None:
-        check_settings(self)
+        settings.check_settings(self)
 
     def _check(self) -> None:
         """The checks across fields (the loss names, their weights, each loss's own needs, in `dpokit.losses`), run
@@ -478,227 +484,6 @@ def steps_from(value: Optional[Union[int, float]], total_steps: int) -> Optional
     return max(1, math.ceil(value * total_steps)) if 0 < value < 1 else int(value)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Checking settings: each field's type and declared range or choices, then the combinations, once
-
-
-@dataclass(frozen=True)
-class Range:
-    """An interval of finite numbers written as in mathematics, e.g. "[0, 1)" or "(0, inf)" (``inf`` for no bound):
-    NaN and the infinities are never in it."""
-
-    text: str
-    low: float
-    high: float
-    low_closed: bool
-    high_closed: bool
-
-    def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        above = value >= self.low if self.low_closed else value > self.low
-        below = value <= self.high if self.high_closed else value < self.high
-        return above and below
-
-    def describe(self) -> str:
-        """The range as the end of a sentence "x must be ...": "> 0", ">= 1", "in [0, 0.5]", "a finite number"."""
-        def number(x: float) -> str:
-            return str(int(x)) if x.is_integer() else str(x)
-
-        if math.isinf(self.low) and math.isinf(self.high):
-            return "a finite number"
-        if math.isinf(self.high):
-            return f"{'>=' if self.low_closed else '>'} {number(self.low)}"
-        if math.isinf(self.low):
-            return f"{'<=' if self.high_closed else '<'} {number(self.high)}"
-        return f"in {self.text}"
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@functools.lru_cache(maxsize=None)
-def _parse_range(text: str) -> Range:
-    match = re.fullmatch(r"([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])", text)
-    if match is None:
-        raise ValueError(f"bad range {text!r}; write it like [0, 1) or (0, inf)")  # a bug in a field declaration
-    return Range(text, float(match[2]), float(match[3]), match[1] == "[", match[4] == "]")
-
-
-def _declared(cls: type, name: str) -> typing.Mapping[str, Any]:
-    """The metadata of field `name`, from the class that declares it with some: a subclass that only changes a
-    default (SFTConfig's learning_rate) keeps its base's range."""
-    for klass in cls.__mro__:
-        f = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if f is not None and f.metadata:
-            return f.metadata
-    return {}
-
-
-def declared_range(cls: type, name: str) -> Range:
-    """The range declared for field `name` of `cls`, for code that takes the same setting as an argument."""
-    return _parse_range(_declared(cls, name)["range"])
-
-
-def _check_number(name: str, value: Any, allowed: Range, fractions: bool, nullable: bool) -> None:
-    if fractions:
-        # An interval in optimizer steps: a count, or a fraction of the run's steps (as transformers v5 reads it).
-        if not (0 < value < 1 or (float(value).is_integer() and value in allowed)):
-            raise ConfigError(f"{name} must be an integer {allowed.describe()} or a fraction of the run's steps in "
-                              f"(0, 1) (got {value})")
-        return
-    if value not in allowed:
-        finite = "" if math.isfinite(value) or allowed.describe() == "a finite number" else "a finite number "
-        raise ConfigError(f"{name} must be {finite}{allowed.describe()}{' or null' if nullable else ''} (got {value})")
-
-
-def _check_field(obj: Any, f: dataclasses.Field) -> None:
-    """One field: its type (a config made in Python is not read from text, so nothing converted its values), then
-    the choices or range declared with it; a list's range applies to each element."""
-    value = getattr(obj, f.name)
-    converted = _coerce(f.name, value, f.type)
-    if isinstance(value, str) and not isinstance(converted, str):
-        raise ConfigError(f"{f.name}: expected {type(converted).__name__}, got the string {value!r}")
-    rule = _declared(type(obj), f.name)
-    if value is None or not rule:
-        return
-    if "choices" in rule and value not in rule["choices"]:
-        choices = rule["choices"]
-        raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}{_closest(str(value), choices)}")
-    if "range" in rule:
-        allowed = _parse_range(rule["range"])
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                _check_number(f"{f.name}[{i}]", item, allowed, False, False)
-        else:
-            nullable = type(None) in typing.get_args(_annotation(f.type))
-            _check_number(f.name, value, allowed, rule.get("fractions", False), nullable)
-
-
-def check_settings(obj: Any) -> None:
-    """Check a settings dataclass (a config, or a loss's LossParams), once, when it is made: every field alone, then
-    `obj._check()` for the combinations. Each problem is a one-line ConfigError naming the field. The values that
-    passed are remembered, so that handing the object on (`ensure_checked`) does not check them again."""
-    for f in dataclasses.fields(obj):
-        _check_field(obj, f)
-    obj._check()
-    _mark_checked(obj)
-
-
-def _values(obj: Any) -> tuple:
-    return dataclasses.astuple(obj)  # a deep copy, so that a list changed in place counts as changed
-
-
-def _mark_checked(obj: Any) -> None:
-    obj.__dict__["_checked_values"] = _values(obj)
-
-
-def ensure_checked(obj: Any) -> None:
-    """Check `obj` again only if a field was changed since it was checked (e.g. by hand after it was made)."""
-    if obj.__dict__.get("_checked_values") != _values(obj):
-        check_settings(obj)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Building a config from YAML and key=value overrides
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The documentation string under each field, from the source of `cls` and its bases (subclass wins)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def _closest(name: str, valid) -> str:
-    match = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the field."""
-    annotation = _annotation(annotation)
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
-            return None
-        errors = []
-        # Order matters for text from the command line: "3" is an int before a str, "[a, b]" a list before a str,
-        # but a plain "ipo" stays a str rather than becoming the one-element list a comma split would make.
-        flow = isinstance(value, str) and value.strip()[:1] in ("[", "{")
-
-        def rank(a):
-            if a in (list, dict) or typing.get_origin(a) in (list, dict):
-                return 1 if flow else 3
-            return 2 if a is str else 0
-
-        for arg in sorted((a for a in args if a is not type(None)), key=rank):
-            try:
-                return _coerce(name, value, arg)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{name}: cannot read {value!r}")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value))
-        except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if annotation is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return str(value)
-    if annotation in (list, dict) or origin in (list, dict):
-        target = origin or annotation
-        if isinstance(value, str):
-            # Command line: YAML/JSON flow syntax ("[a, b]", "{a: b}") or, for lists, comma-separated values.
-            try:
-                parsed = yaml.safe_load(value)
-            except yaml.YAMLError:
-                parsed = value
-            if target is list and not isinstance(parsed, list):
-                parsed = [v.strip() for v in value.split(",") if v.strip()]
-            value = parsed
-        if not isinstance(value, target):
-            raise ConfigError(f"{name}: expected a {target.__name__}, got {value!r}")
-        if target is list and args:  # list[float]: each element converted, named by its index
-            value = [_coerce(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value)]
-        return value
-    return value
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a config
     with two `learning_rate:` lines would train with one of them and nobody would be told which."""
@@ -725,15 +510,7 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
             raise ConfigError(f"config file {path} is a directory; give the YAML file in it")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
-        values.update(loaded)
+        values.update(read_yaml(path, _UniqueKeyLoader))
     values.update(overrides or {})
     compat.apply_aliases(values)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -742,26 +519,22 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
         where = f" in {config_file}" if config_file and key not in (overrides or {}) else ""
         if not isinstance(key, str):
             raise ConfigError(f"config key {key!r}{where} is not a setting name (keys are names such as beta)")
-        if key in fields and _is_null(value) and type(None) not in typing.get_args(_annotation(fields[key].type)):
+        if key in fields and is_null(value) and type(None) not in typing.get_args(annotation_of(fields[key].type)):
             # TRL's "decide for me" (completion_only_loss: null): dpokit's default, which is TRL's decision for
             # its data. (bf16: null is the field's own default, resolved when a run is given the config.)
             continue
         if key in fields:
-            kwargs[key] = _coerce(key, value, fields[key].type)
+            kwargs[key] = coerce(key, value, fields[key].type)
         elif key in compat.FOREIGN_KEYS:
             inert[key] = compat.foreign_key(key, value, where)
         else:
             # dpokit's own keys first: a typo of one (lora_rank) should not be read as a TRL-only key (local_rank).
             raise ConfigError(f"unknown config key {key!r}{where}"
-                              f"{_closest(key, fields) or _closest(key, compat.FOREIGN_KEYS)}")
+                              f"{closest(key, fields) or closest(key, compat.FOREIGN_KEYS)}")
     cfg = cls(**kwargs)  # checked as it is made
     cfg._resolve()
     cfg.inert_keys = inert  # TRL keys that change nothing here; the trainer names them once
     return cfg
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))
 
 
 def config_from_args(cls: type, args: Any) -> TrainConfig:
@@ -774,19 +547,13 @@ def config_from_args(cls: type, args: Any) -> TrainConfig:
         return build_config(cls, overrides=args)
     elif isinstance(args, cls):
         cfg = args
-        ensure_checked(cfg)
+        settings.ensure_checked(cfg)
     elif dataclasses.is_dataclass(args) and callable(getattr(args, "to_dict", None)):
         return build_config(cls, overrides=compat.ported(cls, args))
     else:
         raise ConfigError(f"args must be a {cls.__name__}, a dict or a TRL config, got {type(args).__name__}")
     cfg._resolve()
     return cfg
-
-
-def _annotation(annotation: Any) -> Any:
-    if isinstance(annotation, str):
-        return eval(annotation, vars(typing), {"Optional": Optional, "Union": Union})  # noqa: S307 (own code)
-    return annotation
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:

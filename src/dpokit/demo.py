@@ -25,7 +25,6 @@ with no downloads, in well under a minute on 2 CPU cores:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -606,11 +605,13 @@ FRONTIER_OUTPUT_DIR = "runs/demo-frontier"
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`dpokit demo [--output_dir DIR] [--seed N] [--quick] [--frontier]`: run the experiment and print the table."""
-    parser = argparse.ArgumentParser(prog="dpokit demo", description=__doc__.splitlines()[0])
+    from dpokit.options import Parser, seed
+
+    parser = Parser(prog="dpokit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=None,
                         help="keep the SFT and DPO models, training logs, results.json and samples.jsonl here "
                              f"(with --frontier: frontier.json and frontier.png, default {FRONTIER_OUTPUT_DIR})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the weights, training and sampling")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the corpus, the weights, training and sampling")
     parser.add_argument("--quick", action="store_true", help="a smaller run (about half a minute) for tests")
     parser.add_argument("--frontier", action="store_true",
                         help="reward vs KL to the SFT model for SFT, Preferred-FT and DPO at several betas "

@@ -16,3 +16,24 @@ class ConfigError(DpokitError):
 
 class DataError(DpokitError):
     """A dataset that cannot be used; the message names the file, the row and the field."""
+
+
+class WriteError(DpokitError):
+    """A file or directory could not be written (a full disk, an I/O error, a lost permission): the message names the
+    path and the OS's reason; what was half-written is removed. Not a user mistake, hence its own exit code."""
+
+    exit_code = 1
+
+
+class Interrupted(DpokitError):
+    """The run was stopped by a signal (SIGINT, SIGTERM); the message names the step and the last checkpoint. The
+    exit code is the shell's for that signal (128 + its number)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop: like KeyboardInterrupt (a BaseException, so no `except Exception` in library
+    code swallows it), turned by the CLI into one line and exit code 143."""

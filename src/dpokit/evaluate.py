@@ -330,8 +330,9 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
       template).
     """
     import importlib
-    import json as _json
     from pathlib import Path
+
+    from dpokit.fileio import read_json
 
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("judge: empty spec; use 'implicit', 'module:function' or 'rm:PATH'")
@@ -354,7 +355,8 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
     if spec.startswith("rm:") or (path / "config.json").is_file():
         if not (path / "config.json").is_file():
             raise ConfigError(f"judge {spec!r}: {path} has no config.json (not a reward model directory)")
-        arch = _json.loads((path / "config.json").read_text()).get("architectures") or []
+        config = read_json(path / "config.json")
+        arch = (config.get("architectures") if isinstance(config, dict) else None) or []
         if not any(a.endswith("ForSequenceClassification") for a in arch):
             raise ConfigError(f"judge {spec!r}: {path} is a {arch or 'model without architectures'}, "
                               "not a ...ForSequenceClassification reward model")
@@ -442,13 +444,14 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
 
 
 def run_settings(path) -> dict:
-    """The resolved config a dpokit run left in its directory (empty for a plain model)."""
+    """The resolved config a dpokit run left in its directory (empty for a plain model); a damaged one is a one-line
+    error naming it, not a model evaluated with guessed settings."""
     from pathlib import Path
 
-    import yaml
+    from dpokit.fileio import read_yaml
 
     f = Path(path) / "dpokit_config.yaml"
-    return yaml.safe_load(f.read_text()) if f.is_file() else {}
+    return read_yaml(f) if f.is_file() else {}
 
 
 def default_reference(path) -> str:
@@ -604,3 +607,36 @@ def eval_markdown(result: dict) -> str:
             cells = [ex[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "policy", "reference")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    """`dpokit eval`: every option's range is checked as it is read, before any model loads."""
+    from pathlib import Path
+
+    from dpokit.cli import COMMANDS
+    from dpokit.fileio import read_text
+    from dpokit.options import Parser, positive_float, positive_int, seed, top_p
+
+    parser = Parser(prog="dpokit eval", description=COMMANDS["eval"])
+    parser.add_argument("--model", required=True, help="a run directory (full model or LoRA adapter) or a model path")
+    parser.add_argument("--ref", help="the reference model (default: the model the run started from)")
+    parser.add_argument("--pairs", help="held-out preference pairs: implicit-reward accuracy, margins, log-probs")
+    parser.add_argument("--prompts", help="prompts to sample from policy and reference: win rate and KL")
+    parser.add_argument("--judge", help="implicit | module:function | rm:PATH (reward model) — scores samples")
+    parser.add_argument("--output_dir", help="where eval.json and eval.md go (default: the model's directory)")
+    parser.add_argument("--beta", type=positive_float, help="beta of the implicit reward (default: the run's)")
+    parser.add_argument("--num_samples", type=positive_int, default=4, help="samples per prompt and model")
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--top_p", type=top_p, default=1.0)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=64)
+    parser.add_argument("--seed", type=seed, default=0, help="sampling seed (the same for policy and reference)")
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--max_length", type=positive_int,
+                        help="truncate pairs as in training (dropped pairs are counted)")
+    args = parser.parse_args(argv)
+    result = evaluate_model(args.model, ref_path=args.ref, pairs=args.pairs, prompts=args.prompts, judge=args.judge,
+                            output_dir=args.output_dir, beta=args.beta, num_samples=args.num_samples,
+                            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed, batch_size=args.batch_size, max_length=args.max_length)
+    print(read_text(Path(result["written_to"]) / "eval.md"))
+    return 0

@@ -12,7 +12,8 @@ from dpokit.errors import DpokitError
 def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Load the adapter's base model (recorded in adapter_config.json), merge, save model and tokenizer atomically.
     An existing, non-empty `output_dir` is replaced only with `overwrite` (it may hold another model)."""
-    from dpokit.models import load_merged
+    from dpokit.fileio import refuse_overlap
+    from dpokit.models import adapter_base, load_merged
 
     adapter_dir, out = Path(adapter_dir), Path(output_dir)
     if not adapter_dir.is_dir():
@@ -25,6 +26,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
                           "--overwrite")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DpokitError(f"{adapter_dir}: no adapter_config.json (not a LoRA run; a full model needs no merge)")
+    refuse_overlap({"output_dir": out}, {"the adapter run": adapter_dir, "the base model": adapter_base(adapter_dir)})
     merged, tokenizer = load_merged(adapter_dir, what="adapter run")
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     if tmp.exists():
@@ -37,3 +39,20 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
         out.unlink()
     os.replace(tmp, out)
     return out
+
+
+def main(argv: list[str]) -> int:
+    """`dpokit export ADAPTER_DIR OUTPUT_DIR --merge [--overwrite]`."""
+    from dpokit.cli import COMMANDS
+    from dpokit.options import Parser
+
+    parser = Parser(prog="dpokit export", description=COMMANDS["export"])
+    parser.add_argument("adapter_dir", help="a run directory holding a LoRA adapter (adapter_config.json)")
+    parser.add_argument("output_dir", help="where to write the merged model")
+    parser.add_argument("--merge", action="store_true", required=True,
+                        help="merge the adapter into the base weights (the only export so far)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output_dir")
+    args = parser.parse_args(argv)
+    out = merge_adapter(args.adapter_dir, args.output_dir, overwrite=args.overwrite)
+    print(f"[dpokit] merged model written to {out}")
+    return 0

@@ -1,16 +1,30 @@
-"""Writing files so that a kill, a full disk or an I/O error never leaves a half-written file where a good one was.
+"""Writing files so that a kill, a full disk or an I/O error never leaves a half-written file where a good one was, and
+reading them so that whatever is wrong with a file is one line naming it (and the line).
 
 Everything dpokit writes (checkpoints, the final model, data files, reports, logs rewritten on resume) goes to a
 temporary name beside its target, is flushed to disk and only then renamed into place: a rename within one directory
 is atomic, so a reader sees the old content or the new, never a mix. `fsync_dir` makes the rename itself survive a
 power cut, not only a killed process.
+
+Everything dpokit reads (data files, run logs, configs, eval results, adapter configs) goes through the readers at the
+end: `read_bytes`, `read_text`, `read_json`, `JsonLines` and `read_yaml`. A missing or unreadable file, a broken gzip
+stream, invalid UTF-8 or JSON, and JSON or YAML nested deeper than Python's parsers can follow become one-line
+`DataError`s (`ConfigError`s for YAML, which dpokit reads as configs) naming ``file:LINE`` where a line is known, never
+a traceback. A file that starts with gzip's magic bytes is read as gzip whatever its name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import json
 import os
 import shutil
+import zlib
 from pathlib import Path
+from typing import Any, BinaryIO, Iterator, Optional
+
+from dpokit.errors import ConfigError, DataError
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,20 +51,67 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def write_error(path, exc: BaseException):
+    """A failure while writing `path` as one line naming it and the OS's reason (a full disk, an I/O error, a lost
+    permission). torch and safetensors report OS failures in their own words; their first line is kept."""
+    from dpokit.errors import DpokitError, WriteError
+
+    if isinstance(exc, DpokitError):
+        return exc
+    cause = _os_error(exc)
+    if cause is not None:
+        reason = f"[Errno {cause.errno}] {cause.strerror or os.strerror(cause.errno)}"
+    else:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return WriteError(f"cannot write {path}: {reason}")
+
+
+def _os_error(exc: BaseException):
+    """The OS error behind a write failure: the exception itself, one it was raised from or during (torch wraps a
+    file object's OSError in its own RuntimeError), or the `os error N` that safetensors writes into its message."""
+    import re
+
+    seen, current = set(), exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    found = re.search(r"os error (\d+)", str(exc))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a failure while writing `path` into `write_error`'s one line (KeyboardInterrupt and the like pass)."""
+    try:
+        yield
+    except Exception as exc:
+        raise write_error(path, exc) from exc
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old content or the new, never a mix."""
+    """Readers see the old content or the new, never a mix; a failure leaves the old content and no temporary file."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append to a log (metrics.jsonl, warnings.jsonl); a failure is `write_error`'s one line."""
+    with writing(path):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -66,15 +127,205 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
 
 
-def read_text(path, label: str = "") -> str:
-    """A UTF-8 text file, or a one-line DpokitError naming it (`label`: the option it came from, e.g.
-    `--chat_template`) and the OS's reason."""
-    from dpokit.errors import DpokitError
+# --------------------------------------------------------------------------------------------------------------------
+# Reading
 
-    prefix = f"{label} {path}" if label else str(path)
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark: not part of the text
+
+
+def one_line(text: Any) -> str:
+    """An exception's text (pyarrow's and datasets' are multi-line) as one line."""
+    return " ".join(str(text).split())
+
+
+def json_type_name(value: Any) -> str:
+    """What a parsed JSON value is, in the words error messages use."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _why(exc: BaseException) -> str:
+    """The OS's reason ("No such file or directory") without errno and path, else the exception's text."""
+    return getattr(exc, "strerror", None) or one_line(exc) or type(exc).__name__
+
+
+def _prefix(path, label: str) -> str:
+    return f"{label} {path}" if label else str(path)
+
+
+def starts_like_gzip(path) -> bool:
+    """True when the file begins with gzip's magic bytes 1f 8b: a compressed file that lost its .gz suffix would
+    otherwise fail as "invalid UTF-8 (byte 0x8b ...)". No UTF-8 text, Parquet or Arrow file starts so. An unreadable
+    file gives False; reading it then says why."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def read_bytes(path, label: str = "", gz: Optional[bool] = None) -> bytes:
+    """The bytes of a file, decompressed when it is gzip (`gz`: None detects it from the content), or a one-line
+    DataError naming it (`label`: the option it came from, e.g. `--chat_template`)."""
+    gz = starts_like_gzip(path) if gz is None else gz
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return Path(path).read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # a gzip stream can turn out broken half-way through
+        raise DataError(f"{_prefix(path, label)}: cannot read{' gzip file' if gz else ''} ({_why(exc)})") from None
+
+
+def decode_utf8(raw: bytes, name: str) -> tuple[bytes, str]:
+    """(`raw` without a leading byte order mark, its text); undecodable bytes are an error naming `name:LINE`."""
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    try:
+        return raw, raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DpokitError(f"{prefix}: cannot read (not UTF-8 text: byte {exc.start})") from None
-    except OSError as exc:
-        raise DpokitError(f"{prefix}: cannot read ({exc.strerror or exc})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{name}:{line}: invalid UTF-8 (byte 0x{raw[exc.start]:02x})") from None
+
+
+def read_text(path, label: str = "") -> str:
+    """A UTF-8 text file (gzip read as such), or a one-line DataError naming it (`label`: the option it came from,
+    e.g. `--chat_template`) and the reason."""
+    return decode_utf8(read_bytes(path, label), _prefix(path, label))[1]
+
+
+class InvalidJSON(DataError):
+    """Text that is not JSON; `reason` is the parser's ("Expecting value", "Extra data", ...)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_json(text: str, name: str, line: Optional[int] = None) -> Any:
+    """`json.loads`, its failures one-line errors naming `name:LINE`: `line` is where `text` starts in the file (a
+    JSON Lines line), else the line comes from the parser. JSON nested too deeply for Python's parser (it recurses,
+    and "[" * 100000 is a valid start) is refused as such; the recursion limit is not raised to read it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = line if line is not None else exc.lineno
+        raise InvalidJSON(f"{name}:{at}: invalid JSON ({exc.msg} at column {exc.colno})", exc.msg) from None
+    except RecursionError:
+        where = f"{name}:{line}" if line is not None else name
+        raise DataError(f"{where}: JSON nested too deeply to read (deeper than Python's parser can follow)") from None
+
+
+def read_json(path, label: str = "") -> Any:
+    """The JSON value of a file, or a one-line DataError naming it (and the line)."""
+    name = _prefix(path, label)
+    return parse_json(decode_utf8(read_bytes(path, label), name)[1], name)
+
+
+class JsonLines:
+    """The objects of a JSON Lines file (gzip read as such; `gz` forces it) as ``(line number, object)``, 1-based, read one line at a
+    time so that only the parsed objects are ever held. Blank lines are skipped (but counted); every other line must
+    be a JSON object, else a one-line DataError names ``file:LINE``.
+
+    ``appended=True`` is for logs that a run appends to (metrics.jsonl, warnings.jsonl): a run killed while writing
+    leaves its last line without its newline, and that line, when it does not parse, is skipped and its number kept
+    in `cut_short` for the reader to report. A bad line that ends with a newline, anywhere, is still an error: it
+    was written whole, so it is not a kill's doing.
+    """
+
+    def __init__(self, path, name: Optional[str] = None, *, appended: bool = False, gz: Optional[bool] = None):
+        self.path = Path(path)
+        self.name = str(path) if name is None else name
+        self.appended = appended
+        self.gz = gz  # None: detected from the content
+        self.cut_short: Optional[int] = None
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        gz = starts_like_gzip(self.path) if self.gz is None else self.gz
+        try:
+            with (gzip.open(self.path, "rb") if gz else open(self.path, "rb")) as f:
+                yield from self._objects(f)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{self.name}: cannot read{' gzip file' if gz else ''} ({_why(exc)})") from None
+
+    def _objects(self, lines: BinaryIO) -> Iterator[tuple[int, dict]]:
+        for number, line in enumerate(lines, start=1):  # a binary file splits on b"\n" only, as JSON Lines does
+            if number == 1 and line.startswith(_BOM):
+                line = line[len(_BOM):]
+            whole = line.endswith(b"\n")
+            try:
+                text = self._decode(line[:-1] if whole else line, number)
+                if not text.strip():
+                    continue
+                value = parse_json(text, self.name, number)
+            except DataError:
+                if self.appended and not whole:  # only the last line can lack its newline
+                    self.cut_short = number
+                    return
+                raise
+            if not isinstance(value, dict):
+                raise DataError(f"{self.name}:{number}: expected a JSON object, got {json_type_name(value)}")
+            yield number, value
+
+    def _decode(self, raw: bytes, number: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{self.name}:{number}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                            f"{exc.start + 1})") from None
+
+
+def read_yaml(path, loader: Any = None) -> dict:
+    """The mapping a YAML file holds (every YAML file dpokit reads is a config; an empty file is an empty mapping),
+    `loader` a yaml Loader class (default SafeLoader). Invalid YAML, YAML nested too deeply for PyYAML (which
+    recurses), or a value that is not a mapping is a one-line ConfigError naming ``file:LINE``."""
+    import yaml
+
+    text = read_text(path)
+    try:
+        value = yaml.load(text, Loader=loader or yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', None) or one_line(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read (deeper than Python's parser can follow)") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(value).__name__}")
+    return value
+
+
+def _resolved(path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def refuse_overlap(outputs: dict, inputs: dict) -> None:
+    """The one rule every command that writes follows: no output may be, contain, or lie inside any of its inputs
+    (model, reference, adapter, data, run directory), compared after resolving links and `..`, so that writing (or,
+    with an overwrite, replacing) an output can never destroy an input. `outputs` and `inputs` map a label (the option
+    that named the path, e.g. `output_dir`, `--pairs`) to a path; None values, and inputs that are not on this disk
+    (hub ids), are skipped. A command that writes its
+    own record into a directory it reads (`dpokit eval`'s eval.json into the evaluated run) lists as inputs the files
+    it reads there, not the directory."""
+    from dpokit.errors import ConfigError
+
+    given = {label: _resolved(path) for label, path in inputs.items()
+             if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().exists()}
+    for out_label, out_path in outputs.items():
+        if out_path is None:
+            continue
+        out = _resolved(out_path)
+        for in_label, inp in given.items():
+            if out == inp:
+                how = "is"
+            elif inp.is_relative_to(out):
+                how = "contains"
+            elif out.is_relative_to(inp):
+                how = "lies inside"
+            else:
+                continue
+            raise ConfigError(f"{out_label} {str(out_path)!r} {how} {in_label} {str(inputs[in_label])!r}: an output may "
+                              f"not be, contain or lie inside an input (writing it could destroy the input); choose "
+                              f"another {out_label}")

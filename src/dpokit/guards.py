@@ -116,3 +116,44 @@ def out_of_memory_hint(cfg, phase: str, step: int, token_budget: Optional[int]):
                           f"{cfg.gradient_checkpointing}): lower per_device_train_batch_size and raise "
                           "gradient_accumulation_steps to keep the effective batch, lower max_length, or set "
                           "gradient_checkpointing=true") from exc
+
+
+class StopSignals:
+    """While a training loop runs: SIGTERM (what SLURM and Kubernetes send before they kill a job) is noted and acted
+    on at the next step boundary — every rank agrees on that step, the run writes a checkpoint there when
+    `save_on_sigterm` is set, and stops with a line naming the step (exit 143) — so a pre-empted job loses at most one
+    step. SIGINT (Ctrl-C) keeps Python's immediate KeyboardInterrupt. Handlers can only be set from the main thread;
+    elsewhere the signal keeps its default."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = None
+
+    def __enter__(self) -> "StopSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def received(self, acc) -> Optional[int]:
+        """The signal to stop for, agreed over all ranks (one rank's SIGTERM stops every rank at the same step)."""
+        import signal
+
+        from dpokit import distributed as dist
+
+        seen = self.signum is not None
+        if acc.num_processes > 1:
+            seen = dist.all_reduce_max(acc, int(seen)) > 0
+        return int(signal.SIGTERM) if seen else None

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from dpokit.fileio import atomic_write_text
+from dpokit.fileio import append_text, atomic_write_text, writing
 
 _QUIET = {"quiet": False}  # log_level error/critical: notices off (errors are raised, never logged)
 
@@ -69,13 +69,13 @@ class MetricsSink:
         self.history.append(record)
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+            with writing(self.tb.log_dir):
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)):
+                        self.tb.add_scalar(k, v, step)
+                self.tb.flush()
         if self.wandb is not None:
             # transformers' names on W&B, so TRL's dashboards read these runs: train/loss, eval/loss, ...
             self.wandb.log({k if k.startswith("eval/") else f"train/{k}": v for k, v in metrics.items()
@@ -142,9 +142,7 @@ class MeanMeter:
         return meter
 
 
-
 def warn(output_dir: Path, step: int, kind: str, message: str) -> None:
     """A training-time warning: in the log, and in warnings.jsonl, so `dpokit report` shows it too."""
     log(f"warning at step {step}: {message}")
-    with (output_dir / "warnings.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, "kind": kind, "message": message}) + "\n")
+    append_text(output_dir / "warnings.jsonl", json.dumps({"step": step, "kind": kind, "message": message}) + "\n")

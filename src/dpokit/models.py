@@ -9,6 +9,7 @@ model inside.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Optional
 
@@ -78,6 +79,8 @@ def load_model(model: Any, cfg: Any = None, what: str = "model") -> nn.Module:
     if not isinstance(model, (str, os.PathLike)):
         raise ConfigError(f"{what} must be a path, a hub id or a PreTrainedModel, got {type(model).__name__}")
     check_source(model, what)
+    check_weight_files(model, what)
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(getattr(cfg, "model_init_kwargs", None) or {})
@@ -99,7 +102,14 @@ def load_model(model: Any, cfg: Any = None, what: str = "model") -> nn.Module:
         kwargs.setdefault("revision", cfg.model_revision)
     try:
         return AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except pickle.UnpicklingError as exc:
+        # torch.load(weights_only=True) met a pickle that holds more than tensors: loading it would run its code.
+        raise DpokitError(f"cannot load {what} {str(model)!r}: its pickle weights (pytorch_model*.bin) hold non-tensor "
+                          "objects and were refused as possibly unsafe (loading them could run code); use a "
+                          "safetensors copy of the model") from None
+    except SafetensorError as exc:  # damaged in a way the header check above does not see
+        raise DpokitError(f"cannot load {what} {str(model)!r}: a weight file is damaged ({_first_line(exc)})") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DpokitError(f"cannot load {what} {str(model)!r}: {_first_line(exc)}") from exc
 
 
@@ -151,15 +161,21 @@ def load_tokenizer(source: Any = None, cfg: Any = None, *, tokenizer: Any = None
 
 
 def adapter_base(path: Path) -> str:
-    """The base model a LoRA run directory was trained on (its adapter_config.json's base_model_name_or_path)."""
-    from peft import PeftConfig
+    """The base model a LoRA run directory was trained on (its adapter_config.json's base_model_name_or_path). The
+    file is read through the guarded JSON reader, so a damaged one is one line naming it (peft would raise a
+    TypeError for a list, a RecursionError for deep nesting)."""
+    from dpokit.fileio import json_type_name, read_json
 
-    try:
-        base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-    except (OSError, ValueError) as exc:
-        raise DpokitError(f"{path}/adapter_config.json: cannot read ({_first_line(exc)})") from None
+    config_file = Path(path) / "adapter_config.json"
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise DpokitError(f"{config_file}: expected a JSON object (a peft adapter config), got "
+                          f"{json_type_name(config)}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise DpokitError(f"{config_file}: base_model_name_or_path must be a string, got {base!r}")
     if not base:
-        raise DpokitError(f"{path}/adapter_config.json: base_model_name_or_path is empty; the adapter was trained "
+        raise DpokitError(f"{config_file}: base_model_name_or_path is empty; the adapter was trained "
                           "from an in-memory model, so its base cannot be found")
     return base
 
@@ -266,3 +282,137 @@ def compile_layers(model: nn.Module, cfg: Any) -> None:
                           "_no_split_modules); turn torch_compile off")
     for layer in layers:
         layer.compile(backend=cfg.torch_compile_backend or "inductor", mode=cfg.torch_compile_mode, dynamic=True)
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """What is wrong with a .safetensors file (empty, cut short, a header that is not one), or None. Cheap: reads the
+    8-byte header length and the header, then compares the file's size with the end of its last tensor, which is
+    what a kill or a full disk during a save leaves wrong."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size < 8:
+                return f"{size} bytes, too short for a safetensors header"
+            (length,) = struct.unpack("<Q", f.read(8))
+            if 8 + length > size:
+                return f"{size} bytes, shorter than its {length}-byte header says"
+            header = json.loads(f.read(length))
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not valid JSON"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"{size} bytes, cut short ({expected} expected)"
+    return None
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def check_weight_files(source: Any, what: str) -> None:
+    """A local model directory whose weight files are damaged (a 0-byte or truncated model.safetensors) is named with
+    what is wrong before transformers reads it (it would say only "Error while deserializing header")."""
+    directory = Path(str(source)).expanduser()
+    if not directory.is_dir():
+        return
+    for file in _weight_files(directory):
+        wrong = safetensors_problem(file)
+        if wrong:
+            raise DpokitError(f"cannot load {what} {str(source)!r}: {file.name} is damaged or incomplete ({wrong})")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Before the weights load
+
+
+def model_config(model: Any, cfg: Any = None, what: str = "model"):
+    """The model's transformers config: an in-memory model's own, or read from its directory / hub id (cheap: no
+    weights), so that settings can be checked against the model before billions of weights load."""
+    if isinstance(model, nn.Module):
+        return getattr(model, "config", None)
+    from transformers import AutoConfig
+
+    revision = getattr(cfg, "model_revision", "main")
+    try:
+        return AutoConfig.from_pretrained(str(model), trust_remote_code=getattr(cfg, "trust_remote_code", False),
+                                          **({"revision": revision} if revision != "main" else {}))
+    except (OSError, ValueError, KeyError) as exc:
+        raise DpokitError(f"cannot load {what} {str(model)!r}: {_first_line(exc)}") from None
+
+
+def _loading_options() -> set[str]:
+    """The keyword arguments `from_pretrained` itself takes (its signature and the options it pops from **kwargs),
+    read from the installed transformers so that the list follows its version."""
+    import inspect
+    import re
+
+    from transformers import PreTrainedModel
+
+    method = PreTrainedModel.from_pretrained
+    return set(inspect.signature(method).parameters) | set(re.findall(r'kwargs\.pop\(\s*"(\w+)"',
+                                                                      inspect.getsource(method)))
+
+
+def check_init_kwargs(config, cfg: Any, what: str = "model") -> None:
+    """Each `model_init_kwargs` key must be a `from_pretrained` option or a setting of the model's config: anything
+    else would fail deep inside the model's constructor (or, worse, be stored on the config and ignored)."""
+    kwargs = getattr(cfg, "model_init_kwargs", None) or {}
+    if not kwargs or config is None:
+        return
+    known = _loading_options() | set(config.to_dict()) | {k for k in dir(config) if not k.startswith("_")}
+    for key in kwargs:
+        if key not in known:
+            raise ConfigError(f"model_init_kwargs: {key!r} is neither a from_pretrained option nor a setting of "
+                              f"{what}'s {type(config).__name__}")
+
+
+def position_limit(config) -> Optional[tuple[int, str]]:
+    """(the longest sequence the model can place, why), or None when its positions set no limit (ALiBi, dynamic
+    RoPE scaling). Learned absolute positions (GPT-2's `n_positions`) end at their table; RoPE models are refused
+    past `max_position_embeddings` unless a RoPE scaling covers the length (positions there were never trained)."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(limit, int):
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if rope is None and getattr(config, "rope_theta", None) is None:
+        return limit, f"its positions are learned up to {limit}"
+    rope = dict(rope or {})
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "dynamic":
+        return None
+    factor = rope.get("factor")
+    if kind != "default" and factor:
+        covered = int(factor * (rope.get("original_max_position_embeddings") or limit))
+        return max(limit, covered), f"its RoPE scaling ({kind}, factor {factor}) covers {max(limit, covered)}"
+    return limit, (f"max_position_embeddings is {limit} and no RoPE scaling covers more (add one, e.g. "
+                   "model_init_kwargs: {rope_scaling: {rope_type: yarn, factor: 2.0}})")
+
+
+def sequence_length(example) -> int:
+    """The positions one tokenized example takes (a pair's rejected restarts after the prompt, also when packed with
+    a shared prompt)."""
+    if hasattr(example, "chosen_ids"):
+        return len(example.prompt_ids) + max(len(example.chosen_ids), len(example.rejected_ids))
+    return len(example.prompt_ids) + len(example.completion_ids)
+
+
+def check_positions(config, splits: dict, reports: dict, max_length: Optional[int], what: str = "model") -> None:
+    """Refuse, before the weights load, a training row longer than the model can place: past learned positions the
+    forward is an index error (a device-side assert on CUDA), past RoPE's trained range it trains silently on
+    positions the model never saw."""
+    bound = position_limit(config) if config is not None else None
+    if bound is None:
+        return
+    limit, why = bound
+    for split, examples in splits.items():
+        longest = max(examples or (), key=sequence_length, default=None)
+        if longest is not None and sequence_length(longest) > limit:
+            raise ConfigError(f"{reports[split].where(longest.row)}: {sequence_length(longest)} tokens, more than "
+                              f"{what} can place ({why}); set max_length to at most {limit} (it is {max_length})")

@@ -27,7 +27,6 @@ writes nothing and is an error.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -212,9 +211,13 @@ def summary_lines(result: dict, settings: PairSettings) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
+    from dpokit.options import Parser, integer, json_object, number, positive_float, positive_int, seed, top_p
 
-    parser = argparse.ArgumentParser(prog="dpokit pairs", description=(__doc__ or "").split("\n\n")[0])
+    # Each PairSettings range where the option is read (PairSettings.check holds them for callers in Python).
+    types = {"num_samples": integer("[2, inf)"), "temperature": positive_float, "top_p": top_p,
+             "max_new_tokens": positive_int, "seed": seed, "batch_size": positive_int,
+             "min_score_gap": number("[0, inf)")}
+    parser = Parser(prog="dpokit pairs", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the model to sample from: a run directory or a model path")
     parser.add_argument("--prompts", required=True,
                         help="prompts (a 'prompt' column: text or messages) or any preference / SFT data file")
@@ -222,13 +225,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="pairs, .jsonl or .jsonl.gz")
     parser.add_argument("--scored_output", help="also the scored samples, as scored rows (.jsonl)")
     parser.add_argument("--ref", help="reference for the implicit judge (default: the model the run started from)")
-    parser.add_argument("--beta", type=float, help="beta of the implicit judge (default: the run's, else 0.1)")
-    parser.add_argument("--column_map", type=json.loads, help='JSON, e.g. \'{"question": "prompt"}\'')
+    parser.add_argument("--beta", type=positive_float, help="beta of the implicit judge (default: the run's, else 0.1)")
+    parser.add_argument("--column_map", type=json_object, help='JSON, e.g. \'{"question": "prompt"}\'')
     parser.add_argument("--chat_template", metavar="FILE", help="Jinja chat template for message prompts")
     defaults = PairSettings()
-    for f in ("num_samples", "temperature", "top_p", "max_new_tokens", "seed", "batch_size", "min_score_gap"):
-        value = getattr(defaults, f)
-        parser.add_argument(f"--{f}", type=type(value), default=value)
+    for f, option_type in types.items():
+        parser.add_argument(f"--{f}", type=option_type, default=getattr(defaults, f))
     parser.add_argument("--pair_strategy", default=defaults.pair_strategy,
                         help="best_vs_worst (default), best_vs_rest or all_pairs")
     parser.add_argument("--keep_unfinished", action="store_true",

@@ -8,24 +8,28 @@ attached to an issue or opened from a CI artifact with nothing beside it. Each r
 
 A figure is left out only when no run logged any of its metrics (an SFT run has no rewards or log-probs); the page
 says which figures were left out and why, so a missing curve is never mistaken for a rendering bug.
+
+Every file is read through `dpokit.fileio`: anything wrong with one is a one-line error naming it (and the line). The
+two logs a run appends to, metrics.jsonl and warnings.jsonl, may end with a half-written line when the run was killed
+while writing it (the line has no newline yet); that line is skipped, and the report says so in one line on stderr
+and on the page. A bad line that was written whole (it ends with a newline), anywhere in the file, is an error.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
-
 from dpokit.errors import ConfigError, DataError
+from dpokit.fileio import JsonLines, read_json, read_text, read_yaml
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -84,6 +88,7 @@ class Run:
     eval_html: Optional[str] = None
     eval_source: Optional[str] = None
     warnings: list = field(default_factory=list)  # training-time safety warnings (warnings.jsonl)
+    notes: list = field(default_factory=list)  # what the report skipped while reading (a half-written last line)
 
     def points(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of every record that logged `key`, in file order."""
@@ -95,33 +100,41 @@ class Run:
         return steps, values
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, notes: Optional[list] = None) -> list[dict]:
     """Parse metrics.jsonl; any line that is not a JSON object with an integer step and numeric plotted metrics
-    raises DataError naming file:line (a half-written last line of a killed run included: the user should know)."""
+    raises DataError naming file:line, except a half-written last line (a run killed while writing it), which is
+    skipped and described in `notes`."""
     plotted = {s.key for p in PLOTS for s in p.series}
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            step = record.get("step")
-            if isinstance(step, bool) or not isinstance(step, int):
-                raise DataError(f"{where}: 'step' must be an integer, got {step!r}")
-            for key in plotted & record.keys():
-                value = record[key]
-                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                    raise DataError(f"{where}: {key!r} must be a number, got {value!r}")
-            records.append(record)
+    lines = JsonLines(path, appended=True)
+    for lineno, record in lines:
+        where = f"{path}:{lineno}"
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise DataError(f"{where}: 'step' must be an integer, got {step!r}")
+        for key in plotted & record.keys():
+            value = record[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise DataError(f"{where}: {key!r} must be a number, got {value!r}")
+        records.append(record)
+    _note_cut_short(lines, notes)
     if not records:
         raise DataError(f"{path}: no records (has the run logged its first step yet?)")
     return records
+
+
+def read_warnings(path: Path, notes: Optional[list] = None) -> list[dict]:
+    """The training-time warnings of warnings.jsonl (a half-written last line skipped, as in `read_metrics`)."""
+    lines = JsonLines(path, appended=True)
+    warnings = [record for _, record in lines]
+    _note_cut_short(lines, notes)
+    return warnings
+
+
+def _note_cut_short(lines: JsonLines, notes: Optional[list]) -> None:
+    if lines.cut_short is not None and notes is not None:
+        notes.append(f"{lines.name}:{lines.cut_short}: last line is incomplete (the run was stopped while writing "
+                     "it); skipped")
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -135,11 +148,7 @@ def _run_name(path: Path) -> Optional[str]:
     config = path / "dpokit_config.yaml"  # rundir.RUN_MARKER (not imported: the report needs no torch)
     if not config.is_file():
         return None
-    try:
-        values = yaml.safe_load(config.read_text())
-    except yaml.YAMLError:
-        return None
-    name = values.get("run_name") if isinstance(values, dict) else None
+    name = read_yaml(config).get("run_name")
     return str(name) if name else None
 
 
@@ -154,20 +163,16 @@ def load_runs(run_dirs: Sequence) -> list[Run]:
         metrics = path / "metrics.jsonl"
         if not metrics.is_file():
             raise ConfigError(f"run directory {str(path)!r} has no metrics.jsonl (is it a dpokit sft/dpo output_dir?)")
-        run = Run(path, label, read_metrics(metrics))
+        run = Run(path, label, [])
+        run.records = read_metrics(metrics, run.notes)
         if (path / "warnings.jsonl").is_file():
-            run.warnings = [json.loads(line) for line in (path / "warnings.jsonl").read_text().splitlines()
-                            if line.strip()]
+            run.warnings = read_warnings(path / "warnings.jsonl", run.notes)
         # eval.md is what `dpokit eval` wrote for people to read; eval.json is the fallback for a run that has only it.
         if (path / "eval.md").is_file():
-            run.eval_html = markdown_to_html((path / "eval.md").read_text(encoding="utf-8"), heading_offset=2)
+            run.eval_html = markdown_to_html(read_text(path / "eval.md"), heading_offset=2)
             run.eval_source = "eval.md"
         elif (path / "eval.json").is_file():
-            try:
-                data = json.loads((path / "eval.json").read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path / 'eval.json'}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-            run.eval_html = json_to_html(data)
+            run.eval_html = json_to_html(read_json(path / "eval.json"))
             run.eval_source = "eval.json"
         runs.append(run)
     return runs
@@ -340,6 +345,10 @@ def render_html(runs: Sequence[Run], figures: Figures) -> str:
         parts.append(f"<li><b>{esc(r.label)}</b>: <code>{esc(str(r.path))}</code> — {train} train records, "
                      f"{evals} eval records</li>")
     parts.append("</ul>")
+    notes = [(r, n) for r in runs for n in r.notes]
+    if notes:
+        parts.append("<p class=\"omitted\">Skipped while reading: "
+                     + "; ".join(f"{esc(r.label)}: {esc(n)}" for r, n in notes) + ".</p>")
     if figures.omitted:
         parts.append("<p class=\"omitted\">Omitted plots: "
                      + "; ".join(f"{esc(spec.title)} ({esc(reason)})" for spec, reason in figures.omitted)
@@ -365,7 +374,10 @@ def render_html(runs: Sequence[Run], figures: Figures) -> str:
 
 def write_report(run_dirs: list, output: str | None = None) -> Path:
     """Write the report for `run_dirs` to `output` (default: `<first run dir>/report.html`) and return its path."""
-    runs = load_runs(run_dirs)
+    return _write(load_runs(run_dirs), output)
+
+
+def _write(runs: Sequence[Run], output: str | None) -> Path:
     out = Path(output) if output is not None else runs[0].path / "report.html"
     if out.is_dir():
         raise ConfigError(f"--output {str(out)!r} is a directory; give a file path such as "
@@ -378,13 +390,17 @@ def write_report(run_dirs: list, output: str | None = None) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    from dpokit.options import Parser
+
+    parser = Parser(
         prog="dpokit report",
         description="Write a self-contained HTML page of training curves (metrics.jsonl) and eval tables; "
                     "several run directories are overlaid.")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a dpokit sft/dpo output_dir")
     parser.add_argument("--output", metavar="FILE.html", help="where to write (default: <first RUN_DIR>/report.html)")
     args = parser.parse_args(argv)
-    path = write_report(args.run_dirs, args.output)
-    print(f"wrote {path}")
+    runs = load_runs(args.run_dirs)
+    for note in (n for r in runs for n in r.notes):
+        print(f"dpokit report: note: {note}", file=sys.stderr)
+    print(f"wrote {_write(runs, args.output)}")
     return 0

@@ -8,14 +8,17 @@ later be read as this run's (an old adapter beside a new full model is what `fro
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from dpokit import checkpoint as C
 from dpokit.errors import ConfigError
+from dpokit.fileio import atomic_write_text, writing
 from dpokit.metrics import log
 
 RUN_MARKER = C.RUN_MARKER
@@ -68,29 +71,102 @@ def remove_run_outputs(output_dir: Path) -> list[str]:
     return removed
 
 
+LOCK_FILE = ".dpokit.lock"
+
+
+def _ours(name: str) -> bool:
+    """A hidden file dpokit writes itself: the lock, or a killed save's leftovers (never the user's)."""
+    return name == LOCK_FILE or any(fnmatch.fnmatch(name, pattern) for pattern in PARTIAL_PATTERNS)
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as a run writes into it: `fcntl.flock` on the directory
+    itself, which the kernel releases when the process ends however it ends, so a killed run never leaves a stale lock
+    (and a refused start leaves no file behind). A second start (a requeued or duplicated cluster job) is refused at
+    once, naming the holder from `.dpokit.lock`, which the holder writes once the directory is known to be its run's.
+    Re-entrant within one process: `dpokit dpo` holds it across training and the final save."""
+
+    def __init__(self, output_dir: Path):
+        self.directory, self.fd, self.depth = output_dir, None, 0
+
+    def acquire(self) -> None:
+        import fcntl
+
+        if self.depth:
+            self.depth += 1
+            return
+        make(self.directory)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            try:
+                holder = json.loads((self.directory / LOCK_FILE).read_text())
+            except (OSError, ValueError):
+                holder = {}
+            raise ConfigError(f"output_dir {str(self.directory)!r} is in use by another run (pid "
+                              f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, since "
+                              f"{holder.get('since', '?')}); wait for it to end, or choose another output_dir") from None
+        self.fd, self.depth = fd, 1
+
+    def record_holder(self) -> None:
+        """Name this process as the holder, for the message a refused second start prints."""
+        import socket
+
+        atomic_write_text(self.directory / LOCK_FILE, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+    def release(self) -> None:
+        import fcntl
+
+        if self.depth > 1:
+            self.depth -= 1
+            return
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+        self.fd, self.depth = None, 0
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def claim(output_dir: Path, *, resume: Optional[str], overwrite: bool, main_process: bool,
           same_run: Callable[[dict, str], None]) -> Optional[Path]:
-    """Refuse to write into another run; on resume, find the checkpoint (None: there is nothing to resume yet).
-    `same_run(saved_config, what)` refuses a config that would make the resumed run another run."""
+    """Refuse to write into another run, or into a directory holding anything dpokit did not write (a model, a
+    tokenizer, ...) unless `overwrite`; on resume, find the checkpoint (None: there is nothing to resume yet).
+    `same_run(saved_config, what)` refuses a config that would make the resumed run another run. The main process
+    holds the run's lock (`RunLock`) when it calls this, so nothing is removed under another live run."""
     import yaml
 
     marker = output_dir / RUN_MARKER
     if resume is not None:
         if overwrite:
             raise ConfigError("resume_from_checkpoint and overwrite_output_dir are both set; choose one")
-        ckpt = C.resolve(str(resume), output_dir)
+        ckpt, note = C.resolve(str(resume), output_dir)
+        if note:
+            log(note)
         if ckpt is None:
             # A job script that passes --resume on every restart: its first start, or a kill before the first
             # checkpoint, has nothing to resume, and starting over *is* then the exact resume — of the same run.
             if marker.exists():
                 same_run(yaml.safe_load(marker.read_text()) or {}, f"the run in {output_dir}")
+            else:
+                _refuse_foreign(output_dir, "resume_from_checkpoint=latest found no run there")
             log(f"resume_from_checkpoint=latest: no checkpoint in {output_dir} yet; starting at step 0")
         return ckpt
     if marker.exists() and not overwrite:
         raise ConfigError(f"output_dir {str(output_dir)!r} already holds a run; resume it with "
                           "resume_from_checkpoint=latest (--resume), set overwrite_output_dir=true, "
                           "or choose another output_dir")
-    if overwrite and main_process:
+    if not overwrite:
+        _refuse_foreign(output_dir, "it is not empty")
+    elif main_process:
         # Left in place, the old run's checkpoints and `latest` would be taken for this run's by a later resume.
         old = C.list_checkpoints(output_dir)
         for _, path in old:
@@ -103,15 +179,42 @@ def claim(output_dir: Path, *, resume: Optional[str], overwrite: bool, main_proc
     return None
 
 
-def create(output_dir: Path) -> None:
-    """Make the directory and remove what a killed run's saves left half-written."""
+def _refuse_foreign(output_dir: Path, why: str) -> None:
+    """A directory holding files dpokit did not write for a run (another model, a tokenizer, anything) is not
+    trained into: its files would be replaced or mixed with the run's."""
+    foreign = sorted(p.name for p in output_dir.iterdir() if not _ours(p.name)) if output_dir.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise ConfigError(f"output_dir {str(output_dir)!r} holds files no dpokit run wrote ({shown}) and {why}; "
+                          "choose an empty or new output_dir, or set overwrite_output_dir=true to write into it")
+
+
+def make(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create output_dir {str(output_dir)!r}: {exc.strerror}") from None
+
+
+def start(output_dir: Path, config, reports: dict, sources: dict) -> None:
+    """The main process, holding the lock, once the directory is known to be this run's: remove what a killed run's
+    saves left half-written, then record the config and the data report."""
     removed = remove_partial_saves(output_dir)
     if removed:
         log(f"removed {len(removed)} partial save(s) of an interrupted run: {', '.join(removed)}")
+    with writing(output_dir / RUN_MARKER):
+        config.save(output_dir / RUN_MARKER)
+    write_data_report(output_dir, reports, sources)
+
+
+def run_inputs(cfg, model, train_dataset, eval_dataset) -> dict:
+    """What a training run reads from disk, by the option that named it (for `fileio.refuse_overlap`)."""
+    paths = {"model_name_or_path": model, "tokenizer_name_or_path": cfg.tokenizer_name_or_path,
+             "train_file": train_dataset if train_dataset is not None else cfg.train_file,
+             "eval_file": eval_dataset if eval_dataset is not None else cfg.eval_file,
+             "dataset_name": cfg.dataset_name, "chat_template": cfg.chat_template,
+             "ref_model_name_or_path": getattr(cfg, "ref_model_name_or_path", None)}
+    return {k: v for k, v in paths.items() if isinstance(v, (str, os.PathLike))}
 
 
 def write_data_report(output_dir: Path, reports: dict, sources: dict) -> None:
@@ -120,9 +223,8 @@ def write_data_report(output_dir: Path, reports: dict, sources: dict) -> None:
     `skipped_rows.jsonl`, each skipped row with its reason. Written once the output_dir is known to be this run's,
     not at load time: a run refused for writing into another run's directory must not have replaced that run's list."""
     counts = {split: {f: getattr(r, f) for f in REPORT_FIELDS if hasattr(r, f)} for split, r in reports.items()}
-    (output_dir / "data_report.json").write_text(json.dumps(counts, indent=2) + "\n")
+    atomic_write_text(output_dir / "data_report.json", json.dumps(counts, indent=2) + "\n")
     skipped = [{"split": split, "source": sources[split], **item}
                for split, r in reports.items() for item in r.skipped_rows]
     if skipped:
-        with (output_dir / "skipped_rows.jsonl").open("w") as f:
-            f.writelines(json.dumps(item) + "\n" for item in skipped)
+        atomic_write_text(output_dir / "skipped_rows.jsonl", "".join(json.dumps(item) + "\n" for item in skipped))

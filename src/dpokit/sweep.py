@@ -10,13 +10,14 @@ from the policy's samples), and the sweep writes `sweep.json`, `sweep.md` and `f
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
 from typing import Optional
 
 from dpokit.errors import ConfigError
+from dpokit.fileio import read_text
+from dpokit.options import Parser, positive_float, positive_int, seed
 
 
 def split_axes(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -45,7 +46,7 @@ def run_name(setting: dict[str, str]) -> str:
 def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, judge: str, num_samples: int = 4,
               temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
     from dpokit.config import DPOConfig, build_config, parse_overrides
-    from dpokit.evaluate import evaluate_model
+    from dpokit.evaluate import evaluate_model, read_prompts
     from dpokit.rundir import RUN_MARKER
     from dpokit.trainer import DPOTrainer
 
@@ -62,6 +63,7 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
                 and cfg.resume_from_checkpoint is None:
             raise ConfigError(f"{cfg.output_dir} already holds a run; add overwrite_output_dir=true to run the sweep "
                               "again, or choose another output_dir")
+    read_prompts(prompts)  # every run samples from them after it trains: an unreadable file is refused now
     rows = []
     for setting, cfg in zip(settings, configs):
         trainer = DPOTrainer(cfg.model_name_or_path, args=cfg)
@@ -122,18 +124,18 @@ def plot_frontier(rows: list[dict], keys: list[str], path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     # No abbreviations: `--max_steps 5` must stay a training override, not match a sweep option's prefix.
-    parser = argparse.ArgumentParser(prog="dpokit sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = Parser(prog="dpokit sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--config", help="the DPO config every run starts from")
     parser.add_argument("--prompts", required=True, help="prompts to sample from each run and its reference")
     parser.add_argument("--judge", required=True, help="implicit | module:function | rm:PATH")
-    parser.add_argument("--num_samples", type=int, default=4)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_samples", type=positive_int, default=4)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=64)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
     args, tokens = parser.parse_known_args(argv)
     summary = run_sweep(args.config, tokens, prompts=args.prompts, judge=args.judge, num_samples=args.num_samples,
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
                         batch_size=args.batch_size)
-    print((Path(summary["written_to"]) / "sweep.md").read_text())
+    print(read_text(Path(summary["written_to"]) / "sweep.md"))
     return 0

@@ -11,6 +11,7 @@ reads only its spec (does it need a reference? WPO weights?) and never tests a l
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -31,8 +32,10 @@ from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
 from dpokit.data.sources import load_split, run_sources
 from dpokit.data.collate import collate_packed, collate_packed_sft, collate_pairs, collate_sft
 from dpokit.engines import make_engine
-from dpokit.errors import ConfigError, DataError, DpokitError
-from dpokit.guards import NonFiniteError, NonFiniteGuard, OutOfMemory, nonfinite_loss, out_of_memory_hint  # noqa: F401 (public)
+from dpokit.errors import ConfigError, DataError, DpokitError, Interrupted, WriteError
+from dpokit.fileio import refuse_overlap
+from dpokit.guards import (NonFiniteError, NonFiniteGuard, OutOfMemory, StopSignals, nonfinite_loss,  # noqa: F401
+                           out_of_memory_hint)
 from dpokit.metrics import DisplacementWatch, MeanMeter, MetricsSink, log, set_quiet, warn  # noqa: F401 (public)
 from dpokit.optim import group_names, make_optimizer
 from dpokit.packing import batch_logps, enable_packed_attention, pack_by_cost, pack_pairs, pair_tokens
@@ -56,6 +59,8 @@ class Trainer(TransformersTrainerAPI):
         model = self._model_source(model)
         self.output_dir = Path(cfg.output_dir)
         rundir.check_writable(self.output_dir)  # before anything slow: a run that cannot save should not start
+        refuse_overlap({"output_dir": self.output_dir}, rundir.run_inputs(cfg, model, train_dataset, eval_dataset))
+        self.run_lock = rundir.RunLock(self.output_dir)
         if cfg.resume_from_checkpoint is not None:
             C.resolve(cfg.resume_from_checkpoint, self.output_dir)  # a mistyped path fails now, not after loading
         self.ref_cache_keys: dict[str, str] = {}  # split -> key of the precomputed reference log-probs
@@ -76,6 +81,9 @@ class Trainer(TransformersTrainerAPI):
         train_source, eval_source = run_sources(cfg, train_dataset, eval_dataset)
         self.train_examples = self.prepare_data(train_source, "train") if train_source is not None else None
         self.eval_examples = self.prepare_data(eval_source, "eval") if eval_source is not None else None
+        config = models.model_config(model, cfg)  # the settings against the model, before its weights load
+        models.check_init_kwargs(config, cfg)
+        self._check_positions(config)
         self.model = models.load_model(model, cfg)
         self._check_vocab(self.model)
         if cfg.disable_dropout:
@@ -126,6 +134,10 @@ class Trainer(TransformersTrainerAPI):
         splits = {"train": self.train_examples, "eval": self.eval_examples}
         models.check_vocab(splits, self.data_reports, model.get_input_embeddings().num_embeddings, what)
 
+    def _check_positions(self, config, what: str = "the model") -> None:
+        splits = {"train": self.train_examples, "eval": self.eval_examples}
+        models.check_positions(config, splits, self.data_reports, self.args.max_length, what)
+
     def _finish_data(self, tokenized, report, name: str, split: str):
         """Print and keep the data report (written with the run, skipped rows included); refuse an empty set."""
         log(report.summary())
@@ -173,28 +185,38 @@ class Trainer(TransformersTrainerAPI):
         return self.engine.autocast(self.args.bf16)
 
     # ----- train -----
+    def held(self):
+        """The run directory's lock, held by the main process (`with trainer.held(): train(); save_model()`)."""
+        return self.run_lock if self.accelerator.is_main_process else contextlib.nullcontext()
+
     def train(self, resume_from_checkpoint: Optional[str | bool] = None):
         """Run the optimisation; returns transformers' `TrainOutput`: global_step, training_loss (the mean loss of
         the steps run) and metrics (the last logged training metrics, train_runtime, train_loss).
         `resume_from_checkpoint` (else the config field): `latest` (or True) or a checkpoint directory, to continue
-        a stopped run exactly."""
-        cfg, acc = self.args, self.accelerator
+        a stopped run exactly. The run directory is locked meanwhile: a second run on it is refused."""
         if self.train_examples is None:
             raise ConfigError("no training data: pass train_dataset= or set train_file")
-        resume = cfg.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
-        resume = C.LATEST if resume is True else None if resume is False else resume
         budget = self.token_budget()
         if budget:  # refuse, before any work, a budget the longest training example cannot fit in
             self.pack([max(self.train_examples, key=self.pack_cost)], budget)
+        with self.held():
+            try:
+                return self._train(resume_from_checkpoint)
+            except WriteError as exc:  # a full disk or an I/O error: say which checkpoint is left to resume from
+                raise WriteError(f"{exc}; {C.last_checkpoint_note(self.output_dir)}") from None
+
+    def _train(self, resume_from_checkpoint):
+        cfg, acc = self.args, self.accelerator
+        resume = cfg.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
+        resume = C.LATEST if resume is True else None if resume is False else resume
         ckpt = rundir.claim(self.output_dir, resume=resume, overwrite=cfg.overwrite_output_dir,
                             main_process=acc.is_main_process,
                             same_run=lambda saved, what: C.check_same_run(saved, cfg, what))
         saved = C.load_state(ckpt) if ckpt is not None else None
         acc.wait_for_everyone()  # every rank has checked the output directory before the first one writes into it
         if acc.is_main_process:
-            rundir.create(self.output_dir)
-            cfg.save(self.output_dir / RUN_MARKER)
-            rundir.write_data_report(self.output_dir, self.data_reports, self.data_sources)
+            self.run_lock.record_holder()
+            rundir.start(self.output_dir, cfg, self.data_reports, self.data_sources)
         total_steps = self.schedule.total_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.engine, acc.device, total_steps)
         self.policy, self.optimizer = self.engine.prepare(self.policy, self.optimizer, cfg)
@@ -204,7 +226,7 @@ class Trainer(TransformersTrainerAPI):
         self.on_engine_ready()
         self.global_step, self._position, self._meter, self.guard.skipped = 0, (0, 0), MeanMeter(), 0
         if saved is not None:
-            self._restore(ckpt, *saved, total_steps)
+            C.restore(self, ckpt, *saved, total_steps)
             if acc.is_main_process:
                 C.write_latest(self.output_dir, ckpt)  # resuming an older checkpoint makes it the newest again
         self._sink = sink = MetricsSink.for_run(cfg, self.output_dir, acc.is_main_process,
@@ -228,33 +250,37 @@ class Trainer(TransformersTrainerAPI):
             # Last, so that nothing between here and the first step draws from the restored generators.
             C.restore_rng(C.rank_rng(saved[0], acc.num_processes, acc.process_index))
         try:
-            while self.global_step < total_steps:
-                t0 = time.perf_counter()
-                epoch, position, micro = next(stream)
-                self._position = (epoch, position)
-                record, tokens = self.training_step([(self._to_device(b), filler) for b, filler in micro])
-                self.global_step += 1
-                # The loss and the preference metrics are logged as means over the steps since the last log; the
-                # learning rate and the gradient norm as the last step's values, as transformers logs them.
-                self._current = {"learning_rate": self.scheduler.get_last_lr()[0],
-                                 **({"grad_norm": record.pop("grad_norm")} if "grad_norm" in record else {})}
-                record["tokens_per_second"] = tokens / max(time.perf_counter() - t0, 1e-9)
-                self._meter.add(record)
-                if "loss" in record:
-                    loss_sum, loss_steps = loss_sum + record["loss"], loss_steps + 1
-                if bar is not None:
-                    bar.update(1)
+            with StopSignals() as stop:
+                while self.global_step < total_steps:
+                    t0 = time.perf_counter()
+                    epoch, position, micro = next(stream)
+                    self._position = (epoch, position)
+                    record, tokens = self.training_step([(self._to_device(b), filler) for b, filler in micro])
+                    self.global_step += 1
+                    # The loss and the preference metrics are logged as means over the steps since the last log; the
+                    # learning rate and the gradient norm as the last step's values, as transformers logs them.
+                    self._current = {"learning_rate": self.scheduler.get_last_lr()[0],
+                                     **({"grad_norm": record.pop("grad_norm")} if "grad_norm" in record else {})}
+                    record["tokens_per_second"] = tokens / max(time.perf_counter() - t0, 1e-9)
+                    self._meter.add(record)
                     if "loss" in record:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}")
-                # A step can end an epoch (its last data group).
-                done = epoch + (position >= groups)
-                epoch_end, epochs_done = done > epochs_done, done
-                if due.log(self.global_step, epoch_end):
-                    last = self._log_training_metrics(epoch)
-                if self.eval_examples is not None and due.evaluate(self.global_step, epoch_end):
-                    sink.write(self.global_step, self._evaluate())
-                if due.save(self.global_step, epoch_end):
-                    self._save_checkpoint()
+                        loss_sum, loss_steps = loss_sum + record["loss"], loss_steps + 1
+                    if bar is not None:
+                        bar.update(1)
+                        if "loss" in record:
+                            bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    # A step can end an epoch (its last data group).
+                    done = epoch + (position >= groups)
+                    epoch_end, epochs_done = done > epochs_done, done
+                    if due.log(self.global_step, epoch_end):
+                        last = self._log_training_metrics(epoch)
+                    if self.eval_examples is not None and due.evaluate(self.global_step, epoch_end):
+                        sink.write(self.global_step, self._evaluate())
+                    if due.save(self.global_step, epoch_end):
+                        self._save_checkpoint()
+                    signum = stop.received(acc) if self.global_step < total_steps else None
+                    if signum is not None:
+                        self._stop(signum, saved=due.save(self.global_step, epoch_end), total_steps=total_steps)
             if self.eval_examples is not None:
                 sink.write(self.global_step, self._evaluate())
         finally:
@@ -269,6 +295,13 @@ class Trainer(TransformersTrainerAPI):
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _stop(self, signum: int, saved: bool, total_steps: int) -> None:
+        """SIGTERM at a step boundary: checkpoint this step (unless it was just saved, or save_on_sigterm is off)."""
+        if self.args.save_on_sigterm and not saved:
+            self._save_checkpoint()
+        raise Interrupted(f"SIGTERM after step {self.global_step} of {total_steps}; "
+                          f"{C.last_checkpoint_note(self.output_dir)} (resume with --resume)", signum)
 
     # ----- step -----
     def training_step(self, micro: list) -> tuple[dict, int]:
@@ -379,64 +412,17 @@ class Trainer(TransformersTrainerAPI):
         out = Path(output_dir or self.args.output_dir)
         state = self.engine.full_weights(self.policy, self.args.bf16)  # a collective where the weights are sharded
         if self.accelerator.is_main_process:
-            C.save_model(out, self._writer(state))
+            lock = self.held() if out.resolve() == self.output_dir.resolve() else contextlib.nullcontext()
+            with lock:
+                try:
+                    C.save_model(out, self._writer(state))
+                except WriteError as exc:
+                    raise WriteError(f"{exc}; {C.last_checkpoint_note(self.output_dir)}") from None
         self.accelerator.wait_for_everyone()  # no rank goes on (or exits) before the model is in place
         return out
 
     def _save_checkpoint(self) -> Path:
-        """checkpoint-N: model, tokenizer and trainer state; then `latest` moves to it; only then are checkpoints
-        beyond save_total_limit deleted."""
-        acc, groups = self.accelerator, group_names(self.model)
-        # Each rank's RNG state, the full weights and the full optimizer state: collectives, every rank calls them.
-        rng_ranks = dist.gather_objects(acc, C.capture_rng())
-        state = self.engine.full_weights(self.policy, self.args.bf16)
-        optimizer = self.engine.optimizer_state(self.policy, self.optimizer, groups)
-        ckpt = self.output_dir / f"checkpoint-{self.global_step}"
-        if acc.is_main_process:
-            tensors = {"optimizer": optimizer, "scheduler": self.engine.scheduler_state(self.scheduler.state_dict(),
-                                                                                         groups),
-                       "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                       "rng": {**rng_ranks[0], **({"other_ranks": rng_ranks[1:]} if len(rng_ranks) > 1 else {})}}
-            info = {
-                "global_step": self.global_step, "total_steps": self.schedule.total_steps(),
-                # Checkpoints fall between optimizer steps, so no micro-batch of the next step has been consumed: the
-                # micro-step within accumulation is always 0 and (epoch, next data group) is the whole data position.
-                "position": list(self._position), "micro_step": 0, "nonfinite_steps": self.guard.skipped,
-                "meter": self._meter.state(), "metrics": self._sink.history,
-                "data": {"train_rows": len(self.train_examples), "train_fingerprint": self._train_fingerprint()},
-                "ref_cache_keys": self.ref_cache_keys, "config": C.plain(self.args.to_dict()),
-                # The data position counts global data groups of this size; a resume needs the same size.
-                "num_processes": acc.num_processes, "global_micro_batch": self.schedule.global_micro_batch_size(),
-            }
-            C.write_checkpoint(self.output_dir, self.global_step, self._writer(state), tensors, info)
-            C.rotate(self.output_dir, self.global_step, self.args.save_total_limit)
-        acc.wait_for_everyone()
-        return ckpt
-
-    def _train_fingerprint(self) -> str:
-        if self._train_fp is None:
-            self._train_fp = C.examples_fingerprint(self.train_examples)
-        return self._train_fp
-
-    def _restore(self, ckpt: Path, tensors: dict, info: dict, total_steps: int) -> None:
-        """Put weights, optimizer, scheduler, scaler, data position and counters back where `ckpt` left them, after
-        checking it is this run's (the RNG states are restored by `train`, right before the first step)."""
-        acc, groups = self.accelerator, group_names(self.model)
-        C.check_resumable(ckpt, info, self.args, global_micro_batch=self.schedule.global_micro_batch_size(),
-                          num_processes=acc.num_processes, train_rows=len(self.train_examples),
-                          train_fingerprint=self._train_fingerprint(),
-                          ref_cache_key=self.ref_cache_keys.get("train"), total_steps=total_steps)
-        self.engine.load_state(self.model, self.policy, self.optimizer, ckpt, tensors["optimizer"], groups,
-                               self.use_peft)
-        self.scheduler.load_state_dict(self.engine.load_scheduler_state(tensors["scheduler"], groups))
-        if acc.scaler is not None and tensors["scaler"] is not None:
-            acc.scaler.load_state_dict(tensors["scaler"])
-        self.global_step, self._position = info["global_step"], tuple(info["position"])
-        self.guard.skipped = info["nonfinite_steps"]
-        self._meter = MeanMeter.from_state(info["meter"])
-        log(f"resumed from {ckpt} at step {self.global_step} "
-            f"(epoch {self._position[0]}, micro-batch {self._position[1]})")
-
+        return C.save_checkpoint(self)
 
 # --------------------------------------------------------------------------------------------------------------------
 # SFT
@@ -510,6 +496,7 @@ class DPOTrainer(Trainer):
         self._ref_model_arg = ref_model
         self.reference = None
         cfg = config_from_args(DPOConfig, args)
+        refuse_overlap({"output_dir": cfg.output_dir}, {"ref_model": ref_model if isinstance(ref_model, str) else None})
         # The loss is built once, from settings checked when the config was made; each step checks tensors only.
         self.loss = losses.build(cfg)
         self.spec = self.loss.spec
@@ -569,6 +556,7 @@ class DPOTrainer(Trainer):
             return
         ref = self._ref_model_arg if self._ref_model_arg is not None else cfg.ref_model_name_or_path
         if ref is not None:
+            self._check_positions(models.model_config(ref, cfg, what="ref_model"), what="ref_model")
             self._ref_module = models.load_model(ref, cfg, what="ref_model")
             self._check_vocab(self._ref_module, what="ref_model")
             if cfg.disable_dropout:

@@ -1,4 +1,5 @@
-"""Data layer: read rows, validate them into canonical examples, tokenize them (collation is in `collate`).
+"""Data layer: read rows (`readers`), validate them into canonical examples (`formats`, `examples`), tokenize them
+(`tokenize`; collation is in `collate`).
 
     rows, name = load_rows("train.jsonl")
     examples, report = preference_examples(rows, name)
@@ -6,17 +7,13 @@
     print(report.summary())
 """
 
+from dpokit.data.examples import DataReport, PreferenceExample, PromptExample, SFTExample
 from dpokit.data.formats import (
     PAIR_STRATEGIES,
     PREFERENCE_FORMATS,
     SFT_FORMATS,
-    DataReport,
-    PreferenceExample,
-    PromptExample,
-    SFTExample,
     detect_preference_format,
     detect_sft_format,
-    load_rows,
     parse_hh_transcript,
     preference_examples,
     prompt_examples,
@@ -24,6 +21,7 @@ from dpokit.data.formats import (
     sft_examples,
     split_hh_transcript,
 )
+from dpokit.data.readers import load_rows
 from dpokit.data.tokenize import TRUNCATION_MODES, TokenizedPair, TokenizedSFT, tokenize_preference, tokenize_sft
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpokit.data.formats import load_rows
+from dpokit.data.readers import load_rows
 from dpokit.errors import ConfigError
 
 

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dpokit.data.formats import DataReport, PreferenceExample, SFTExample
+from dpokit.data.examples import DataReport, PreferenceExample, SFTExample
 from dpokit.errors import ConfigError, DataError
 
 TRUNCATION_MODES = ("keep_start", "keep_end")

@@ -24,7 +24,6 @@ Common options: ``--kind preference|sft`` (default preference), ``--format NAME`
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -35,25 +34,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpokit.data.formats import (
-    PAIR_STRATEGIES,
-    DataReport,
-    PreferenceExample,
-    SFTExample,
-    example_key,
-    load_rows,
-    preference_examples,
-    prompt_key,
-    sft_examples,
-)
+from dpokit.data.examples import DataReport, PreferenceExample, SFTExample, example_key, prompt_key
+from dpokit.data.formats import PAIR_STRATEGIES, preference_examples, sft_examples
+from dpokit.data.readers import load_rows
 from dpokit.errors import ConfigError, DataError, DpokitError
+from dpokit.options import Parser, integer, json_object, number, positive_int, seed
 
 DEFAULT_CHECK_LENGTHS = (512, 1024, 2048)
 PERCENTILES = (50, 90, 99)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line, exit 2 via the caller) instead of printing usage and exiting."""
+class _Parser(Parser):
+    """The shared parser, its argparse errors naming the data command."""
 
     def error(self, message):
         raise ConfigError(f"dpokit data {self.prog}: {message}")
@@ -63,10 +55,10 @@ def _parser(prog: str, description: str) -> _Parser:
     p = _Parser(prog=prog, description=description)
     p.add_argument("--kind", choices=("preference", "sft"), default="preference", help="what the rows hold")
     p.add_argument("--format", default="auto", help="dataset format name (default: detect)")
-    p.add_argument("--column_map", type=json.loads, default=None, help='JSON, e.g. \'{"question": "prompt"}\'')
+    p.add_argument("--column_map", type=json_object, default=None, help='JSON, e.g. \'{"question": "prompt"}\'')
     p.add_argument("--split", default="train", help="split of a save_to_disk DatasetDict")
     p.add_argument("--pair_strategy", choices=PAIR_STRATEGIES, default="best_vs_worst", help="scored data only")
-    p.add_argument("--min_score_gap", type=float, default=0.0, help="scored data only")
+    p.add_argument("--min_score_gap", type=number("[0, inf)"), default=0.0, help="scored data only")
     return p
 
 
@@ -183,6 +175,11 @@ def _tokenizer_option(p: _Parser) -> None:
                    help="Jinja chat template file for conversational data (the tokenizer's own is replaced)")
 
 
+def _length_options(p: _Parser) -> None:
+    for name in ("--max_length", "--max_prompt_length", "--max_completion_length"):
+        p.add_argument(name, type=positive_int)
+
+
 def _tokenizer_from(args):
     if args.chat_template is not None and not args.tokenizer:
         raise ConfigError("--chat_template needs --tokenizer (the template renders for that tokenizer)")
@@ -257,11 +254,9 @@ def _check(argv) -> int:
     p = _parser("check", "Report on a dataset's health; exit 0 clean, 1 problems found, 2 unusable.")
     p.add_argument("file")
     _tokenizer_option(p)
-    p.add_argument("--max_length", type=int)
-    p.add_argument("--max_prompt_length", type=int)
-    p.add_argument("--max_completion_length", type=int)
+    _length_options(p)
     p.add_argument("--eval", help="held-out file: prompts it shares with FILE are reported")
-    p.add_argument("--show", type=int, default=5, help="how many bad or duplicate rows to list")
+    p.add_argument("--show", type=integer("[0, inf)"), default=5, help="how many bad or duplicate rows to list")
     args = p.parse_args(argv)
     out = sys.stdout
     tokenizer = _tokenizer_from(args)
@@ -320,15 +315,23 @@ def check_main(argv) -> int:
 # --------------------------------------------------------------------------------------------- convert / filter
 
 
-def _convert(argv) -> int:
-    p = _parser("convert", "Write a dataset as canonical JSON Lines.")
+def _rewrite_parser(prog: str, description: str) -> _Parser:
+    """The parser of a command that reads INPUT and writes canonical rows to OUTPUT."""
+    p = _parser(prog, description)
     p.add_argument("input")
     p.add_argument("output")
-    args = p.parse_args(argv)
-    examples, report = _examples(args.input, args)
-    write_jsonl([canonical_row(e) for e in examples], args.output)
-    print(f"{args.output}: wrote {len(examples)} rows; {report.summary()}")
+    return p
+
+
+def _write_canonical(examples, report: DataReport, output: str) -> int:
+    write_jsonl([canonical_row(e) for e in examples], output)
+    print(f"{output}: wrote {len(examples)} rows; {report.summary()}")
     return 0
+
+
+def _convert(argv) -> int:
+    args = _rewrite_parser("convert", "Write a dataset as canonical JSON Lines.").parse_args(argv)
+    return _write_canonical(*_examples(args.input, args), args.output)
 
 
 def convert_main(argv) -> int:
@@ -337,14 +340,10 @@ def convert_main(argv) -> int:
 
 
 def _filter(argv) -> int:
-    p = _parser("filter", "Keep the valid (and optionally unique, untruncated) rows, as canonical JSON Lines.")
-    p.add_argument("input")
-    p.add_argument("output")
+    p = _rewrite_parser("filter", "Keep the valid (and optionally unique, untruncated) rows, as canonical JSON Lines.")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicates of an earlier row")
     _tokenizer_option(p)
-    p.add_argument("--max_length", type=int)
-    p.add_argument("--max_prompt_length", type=int)
-    p.add_argument("--max_completion_length", type=int)
+    _length_options(p)
     p.add_argument("--truncation_mode", default="keep_start")
     p.add_argument("--drop_truncated", action="store_true", help="also drop rows that truncation would cut")
     args = p.parse_args(argv)
@@ -355,9 +354,7 @@ def _filter(argv) -> int:
     examples, report = _examples(args.input, args, deduplicate=args.dedup, tokenizer=tokenizer)
     if limited:
         examples = _within_limits(examples, tokenizer, args, report)
-    write_jsonl([canonical_row(e) for e in examples], args.output)
-    print(f"{args.output}: wrote {len(examples)} rows; {report.summary()}")
-    return 0
+    return _write_canonical(examples, report, args.output)
 
 
 def _within_limits(examples, tokenizer, args, report: DataReport):
@@ -417,13 +414,11 @@ def _distinct_paths(args) -> None:
 def _split(argv) -> int:
     p = _parser("split", "Split into train and eval by prompt (no prompt on both sides).")
     p.add_argument("input")
-    p.add_argument("--eval_fraction", type=float, required=True)
+    p.add_argument("--eval_fraction", type=number("(0, 1)"), required=True)
     p.add_argument("--train_out", required=True)
     p.add_argument("--eval_out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     args = p.parse_args(argv)
-    if not 0 < args.eval_fraction < 1:
-        raise ConfigError(f"--eval_fraction must be between 0 and 1, got {args.eval_fraction}")
     _distinct_paths(args)
     examples, report = _examples(args.input, args)
     train, held = split_by_prompt(examples, args.eval_fraction, args.seed)

@@ -1,0 +1,133 @@
+"""Canonical examples, what every command works on once rows are read and validated, and the report of a source.
+
+A row of any format (`dpokit.data.formats`) becomes a `PreferenceExample`, an `SFTExample` or a `PromptExample`;
+`DataReport` counts what happened to the rows of one source on the way (read, kept, skipped, deduplicated, dropped by
+truncation). `row` is always the 0-based index of the source row; `where` prints it as error messages do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+Message = dict  # {"role": str, "content": str}
+
+
+@dataclass(slots=True)
+class PromptExample:
+    """A prompt to sample completions from (``dpokit eval --prompts``, ``dpokit pairs``): text, which the model sees
+    as ``system + "\\n\\n" + prompt`` when `system` is set, or a message list ending with a user (or tool) turn,
+    a system prompt being its first message."""
+
+    prompt: str | list[Message]
+    row: int
+    system: str | None = None
+
+    @property
+    def model_prompt(self) -> str | list[Message]:
+        """What the model is given: the text with its system prompt folded in, or the message list."""
+        if isinstance(self.prompt, str) and self.system is not None:
+            return f"{self.system}\n\n{self.prompt}"
+        return self.prompt
+
+
+@dataclass(slots=True)
+class PreferenceExample:
+    """One preference pair in canonical form.
+
+    Either all text (`prompt`, `chosen`, `rejected` are strings; the model sees ``system + "\\n\\n" + prompt`` when
+    `system` is set) or all conversational (`prompt` a message list ending with a user/tool turn, `chosen` /
+    `rejected` lists of assistant messages; a system prompt is already the first prompt message, `system` is None).
+    `row` is the 0-based index of the source row (`where` prints it as error messages do).
+    """
+
+    prompt: str | list[Message]
+    chosen: str | list[Message]
+    rejected: str | list[Message]
+    row: int
+    system: str | None = None
+
+
+@dataclass(slots=True)
+class SFTExample:
+    """One supervised example: the model learns `completion` given `prompt` (both text, or both message lists).
+
+    `text` rows have ``prompt=""``; `messages` rows have prompt = every message before the last one and completion =
+    [the last, assistant, message].
+    """
+
+    prompt: str | list[Message]
+    completion: str | list[Message]
+    row: int
+    system: str | None = None
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one source; counts are rows (pairs), not tokens.
+
+    ``read = kept + skipped + deduplicated + dropped`` holds for every format but ``scored``: `skipped` rows were
+    malformed (listed with their reason in `skipped_rows`, ``{"row": 0-based index, "reason": one-line message}``),
+    `deduplicated` rows repeated an earlier row exactly, `dropped` rows were dropped during tokenization: a
+    completion would have lost every token to truncation, or (`identical_after_truncation`, counted in `dropped`
+    too) chosen and rejected had the same token ids once truncated, a pair with no gradient that would still
+    count in the loss and the metrics. `truncated_prompt` / `truncated_completion` count kept rows whose prompt / a
+    completion was cut. For ``scored`` data `kept` counts the pairs formed (a row can give several) and `unpaired`
+    the valid rows that gave none (all scores tied or closer than ``min_score_gap``, or one distinct text).
+    """
+
+    read: int
+    kept: int
+    skipped: int
+    deduplicated: int = 0
+    truncated_prompt: int = 0
+    truncated_completion: int = 0
+    dropped: int = 0
+    skipped_rows: list[dict] = field(default_factory=list)
+    format: str = ""
+    source: str = ""
+    unpaired: int = 0
+    identical_after_truncation: int = 0
+    line_numbers: Sequence[int] | None = field(default=None, repr=False)
+
+    def where(self, row: int) -> str:
+        """Human position of 0-based row `row`: ``file.jsonl:LINE`` for JSON Lines, else ``source row N`` (1-based)."""
+        return where(self.source or "<data>", self.line_numbers, row)
+
+    def summary(self) -> str:
+        """One line, e.g. ``train.jsonl (standard): 2312 read, 2310 kept, 2 skipped, 0 deduplicated, ...``."""
+        return (
+            f"{self.source or '<data>'} ({self.format}): {self.read} read, {self.kept} kept, {self.skipped} skipped, "
+            f"{self.deduplicated} deduplicated, {self.dropped} dropped by truncation"
+            + (f" ({self.identical_after_truncation} of them with chosen identical to rejected once tokenized and cut)"
+               if self.identical_after_truncation else "")
+            + f", {self.truncated_prompt} prompts truncated, {self.truncated_completion} with a completion truncated"
+            + (f", {self.unpaired} rows without a scored pair" if self.format == "scored" else "")
+        )
+
+
+def where(source: str, line_numbers: Sequence[int] | None, row: int) -> str:
+    """Where 0-based row `row` of `source` is, as error messages print it: ``file.jsonl:LINE`` when the line numbers
+    are known (JSON Lines), else ``source row N`` (1-based)."""
+    if line_numbers is not None:
+        return f"{source}:{line_numbers[row]}"
+    return f"{source} row {row + 1}"
+
+
+def prompt_key(example) -> str:
+    """Key equal for examples (pairs, SFT examples, prompts) with the same prompt and system prompt."""
+    return json.dumps([example.system, example.prompt], ensure_ascii=False)
+
+
+def example_key(example) -> str:
+    """A text key equal for exactly-equal examples (prompt, completions, system); used for deduplication."""
+    values = {f.name: getattr(example, f.name) for f in fields(example) if f.name != "row"}
+    return json.dumps(values, sort_keys=True, ensure_ascii=False)
+
+
+def example_digest(example) -> bytes:
+    """128-bit BLAKE2 digest of `example_key`: deduplicating a million pairs then remembers 16 bytes per pair, not a
+    second copy of all their text (a collision, ~2**-64 even at 2**32 pairs, is not a practical concern)."""
+    return hashlib.blake2b(example_key(example).encode("utf-8"), digest_size=16).digest()
