@@ -82,3 +82,35 @@ def test_long_preset_runs_both_sides_on_synthetic_pairs_and_searches_lengths(tmp
     job = bench.Job(preset=dataclasses.asdict(tiny), model_dir=str(model_dir), pairs_file=str(tmp_path / "p.json"),
                     threads=1)
     assert bench._longest(job, tiny, "dpokit", tmp_path, lambda *_: None, start=32, limit=64) == 64
+
+
+def test_trl_trials_per_side_and_out_of_memory_micro_batches(monkeypatch, tmp_path):
+    """TRL+Liger runs its own micro-batch sizes; a size that runs out of memory is recorded and the others compared
+    (another failure still ends the run)."""
+    import dataclasses
+
+    speeds = {("", 8): 10.0, ("", 16): "oom", ("liger", 16): 30.0, ("liger", 32): 20.0}
+
+    def spawn(side, job, work, tag=""):
+        if side == "dpokit":
+            return {"tokens_per_second": 50.0}
+        speed = speeds[(tag, job.trl_micro_batch)]
+        if speed == "oom":
+            raise RuntimeError("the trl worker failed (exit 1):\ntorch.OutOfMemoryError: CUDA out of memory.")
+        return {"tokens_per_second": speed, "micro_batch": job.trl_micro_batch}
+
+    monkeypatch.setattr(bench, "_spawn", spawn)
+    p = dataclasses.replace(bench.PRESETS["llama-1b"], trl_micro_batches=(8, 16))
+    base = bench.Job(preset={}, model_dir="", pairs_file="", threads=1,
+                     extra={"trl_liger": True, "liger_micro_batches": [16, 32]})
+    out = bench._both_sides(base, p, tmp_path, skip_trl=False, log=lambda msg: None)
+    assert out["trl"]["micro_batch"] == 8 and out["trl_liger"]["micro_batch"] == 16
+    assert out["trl"]["micro_batch_trials"] == [{"micro_batch": 8, "tokens_per_second": 10.0},
+                                                {"micro_batch": 16, "tokens_per_second": None,
+                                                 "error": "out of memory"}]
+    assert [t["micro_batch"] for t in out["trl_liger"]["micro_batch_trials"]] == [16, 32]
+    speeds[("", 8)] = "oom"
+    with pytest.raises(RuntimeError, match="every micro-batch ran out of memory"):
+        bench._both_sides(base, p, tmp_path, skip_trl=False, log=lambda msg: None)
+    with pytest.raises(ConfigError, match="--trl-liger-micro-batches needs --trl-liger"):
+        bench.run("llama-1b", trl_liger_micro_batches=[8])

@@ -181,7 +181,7 @@ use_rslora: true
     ("push_to_hub", "true", r"push_to_hub: 'true' is not supported: dpokit does not upload"),
     ("use_liger_kernel", True, r"use_liger_kernel: True is not supported: dpokit does not use Liger"),
     ("sync_ref_model", "yes", r"sync_ref_model: 'yes' is not supported: TR-DPO"),
-    ("load_in_4bit", True, r"load_in_4bit: True is not supported: quantized"),
+    ("load_in_8bit", True, r"load_in_8bit: True is not supported: quantized"),
     ("torch_dtype", "float64", r"dtype: 'float64' is not one of"),  # read as dtype, its v5 name
     ("deepspeed", "ds.json", r"deepspeed: 'ds.json' is not supported: the engine .* accelerate launch"),
     ("label_smoothing_factor", 0.1, r"label_smoothing_factor: 0.1 is not supported: .*label_smoothing \(cDPO\)"),

@@ -416,9 +416,11 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         trl_micro_batches: Optional[list] = None, token_budget: Optional[int] = None, shared_prompt: bool = True,
         precompute_ref: bool = False, threads: Optional[int] = None, skip_trl: bool = False,
         tokenizer: Path = DEFAULT_TOKENIZER, data: Path = DEFAULT_DATA, peak_tflops: Optional[float] = None,
-        compile: bool = False, find_max_length: bool = False, trl_liger: bool = False, log=print) -> dict:
+        compile: bool = False, find_max_length: bool = False, trl_liger: bool = False,
+        trl_liger_micro_batches: Optional[list] = None, log=print) -> dict:
     """Run the benchmark; returns {"preset": ..., "dpokit": {...}, "trl": {...}} (no "trl" with skip_trl; with
-    `trl_liger` also "trl_liger": TRL with use_liger_kernel, at its fastest micro-batch too). A `long`
+    `trl_liger` also "trl_liger": TRL with use_liger_kernel, at its fastest micro-batch too, of
+    `trl_liger_micro_batches` if given, else of TRL's). A `long`
     preset returns {"preset": ..., "lengths": {"8192": {"dpokit": ..., "trl": ...}, ...}} and, with
     `find_max_length`, "max_length": {"dpokit": N, "trl": N} (the longest that trained; null if none did)."""
     if preset_name not in PRESETS:
@@ -426,6 +428,8 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
     p = dataclasses.replace(PRESETS[preset_name])
     if trl_liger and (skip_trl or p.device != "cuda"):
         raise ConfigError("--trl-liger needs a CUDA preset and the TRL side (Liger's kernels are Triton, GPU only)")
+    if trl_liger_micro_batches and not trl_liger:
+        raise ConfigError("--trl-liger-micro-batches needs --trl-liger")
     if steps is not None:
         p.steps = steps
     if pairs_per_step is not None:
@@ -434,7 +438,8 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         p.token_budget = token_budget
     if trl_micro_batches:
         p.trl_micro_batches = tuple(trl_micro_batches)
-    bad = [m for m in p.trl_micro_batches if p.pairs_per_step % m]
+    liger_sizes = tuple(trl_liger_micro_batches or p.trl_micro_batches)
+    bad = sorted({m for m in p.trl_micro_batches + liger_sizes if p.pairs_per_step % m})
     if bad:
         raise ConfigError(f"TRL micro-batch sizes {bad} do not divide pairs_per_step={p.pairs_per_step}")
     threads = threads or len(os.sched_getaffinity(0))
@@ -448,7 +453,7 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
         base = Job(preset=dataclasses.asdict(p), model_dir=str(model_dir), pairs_file=str(work / "pairs.json"),
                    threads=threads, shared_prompt=shared_prompt, precompute_ref=precompute_ref,
                    peak_flops=peak_tflops * 1e12 if peak_tflops else None,
-                   extra={"compile": compile, "trl_liger": trl_liger})
+                   extra={"compile": compile, "trl_liger": trl_liger, "liger_micro_batches": list(liger_sizes)})
         result = {"preset": {"name": preset_name, **dataclasses.asdict(p)}}
         n_pairs = p.pairs_per_step * (p.steps + p.warmup_steps)
         if not p.synthetic_lengths:
@@ -468,21 +473,31 @@ def run(preset_name: str, *, steps: Optional[int] = None, pairs_per_step: Option
 
 
 def _both_sides(base: Job, p: Preset, work: Path, skip_trl: bool, log) -> dict:
-    """dpokit, then TRL at each of the preset's micro-batch sizes (the fastest reported), on base's pairs."""
+    """dpokit, then TRL at each of the preset's micro-batch sizes (the fastest reported), on base's pairs. A TRL
+    micro-batch that runs out of memory is recorded as such and the others compared (the largest that fits is often
+    the fastest, so the sizes tried usually include one too many)."""
     log("[bench] dpokit ...")
     out = {"dpokit": _spawn("dpokit", base, work)}
     if skip_trl:
         return out
     variants = [("trl", False)] + ([("trl_liger", True)] if base.extra.get("trl_liger") else [])
     for name, liger in variants:
-        trials = []
-        for mb in p.trl_micro_batches:
+        trials, summary = [], []
+        for mb in (base.extra.get("liger_micro_batches") or p.trl_micro_batches) if liger else p.trl_micro_batches:
             log(f"[bench] TRL{' with use_liger_kernel' if liger else ''}, micro-batch {mb} ...")
             job = dataclasses.replace(base, trl_micro_batch=mb, extra={**base.extra, "liger": liger})
-            trials.append(_spawn("trl", job, work, tag="liger" if liger else ""))
-        best = max(trials, key=lambda r: r["tokens_per_second"])
-        out[name] = {**best, "micro_batch_trials": [
-            {"micro_batch": t["micro_batch"], "tokens_per_second": t["tokens_per_second"]} for t in trials]}
+            try:
+                trials.append(_spawn("trl", job, work, tag="liger" if liger else ""))
+            except RuntimeError as exc:
+                if "out of memory" not in str(exc).lower():
+                    raise
+                log(f"[bench] TRL micro-batch {mb}: out of memory")
+                summary.append({"micro_batch": mb, "tokens_per_second": None, "error": "out of memory"})
+                continue
+            summary.append({"micro_batch": mb, "tokens_per_second": trials[-1]["tokens_per_second"]})
+        if not trials:
+            raise RuntimeError(f"{name}: every micro-batch ran out of memory ({summary})")
+        out[name] = {**max(trials, key=lambda r: r["tokens_per_second"]), "micro_batch_trials": summary}
     return out
 
 
@@ -575,6 +590,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-trl", action="store_true", help="run the dpokit side only")
     parser.add_argument("--trl-liger", action="store_true",
                         help="also run TRL with use_liger_kernel (CUDA presets; needs liger-kernel), as trl_liger")
+    parser.add_argument("--trl-liger-micro-batches", type=positive_int, nargs="+",
+                        help="micro-batch sizes TRL with use_liger_kernel is run with (default: --trl-micro-batches)")
     parser.add_argument("--peak-tflops", type=positive_float, help="device peak TFLOP/s for MFU (default: known GPUs only)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Llama-2 tokenizer directory")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HH-RLHF jsonl(.gz) file")
@@ -601,7 +618,8 @@ def run_from_args(args) -> int:
                  trl_micro_batches=args.trl_micro_batches, token_budget=args.token_budget,
                  shared_prompt=not args.no_shared_prompt, precompute_ref=args.precompute_ref, threads=args.threads,
                  skip_trl=args.skip_trl, peak_tflops=args.peak_tflops, tokenizer=args.tokenizer, data=args.data,
-                 compile=args.compile, find_max_length=args.find_max_length, trl_liger=args.trl_liger)
+                 compile=args.compile, find_max_length=args.find_max_length, trl_liger=args.trl_liger,
+                 trl_liger_micro_batches=args.trl_liger_micro_batches)
     print(format_table(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))

@@ -18,6 +18,11 @@ from typing import Any
 from dpokit.errors import ConfigError
 from dpokit.settings import coerce
 
+# One way to ask for QLoRA, as TRL's ModelConfig has it, so a run's config records it (a BitsAndBytesConfig object
+# would not be written to YAML).
+QLORA_FIELDS = ("set load_in_4bit (with bnb_4bit_quant_type, use_bnb_nested_quant, bnb_4bit_quant_storage) "
+                "instead; dpokit builds the BitsAndBytesConfig from them, as TRL's get_quantization_config does")
+
 # --------------------------------------------------------------------------------------------------------------------
 # TRL / transformers config keys without a dpokit field
 #
@@ -118,11 +123,7 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     "ref_model_mixup_alpha": (ANY, "it acts only with sync_ref_model"),
     "ref_model_sync_steps": (ANY, "it acts only with sync_ref_model"),
     "evaluation_strategy": (None, "transformers calls it eval_strategy: rename the key"),
-    "load_in_8bit": (False, "quantized (bitsandbytes) training is not supported"),
-    "load_in_4bit": (False, "quantized (bitsandbytes) training is not supported"),
-    "bnb_4bit_quant_type": (ANY, "it acts only with load_in_4bit"),
-    "use_bnb_nested_quant": (ANY, "it acts only with load_in_4bit"),
-    "bnb_4bit_quant_storage": (ANY, "it acts only with load_in_4bit"),
+    "load_in_8bit": (False, "quantized 8-bit (LLM.int8) training is not supported; load_in_4bit (QLoRA) is"),
     "lora_task_type": ("CAUSAL_LM", "dpokit trains causal LMs"),
     "lora_target_parameters": (None, "LoRA on bare parameters (MoE experts) is not supported; use "
                                      "lora_target_modules"),
@@ -241,6 +242,7 @@ TRL_TRAINER_ARGUMENTS = {
     "optimizer_cls_and_kwargs": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay",
     "formatting_func": "rows are read by their format (prompt/completion, messages, text); rename columns with "
                        "column_map",
+    "quantization_config": "in the config: " + QLORA_FIELDS,
 }
 
 

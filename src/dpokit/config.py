@@ -236,6 +236,20 @@ class TrainConfig:
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA, arXiv 2402.09353)."""
 
+    # ----- QLoRA (bitsandbytes), as TRL's ModelConfig has it -----
+    load_in_4bit: bool = False
+    """QLoRA: load the model's linear layers 4-bit quantized (bitsandbytes) and train LoRA adapters on them. Needs
+    use_peft, a CUDA GPU and `pip install bitsandbytes`; one GPU or DDP. The 4-bit weights are computed in `dtype`
+    (bfloat16 is the usual choice; float32, the default, is slower), the adapters stay float32."""
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"choices": ("nf4", "fp4")})
+    """With load_in_4bit: the 4-bit data type, nf4 (NormalFloat, QLoRA's) or fp4."""
+    use_bnb_nested_quant: bool = False
+    """With load_in_4bit: quantize the quantization constants too (double quantization, about 0.4 bit less per
+    weight)."""
+    bnb_4bit_quant_storage: Optional[str] = field(
+        default=None, metadata={"choices": ("uint8", "float16", "bfloat16", "float32")})
+    """With load_in_4bit: the dtype the packed 4-bit weights are stored in (null: bitsandbytes' uint8)."""
+
     # ----- processes (DDP) -----
     ddp_backend: Optional[str] = None
     """Process-group backend (nccl, gloo, ...; default: accelerate's choice for the device)."""
@@ -296,6 +310,10 @@ class TrainConfig:
             if importlib.util.find_spec(package) is None:
                 raise ConfigError(f"attn_implementation: {attention} needs the {package} package (pip install "
                                   f"{package.replace('_', '-')}) and a CUDA GPU; use sdpa (or leave it unset)")
+        if "quantization_config" in (self.model_init_kwargs or {}):
+            raise ConfigError(f"model_init_kwargs.quantization_config: {compat.QLORA_FIELDS}")
+        if self.load_in_4bit:
+            self._check_qlora()
         if self.dataset_name and self.train_file:
             raise ConfigError("train_file and dataset_name are both set; choose one data source")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -311,6 +329,17 @@ class TrainConfig:
         valid = [s.value for s in SchedulerType]
         if self.lr_scheduler_type not in valid:
             raise ConfigError(f"lr_scheduler_type: unknown {self.lr_scheduler_type!r}{closest(self.lr_scheduler_type, valid)}")
+
+    def _check_qlora(self) -> None:
+        if not self.use_peft:
+            raise ConfigError("load_in_4bit (QLoRA) trains LoRA adapters on the quantized model: set use_peft=true")
+        import torch
+
+        if self.use_cpu or not torch.cuda.is_available():
+            raise ConfigError("load_in_4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); "
+                              + ("use_cpu is set" if self.use_cpu else "none is available here"))
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("load_in_4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)")
 
     def _resolve(self) -> None:
         """Settle what a checked config leaves to the run it is given to. Not a check: the values set here are valid

@@ -113,10 +113,20 @@ class Engine:
         return state
 
 
+def refuse_qlora(cfg, engine: str) -> None:
+    """QLoRA runs on one GPU or under DDP: sharding bitsandbytes' 4-bit weights is not dpokit's."""
+    if getattr(cfg, "load_in_4bit", False):
+        raise ConfigError(f"load_in_4bit (QLoRA) is not supported under {engine}; run it on one GPU or with DDP "
+                          "(accelerate launch --config_file examples/accelerate/ddp.yaml)")
+
+
 class FSDPEngine(Engine):
     """FSDP2: each rank holds a shard of every parameter; saving gathers, resuming scatters."""
 
     name = "fsdp"  # type: ignore[assignment]
+
+    def check(self, cfg) -> None:
+        refuse_qlora(cfg, "FSDP")
 
     def full_weights(self, policy: nn.Module, bf16: bool) -> Optional[dict]:
         state = self.accelerator.get_state_dict(policy)
@@ -143,6 +153,7 @@ class DeepSpeedEngine(Engine):
     updates_in_backward = True
 
     def check(self, cfg) -> None:
+        refuse_qlora(cfg, "DeepSpeed")
         if cfg.on_nonfinite == "skip":
             raise ConfigError("on_nonfinite=skip is not supported under DeepSpeed (its engine applies the update "
                               "inside backward, so an update cannot be skipped); use on_nonfinite=stop, or FSDP/DDP")

@@ -47,11 +47,34 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `model` holds bitsandbytes-quantized (4- or 8-bit) weights, which only adapters can train."""
+    base = base_model(model)
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def quantization_config(cfg: Any):
+    """The BitsAndBytesConfig of `load_in_4bit` (None without it), built from the fields as TRL builds it from its
+    ModelConfig (`trl.trainer.utils.get_quantization_config`): the 4-bit weights are computed in `dtype`."""
+    if not getattr(cfg, "load_in_4bit", False):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                              bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant,
+                              bnb_4bit_quant_storage=cfg.bnb_4bit_quant_storage)
+
+
 def load_model(model: Any, cfg: Any = None, what: str = "model") -> nn.Module:
     """A path / hub id (loaded with from_pretrained) or an in-memory PreTrainedModel (used as is). `cfg` (a
-    TrainConfig) supplies dtype, init kwargs, attention kernel, revision and trust_remote_code; without it, float32
-    and transformers' defaults."""
+    TrainConfig) supplies dtype, init kwargs, attention kernel, revision, trust_remote_code and QLoRA's quantization
+    (load_in_4bit, checked with the config); without it, float32 and transformers' defaults. An in-memory quantized
+    policy needs use_peft, as load_in_4bit does: its quantized weights cannot be trained."""
     if isinstance(model, nn.Module):
+        if what == "model" and not getattr(cfg, "use_peft", True) and is_quantized(model):
+            raise ConfigError("the model is quantized (bitsandbytes), so only LoRA adapters can train: set "
+                              "use_peft=true (with peft_config=, that config chooses the adapters)")
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise ConfigError(f"{what} must be a path, a hub id or a PreTrainedModel, got {type(model).__name__}")
@@ -64,6 +87,14 @@ def load_model(model: Any, cfg: Any = None, what: str = "model") -> nn.Module:
     dtype = getattr(cfg, "dtype", "float32")
     # float32 by default: master weights, with bf16/fp16 from autocast.
     kwargs.setdefault("dtype", dtype if dtype == "auto" else getattr(torch, dtype))
+    quantization = quantization_config(cfg)
+    if quantization is not None:
+        from accelerate import PartialState
+
+        kwargs["quantization_config"] = quantization
+        # Each process's whole model on its own GPU, as TRL's get_kbit_device_map places it: bitsandbytes quantizes
+        # the weights as they are put there.
+        kwargs.setdefault("device_map", {"": PartialState().local_process_index})
     kwargs.setdefault("trust_remote_code", getattr(cfg, "trust_remote_code", False))
     if getattr(cfg, "attn_implementation", None) is not None:
         kwargs.setdefault("attn_implementation", cfg.attn_implementation)
@@ -203,7 +234,12 @@ def _names(value) -> Optional[list]:
 
 
 def apply_lora(model: nn.Module, cfg: Any, peft_config: Any = None) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        # QLoRA's preparation (peft's): the base frozen, its unquantized weights (norms, embeddings, LM head) in
+        # float32. Activation checkpointing stays with `gradient_checkpointing` (enable_checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     if peft_config is None:
         targets = cfg.lora_target_modules

@@ -13,10 +13,13 @@ reads the layout (`collate_packed`'s `attn_index`/`attn_out`) and computes, per 
 would see it alone: prompt‖chosen, or prompt‖rejected reusing the shared prompt's keys and values), plain causal
 attention:
 
-- CUDA with bf16/fp16: `torch.nn.attention.varlen.varlen_attn` (Flash varlen) over the concatenated segments.
-- otherwise (CPU, or float32): the segments, sorted by length into a few buckets, gathered into right-padded
-  [n, L] blocks, one causal `scaled_dot_product_attention` call per bucket. Right padding under a causal mask is
-  exact for the real slots (a real query never sees a later pad slot); the pad slots' outputs are never read back.
+- where the installed torch's `torch.nn.attention.varlen.varlen_attn` can compute it (CUDA, bf16/fp16, a torch
+  whose varlen_attn takes a causal form, a head size Flash supports): Flash varlen over the concatenated segments,
+  called the way that torch's signature allows (`packed_kernel`; the choice is announced once on CUDA).
+- otherwise (CPU, float32, torch before 2.10, ...): the segments, sorted by length into a few buckets, gathered into
+  right-padded [n, L] blocks, one causal `scaled_dot_product_attention` call per bucket. Right padding under a causal
+  mask is exact for the real slots (a real query never sees a later pad slot); the pad slots' outputs are never read
+  back.
 
 Per-token values then equal the padded path's up to float reassociation (the same ops on differently shaped inputs):
 see tests/test_packing.py for the tolerances.
@@ -27,7 +30,9 @@ a model switched to `dpokit_packed` still serves padded batches (evaluation, the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import inspect
+import math
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,7 @@ from torch import nn
 from dpokit.data.collate import collate_packed, pair_tokens
 from dpokit.errors import ConfigError
 from dpokit.logps import CompletionLogps, causal_lm_parts, completion_logps, target_logps
+from dpokit.metrics import log
 from dpokit.models import base_model
 
 ATTN_IMPLEMENTATION = "dpokit_packed"
@@ -114,6 +120,20 @@ class PackedLayout:
         self._varlen = None
         self._buckets = None
 
+    @classmethod
+    def of_segments(cls, lengths: Sequence[int], device=None) -> "PackedLayout":
+        """The layout of disjoint segments of these lengths (0 allowed), one after another in the packed row: what
+        `collate_packed` makes without a shared prompt, for checking attention kernels on any segment lengths."""
+        width = max(max(lengths, default=0), 1)
+        index = torch.zeros(len(lengths), width, dtype=torch.long)
+        out, start = [], 0
+        for s, n in enumerate(lengths):
+            index[s, :n] = torch.arange(start, start + n)
+            out.extend(s * width + p for p in range(n))
+            start += n
+        return cls(index.to(device), torch.tensor(lengths, dtype=torch.long, device=device),
+                   torch.tensor(out, dtype=torch.long, device=device))
+
     def varlen(self):
         """(token index [T], cumulative lengths [S+1] int32, output index [N]) of the concatenated segments, for
         Flash varlen: the same segments without the pad slots."""
@@ -162,14 +182,125 @@ def _sdpa_attention(*args, **kwargs):
     return sdpa_attention_forward(*args, **kwargs)
 
 
-def _varlen_available(query: torch.Tensor) -> bool:
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
-        return False
+# --------------------------------------------------------------------------------------------------------------------
+# The kernel: Flash varlen where this torch, device and model allow it, else the sdpa buckets
+#
+# `torch.nn.attention.varlen.varlen_attn` differs by torch release (read from each release's source):
+#   2.4 - 2.9    no torch.nn.attention.varlen module.
+#   2.10         varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+#                causal by `is_causal`; no `scale` (always 1/sqrt(head_dim)); no `window_size`; no `enable_gqa` (and
+#                no head-count check: fewer K/V heads reach the kernel unchecked).
+#   2.11         varlen_attn(..., max_k, *, return_aux=None, scale=None, window_size=(-1, -1)): causal is
+#                window_size=(-1, 0), compared as a tuple (a list would silently mean full attention); no `is_causal`,
+#                no `enable_gqa`.
+#   2.12 - 2.14  as 2.11, plus enable_gqa=False (fewer K/V heads without it is a ValueError), seqused_k,
+#                block_table, num_splits.
+# Every one returns the output [T, Hq, D] alone when return_aux is None, and none takes a dropout probability.
+# dpokit reads the signature (not the version number) and passes only what it accepts; where it has no enable_gqa,
+# the K/V heads are repeated to the query heads first (exact, as transformers' repeat_kv does for eager attention).
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256  # Flash's limit; head_dim must also be a multiple of 8
+
+
+class FlashVarlen:
+    """Causal attention over concatenated segments through one torch's `varlen_attn`, called the way its signature
+    allows (`of`); `None` from `of` when it has no causal form dpokit knows."""
+
+    def __init__(self, fn: Callable, causal: str, scale: bool, gqa: bool):
+        self.fn, self.causal, self.scale, self.gqa = fn, causal, scale, gqa
+
+    @classmethod
+    def of(cls, fn: Callable) -> Optional["FlashVarlen"]:
+        params = inspect.signature(fn).parameters
+        causal = next((name for name in ("window_size", "is_causal") if name in params), None)
+        return None if causal is None else cls(fn, causal, "scale" in params, "enable_gqa" in params)
+
+    def refusal(self, head_dim: int, scaling: Optional[float]) -> Optional[str]:
+        """Why this kernel cannot compute the model's attention (None: it can)."""
+        if head_dim > FLASH_MAX_HEAD_DIM or head_dim % 8:
+            return f"head_dim {head_dim} (Flash needs a multiple of 8, at most {FLASH_MAX_HEAD_DIM})"
+        if not self.scale and scaling is not None and not math.isclose(scaling, head_dim ** -0.5, rel_tol=1e-6):
+            return (f"this torch's varlen_attn takes no scale and the model's attention scale {scaling:g} is not "
+                    f"1/sqrt(head_dim)")
+        return None
+
+    def describe(self, groups: int) -> str:
+        causal = "window_size=(-1, 0)" if self.causal == "window_size" else "is_causal=True"
+        text = f"Flash varlen_attn ({causal}"
+        if groups > 1:
+            text += (", enable_gqa" if self.gqa
+                     else f", K/V heads repeated {groups}x: this torch's varlen_attn has no enable_gqa")
+        return text + ")"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                 scaling: Optional[float]) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D], cu [S+1] int32 -> [T, Hq, D]."""
+        groups = q.shape[1] // k.shape[1]
+        kwargs: dict = {"window_size": (-1, 0)} if self.causal == "window_size" else {"is_causal": True}
+        if self.scale:
+            kwargs["scale"] = scaling
+        if groups > 1 and self.gqa:
+            kwargs["enable_gqa"] = True
+        elif groups > 1:
+            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))  # query head h reads K/V head h // groups
+        return self.fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def torch_varlen() -> tuple[str, Optional[Callable]]:
+    """(torch's version, its `varlen_attn` or None where it has none)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.9)
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return torch.__version__, None
+    return torch.__version__, varlen_attn
+
+
+def flash_device(query: torch.Tensor) -> tuple[bool, Optional[str]]:
+    """(whether `query` is on a CUDA device, why its device and dtype cannot run Flash attention or None if they
+    can)."""
+    if not query.is_cuda:
+        return False, f"{query.device.type} device"
+    if query.dtype not in FLASH_DTYPES:
+        return True, f"{str(query.dtype).removeprefix('torch.')} queries (Flash needs bf16 or fp16: set bf16 or fp16)"
+    major, minor = torch.cuda.get_device_capability(query.device)
+    if major < 8:
+        return True, f"GPU compute capability {major}.{minor} (Flash needs 8.0 or newer)"
+    return True, None
+
+
+# "device-type dtype head_dim query-heads K/V-heads scale" -> the chosen kernel (None: the sdpa buckets)
+KERNELS: dict = {}
+
+
+def _choose_kernel(key: str, query: torch.Tensor, groups: int, scaling: Optional[float]) -> Optional[FlashVarlen]:
+    (cuda, refusal), (version, fn), kernel = flash_device(query), torch_varlen(), None
+    if refusal is None:
+        kernel = FlashVarlen.of(fn) if fn is not None else None
+        refusal = (f"torch {version} has no torch.nn.attention.varlen (it came with torch 2.10)" if fn is None
+                   else "its varlen_attn takes neither window_size nor is_causal" if kernel is None
+                   else kernel.refusal(query.shape[-1], scaling))
+    if refusal is not None:
+        kernel = None
+    KERNELS[key] = kernel
+    if cuda:  # off CUDA the sdpa buckets are the only kernel: nothing to announce
+        chosen = kernel.describe(groups) if kernel else f"sdpa buckets, not Flash varlen: {refusal}"
+        log(f"packed attention, torch {version}, {query.device.type} {str(query.dtype).removeprefix('torch.')}: "
+            f"{chosen}")
+    return kernel
+
+
+def packed_kernel(query: torch.Tensor, key: torch.Tensor, scaling: Optional[float]) -> Optional[FlashVarlen]:
+    """The kernel for packed attention on these inputs: a FlashVarlen, or None for the sdpa buckets. Chosen once per
+    device, dtype, head shape and scale by what the installed torch and the device support, and announced then (on
+    CUDA) in one line naming the torch version and the kernel, so a fall back to the buckets never goes unseen."""
+    groups = query.shape[1] // key.shape[1]
+    # A string key: compiled layers guard on it (torch.compile does not re-check a key holding a torch.dtype).
+    cache_key = f"{query.device.type} {query.dtype} {query.shape[-1]} {query.shape[1]} {key.shape[1]} {scaling!r}"
+    if cache_key in KERNELS:
+        return KERNELS[cache_key]
+    # Outside any graph: inside compiled decoder layers the choice (a signature read, a print) still runs once.
+    return torch.compiler.disable(_choose_kernel)(cache_key, query, groups, scaling)
 
 
 def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -192,16 +323,13 @@ def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                           f"({layout.width} tokens) than the window ({window}); turn packing off for this model")
     groups = query.shape[1] // key.shape[1]
     dropout = dropout if module.training else 0.0
-    if _varlen_available(query):
-        from torch.nn.attention.varlen import varlen_attn
-
-        index, cu, out_index = layout.varlen()
-        q, k, v = (t[0].transpose(0, 1).index_select(0, index) for t in (query, key, value))  # [T, H, D]
+    flash = packed_kernel(query, key, scaling)
+    if flash is not None:
         if dropout:
             raise ConfigError("attention dropout is not supported by the packed Flash path; set disable_dropout")
-        out = varlen_attn(q, k, v, cu, cu, layout.width, layout.width, scale=scaling, window_size=(-1, 0),
-                          enable_gqa=groups > 1)
-        return out.index_select(0, out_index)[None], None
+        index, cu, out_index = layout.varlen()
+        q, k, v = (t[0].transpose(0, 1).index_select(0, index) for t in (query, key, value))  # [T, H, D]
+        return flash(q, k, v, cu, layout.width, scaling).index_select(0, out_index)[None], None
     buckets, out_index = layout.buckets()
     outputs = []
     for index, n, w in buckets:
