@@ -134,10 +134,15 @@ def _train(command: str, argv: list[str]) -> int:
     if trainer.accelerator.is_main_process:
         print(f"[dpokit] saved {out} after {trainer.global_step} steps; last: {shown}")
     if trainer.accelerator.num_processes > 1:
-        # Once every rank is here, tear the process group down in order, rather than
-        # leave it to interpreter exit, where its threads can abort the process after the work is done.
+        # Once every rank is here, tear the process group down in order, then the engine-wrapped model (DDP's reducer
+        # and its communication state), rather than leave them to interpreter exit, where their native threads can
+        # abort the process after the work is done.
         trainer.accelerator.wait_for_everyone()
         trainer.accelerator.end_training()
+        import gc
+
+        del trainer
+        gc.collect()
     return 0
 
 
