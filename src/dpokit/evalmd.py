@@ -18,13 +18,19 @@ def eval_markdown(result: dict) -> str:
         p = result["pairs"]
         lines += [f"## Held-out pairs ({p['num_pairs']} from `{p['file']}`)", "",
                   "| metric | value |", "|---|---|",
-                  f"| implicit-reward accuracy | {_pm(p['accuracy'], p['accuracy_se'])} |",
+                  f"| implicit-reward accuracy (ties count as wrong) | {_pm(p['accuracy'], p['accuracy_se'])} |",
+                  *([f"| pairs tied (margin exactly 0) | {p['ties']} |"] if p.get("ties") else []),
                   f"| mean margin | {_pm(p['margin'], p['margin_se'])} |",
+                  *([f"| chosen log-ratio, policy − reference (mean per pair) | "
+                     f"{_pm(p['chosen_logratio'], p['chosen_logratio_se'])} |"] if "chosen_logratio" in p else []),
                   f"| chosen log-prob: policy / reference | {p['policy_chosen_logps']:.3f} / {p['ref_chosen_logps']:.3f} |",
                   f"| rejected log-prob: policy / reference | {p['policy_rejected_logps']:.3f} / {p['ref_rejected_logps']:.3f} |",
                   ""]
-        if p["policy_chosen_logps"] < p["ref_chosen_logps"]:
-            lines += ["Note: the chosen log-prob fell below the reference's (likelihood displacement).", ""]
+        # Only a fall larger than its standard error is a finding; a smaller one may be the pairs' noise (and with
+        # one pair, whose error is NaN, nothing can be said).
+        if "chosen_logratio" in p and -p["chosen_logratio"] > p["chosen_logratio_se"]:
+            lines += [f"Note: the chosen log-prob fell below the reference's by {-p['chosen_logratio']:.3f} ± "
+                      f"{p['chosen_logratio_se']:.3f} nats per pair (likelihood displacement).", ""]
     if "samples" in result:
         s = result["samples"]
         lines += [f"## Samples ({s['num_prompts']} prompts x {s['num_samples']}, judge `{s['judge']}`, "
