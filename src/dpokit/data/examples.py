@@ -102,14 +102,19 @@ class DataReport:
         return where(self.source or "<data>", self.line_numbers, row)
 
     def summary(self) -> str:
-        """One line, e.g. ``train.jsonl (standard): 2312 read, 2310 kept, 2 skipped, 0 deduplicated, ...``."""
+        """One line, e.g. ``train.jsonl (standard): 2312 read, 2310 kept, 2 skipped, 0 deduplicated, ...``; for
+        ``scored`` data, whose rows become pairs, each count says which it counts:
+        ``s.jsonl (scored): 100 rows read, 0 skipped, 3 rows without a scored pair; 291 pairs kept, ...``."""
+        if self.format == "scored":
+            counts = (f"{self.read} rows read, {self.skipped} skipped, {self.unpaired} rows without a scored pair; "
+                      f"{self.kept} pairs kept, {self.deduplicated} deduplicated")
+        else:
+            counts = f"{self.read} read, {self.kept} kept, {self.skipped} skipped, {self.deduplicated} deduplicated"
         return (
-            f"{self.source or '<data>'} ({self.format}): {self.read} read, {self.kept} kept, {self.skipped} skipped, "
-            f"{self.deduplicated} deduplicated, {self.dropped} dropped by truncation"
+            f"{self.source or '<data>'} ({self.format}): {counts}, {self.dropped} dropped by truncation"
             + (f" ({self.identical_after_truncation} of them with chosen identical to rejected once tokenized and cut)"
                if self.identical_after_truncation else "")
             + f", {self.truncated_prompt} prompts truncated, {self.truncated_completion} with a completion truncated"
-            + (f", {self.unpaired} rows without a scored pair" if self.format == "scored" else "")
         )
 
 
