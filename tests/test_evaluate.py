@@ -143,8 +143,10 @@ def test_pair_metrics_equal_hand_computed():
     chosen = [0.25, 0.0, -0.5, 0.25]  # 0.5 * (pc - rc)
     rejected = [-0.25, 0.0, 0.5, -0.75]  # 0.5 * (pr - rr)
     margins = [0.5, 0.0, -1.0, 1.0]
-    assert m["accuracy"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)  # the tie counts one half
-    assert m["accuracy_se"] == pytest.approx(np.std([1, 0.5, 0, 1], ddof=1) / 2)
+    assert m["accuracy"] == pytest.approx((1 + 0 + 0 + 1) / 4)  # the tie counts as wrong, as in training
+    assert m["accuracy_se"] == pytest.approx(np.std([1, 0, 0, 1], ddof=1) / 2) and m["ties"] == 1
+    assert m["chosen_logratio"] == pytest.approx(np.mean([0.5, 0.0, -1.0, 0.5]))  # pc - rc, per pair
+    assert m["chosen_logratio_se"] == pytest.approx(np.std([0.5, 0.0, -1.0, 0.5], ddof=1) / 2)
     assert m["margin"] == pytest.approx(np.mean(margins))
     assert m["margin_se"] == pytest.approx(np.std(margins, ddof=1) / 2)
     assert m["chosen_reward"] == pytest.approx(np.mean(chosen))
@@ -153,10 +155,22 @@ def test_pair_metrics_equal_hand_computed():
     assert m["num_pairs"] == 4
 
 
-def test_a_policy_equal_to_its_reference_scores_one_half():
+def test_a_policy_equal_to_its_reference_ties_on_every_pair():
     c, r = torch.tensor([-3.0, -1.0, -2.0]), torch.tensor([-1.0, -4.0, -2.5])
     m = pair_metrics(c, r, c, r, beta=0.1)
-    assert (m["accuracy"], m["accuracy_se"], m["margin"]) == (0.5, 0.0, 0.0)
+    assert (m["accuracy"], m["accuracy_se"], m["ties"], m["margin"]) == (0.0, 0.0, 3, 0.0)
+
+
+def test_eval_accuracy_counts_ties_as_training_and_trl_do():
+    """`dpokit eval`'s accuracy and training's `rewards/accuracies` are one rule, TRL 1.16's
+    `(chosen_rewards > rejected_rewards).float()`: a tie is wrong."""
+    from dpokit.losses import preference_loss
+
+    pc, pr = torch.tensor([-1.0, -2.0, -3.0, -1.0]), torch.tensor([-2.0, -2.0, -1.0, -4.0])
+    rc, rr = torch.tensor([-1.5, -2.0, -2.0, -1.5]), torch.tensor([-1.5, -2.0, -2.0, -2.5])
+    out = preference_loss("sigmoid", pc, pr, rc, rr, beta=0.5)
+    trl = float((out.chosen_rewards > out.rejected_rewards).float().mean())
+    assert pair_metrics(pc, pr, rc, rr, beta=0.5)["accuracy"] == trl == 0.5
 
 
 def test_win_rate_counts_ties_as_half():

@@ -151,3 +151,54 @@ def test_unreadable_eval_inputs_are_one_line(models, tmp_path, capsys):
     refused(capsys, [*common, "--prompts", prompts, "--judge", f"rm:{rm}"],
             f"{rm / 'config.json'}:2: invalid JSON", unchanged=[rm / "config.json", prompts])
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_checks_the_judge_and_the_prompts_before_loading_any_model(tmp_path, capsys):
+    """Model directories with nothing in them: loading would fail, so each refusal here came first."""
+    for name in ("policy", "ref"):
+        (tmp_path / name).mkdir()
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "a"}])
+    common = ["eval", "--model", tmp_path / "policy", "--ref", tmp_path / "ref", "--output_dir", tmp_path / "o",
+              "--prompts"]
+    refused(capsys, [*common, prompts, "--judge", "no_such_judge_module:score"],
+            "judge 'no_such_judge_module:score': cannot import module 'no_such_judge_module'")
+    refused(capsys, [*common, prompts, "--judge", "test_evaluate_cli:missing"], "has no function 'missing'")
+    refused(capsys, [*common, prompts, "--judge", f"rm:{tmp_path / 'policy'}"], "has no config.json")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}, {"prompt": 3}])
+    refused(capsys, [*common, bad, "--judge", "implicit"], f"{bad}:2", "prompt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_save_samples_keeps_every_sample_in_eval_json(models, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in PAIRS])
+    rc = main(["eval", "--model", str(models / "policy"), "--ref", str(models / "ref"), "--prompts", str(prompts),
+               "--judge", "test_evaluate_cli:positive_words", "--num_samples", "3", "--max_new_tokens", "6",
+               "--output_dir", str(tmp_path / "o"), "--save_samples", str(tmp_path / "samples.jsonl")])
+    assert rc == 0
+    s = json.loads((tmp_path / "o" / "eval.json").read_text())["samples"]
+    saved = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(s["all_samples"]) == len(saved) == 6 and len(s["examples"]) == 2
+    for kept, row in zip(s["all_samples"], saved):
+        assert kept == {k: v for k, v in row.items() if k not in ("model", "reference_model", "eval_dir")}
+    assert [(r["prompt_index"], r["sample"]) for r in s["all_samples"]] == [(i, j) for i in range(2) for j in range(3)]
+    assert sum(r["policy_score"] for r in s["all_samples"]) / 6 == pytest.approx(s["policy_score"])
+    # Without --save_samples eval.json holds the summary and the examples only.
+    main(["eval", "--model", str(models / "policy"), "--ref", str(models / "ref"), "--prompts", str(prompts),
+          "--judge", "test_evaluate_cli:positive_words", "--num_samples", "1", "--max_new_tokens", "4",
+          "--output_dir", str(tmp_path / "o2")])
+    assert "all_samples" not in json.loads((tmp_path / "o2" / "eval.json").read_text())["samples"]
+
+
+def test_eval_reports_ties_and_a_displacement_only_beyond_its_error(models, tmp_path):
+    """The policy against itself: every pair tied (accuracy 0, as training counts it), a log-ratio of exactly 0 and
+    no displacement note."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    p = evaluate_model(models / "policy", ref_path=models / "ref", pairs=pairs, output_dir=tmp_path / "a")["pairs"]
+    assert p["ties"] == 0 and p["chosen_logratio"] == pytest.approx(p["policy_chosen_logps"] - p["ref_chosen_logps"])
+    import shutil
+
+    shutil.copytree(models / "policy", tmp_path / "same")
+    same = evaluate_model(models / "policy", ref_path=tmp_path / "same", pairs=pairs, output_dir=tmp_path / "b")
+    assert (same["pairs"]["accuracy"], same["pairs"]["ties"], same["pairs"]["chosen_logratio"]) == (0.0, 2, 0.0)
+    md = (tmp_path / "b" / "eval.md").read_text()
+    assert "| pairs tied (margin exactly 0) | 2 |" in md and "displacement" not in md

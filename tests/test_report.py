@@ -249,3 +249,44 @@ def html_escape(text: str) -> str:
 def test_report_options_are_one_line(tmp_path, capsys):
     refused(capsys, ["report"], "the following arguments are required: RUN_DIR")
     refused(capsys, ["report", tmp_path, "--colour", "red"], "unrecognized arguments: --colour red")
+
+
+def _sweep_root(tmp_path):
+    """A sweep's output_dir as `dpokit sweep` writes it (its own writers), two runs inside; the runs' paths in
+    sweep.json are as the sweep's output_dir was given, relative to where it was started."""
+    from dpokit.sweep import plot_frontier, sweep_markdown
+
+    root = tmp_path / "sweep"
+    root.mkdir()
+    rows = []
+    for beta, scale in ((0.1, 1.0), (1.0, 0.5)):
+        _run_dir(root, f"beta={beta}", _dpo_records(10, scale), EVAL_MD)
+        rows.append({"run": f"elsewhere/sweep/beta={beta}", "beta": beta, "reward": 0.5 + beta, "reward_se": 0.1,
+                     "kl": beta, "kl_se": 0.05, "win_rate": 0.6, "reference_reward": 0.4})
+    summary = {"axes": {"beta": [0.1, 1.0]}, "prompts": "p.jsonl", "judge": "implicit", "runs": rows}
+    (root / "sweep.json").write_text(json.dumps(summary))
+    (root / "sweep.md").write_text(sweep_markdown(summary))
+    plot_frontier(rows, ["beta"], root / "frontier.png")
+    return root
+
+
+def test_report_of_a_sweeps_output_dir_compares_its_runs(tmp_path, capsys):
+    from dpokit.cli import main
+
+    root = _sweep_root(tmp_path)
+    assert main(["report", str(root)]) == 0
+    page = (root / "report.html").read_text()
+    assert "<li><b>beta=0.1</b>" in page and "<li><b>beta=1.0</b>" in page  # both runs, overlaid
+    assert f"<h2>Sweep <code>{root}</code></h2>" in page and "<td>0.1</td>" in page  # sweep.md's table
+    assert page.count('alt="reward-KL frontier"') == 1 and page.count("<h3>beta=") == 2  # each run's eval.md
+    runs = report.load_runs([str(root), str(root / "beta=0.1")])  # a sweep beside a run: three runs
+    assert [r.sweep for r in runs] == [root, root, None]
+
+
+def test_report_of_a_broken_sweep_is_one_line(tmp_path, capsys):
+    root = _sweep_root(tmp_path)
+    shutil.rmtree(root / "beta=1.0")
+    refused(capsys, ["report", root], f"run directory '{root / 'beta=1.0'}' does not exist")
+    (root / "sweep.json").write_text(json.dumps({"runs": [{"setting": 1}]}))
+    refused(capsys, ["report", root], f"{root / 'sweep.json'}: expected an object whose 'runs' is a list")
+    assert not (root / "report.html").exists()

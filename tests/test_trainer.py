@@ -333,12 +333,12 @@ def test_displacement_watch_speaks_once_per_episode():
     from dpokit.trainer import DisplacementWatch
 
     watch = DisplacementWatch(window=3)
-    said = [watch.update({"logps/chosen": -10.0 - i, "rewards/margins": 0.1 * i}) for i in range(6)]
+    said = [watch.update({"logratios/chosen": -10.0 - i, "rewards/margins": 0.1 * i}) for i in range(6)]
     assert [bool(m) for m in said] == [False, False, False, True, False, False]
     assert "likelihood displacement" in said[3] and "-10.000 -> -13.000" in said[3]
-    # A rising chosen log-prob ends the episode; a new fall speaks again.
-    assert watch.update({"logps/chosen": 0.0, "rewards/margins": 1.0}) is None
-    later = [watch.update({"logps/chosen": -1.0 - i, "rewards/margins": 1.0 + i}) for i in range(3)]
+    # A rising chosen log-ratio ends the episode; a new fall speaks again.
+    assert watch.update({"logratios/chosen": 0.0, "rewards/margins": 1.0}) is None
+    later = [watch.update({"logratios/chosen": -1.0 - i, "rewards/margins": 1.0 + i}) for i in range(3)]
     assert later[-1] is not None
     assert DisplacementWatch().update({"loss": 0.5}) is None  # SFT logs: nothing to watch
 

@@ -19,8 +19,9 @@ with no downloads, in well under a minute on 2 CPU cores:
    * reward: the sentiment-lexicon score of each sampled continuation (`sentiment_reward`), averaged;
    * KL(pi || pi_SFT), estimated from the policy's own samples as the mean of log pi(y) - log pi_SFT(y);
    * preference accuracy on held-out pairs: the fraction with a positive implicit-reward margin
-     beta * [(log pi - log pi_SFT)(chosen) - (log pi - log pi_SFT)(rejected)], ties counting one half. The SFT model
-     is its own reference, so every margin is exactly 0 and it scores 0.5 (chance) by construction.
+     beta * [(log pi - log pi_SFT)(chosen) - (log pi - log pi_SFT)(rejected)], a tie counting as wrong (as training's
+     rewards/accuracies and TRL count it). The SFT model is its own reference, so every margin is exactly 0: it
+     scores 0 by construction.
 """
 
 from __future__ import annotations
@@ -550,7 +551,7 @@ def format_frontier_table(result: dict) -> str:
     lines += ["",
               "reward: fraction of the sentiment words in a sampled continuation that are positive (0.5 if none);",
               "KL: mean of log pi(y) - log pi_SFT(y) over the policy's own samples (0 for the SFT model itself);",
-              "pref. acc.: held-out pairs whose implicit reward prefers the positive continuation (ties = 1/2).",
+              "pref. acc.: held-out pairs whose implicit reward prefers the positive continuation (a tie is wrong).",
               f"samples cut at {s['max_new_tokens']} tokens, all policies: {cut}; runtime "
               f"{result['runtime_s']:.0f} s"]
     return "\n".join(lines)

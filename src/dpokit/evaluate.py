@@ -26,6 +26,7 @@ from torch import nn
 
 from dpokit.data.collate import pad_sequences
 from dpokit.errors import ConfigError, DataError
+from dpokit.evalmd import eval_markdown  # noqa: F401 (public: eval.json as eval.md)
 from dpokit.logps import completion_logps
 from dpokit.models import load_merged
 
@@ -274,12 +275,16 @@ def pair_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta:
     """Implicit-reward statistics of preference pairs (all inputs: summed log-probs, one value per pair).
 
     The implicit reward of a completion is beta * (log pi - log pi_ref); the margin of a pair is reward(chosen) -
-    reward(rejected). Accuracy is the fraction of pairs with a positive margin, a zero margin counting one half: a
-    policy identical to its reference has every margin exactly 0 and so scores 0.5, chance, by construction (TRL's
-    `rewards/accuracies` counts such ties as wrong and would report 0).
+    reward(rejected). Accuracy is the fraction of pairs with a positive margin, a tie (zero margin) counting as
+    wrong, exactly as training's `rewards/accuracies` counts it (TRL's rule), so the two read alike on the same
+    pairs; `ties` says how many there were (a policy identical to its reference ties on every pair: accuracy 0).
 
-    Returns accuracy, accuracy_se, margin, margin_se, chosen_reward, rejected_reward, the four mean log-probs and
-    num_pairs.
+    `chosen_logratio` (with `_se`) is the mean over pairs of log pi(chosen) - log pi_ref(chosen): below zero by more
+    than its standard error, the chosen completions became less likely than under the reference (likelihood
+    displacement), a statement about the model, not about which pairs happened to be long.
+
+    Returns accuracy, accuracy_se, ties, margin, margin_se, chosen_reward, rejected_reward, chosen_logratio,
+    chosen_logratio_se, the four mean log-probs and num_pairs.
     """
     pc, pr = _paired(policy_chosen, policy_rejected, "policy_chosen", "policy_rejected")
     rc, rr = _paired(ref_chosen, ref_rejected, "ref_chosen", "ref_rejected")
@@ -288,15 +293,19 @@ def pair_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta:
     chosen_reward = beta * (pc - rc)
     rejected_reward = beta * (pr - rr)
     margin = chosen_reward - rejected_reward
-    accuracy, accuracy_se = mean_and_se(_half_ties(margin))
+    accuracy, accuracy_se = mean_and_se((margin > 0).double())
     margin_mean, margin_se = mean_and_se(margin)
+    logratio, logratio_se = mean_and_se(pc - rc)
     return {
         "accuracy": accuracy,
         "accuracy_se": accuracy_se,
+        "ties": int((margin == 0).sum()),
         "margin": margin_mean,
         "margin_se": margin_se,
         "chosen_reward": float(chosen_reward.mean()),
         "rejected_reward": float(rejected_reward.mean()),
+        "chosen_logratio": logratio,
+        "chosen_logratio_se": logratio_se,
         "policy_chosen_logps": float(pc.mean()),
         "policy_rejected_logps": float(pr.mean()),
         "ref_chosen_logps": float(rc.mean()),
@@ -318,8 +327,15 @@ def win_rate(policy_scores, ref_scores) -> tuple[float, float]:
 # Judges: how a sampled completion is scored for the win rate
 
 
+def check_judge(spec: str) -> None:
+    """Refuse a judge spec that cannot work (not a known form, a module or function that does not import, a path that
+    is no reward model) with `load_judge`'s own resolution, loading and calling nothing: commands check it before
+    they train or load a model, so a typo costs no run."""
+    load_judge(spec, check=True)
+
+
 def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = None, tokenizer=None,
-               beta: float = 0.1, batch_size: int = 16):
+               beta: float = 0.1, batch_size: int = 16, check: bool = False):
     """A scorer `score(prompts, completions) -> list[float]` from a spec:
 
     * `implicit` — the DPO implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) of the policy being evaluated;
@@ -338,6 +354,8 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
         raise ConfigError("judge: empty spec; use 'implicit', 'module:function' or 'rm:PATH'")
     spec = spec.strip()
     if spec == "implicit":
+        if check:
+            return None
         if policy is None or reference is None:
             raise ConfigError("judge 'implicit' needs the policy and its reference")
 
@@ -360,6 +378,8 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
         if not any(a.endswith("ForSequenceClassification") for a in arch):
             raise ConfigError(f"judge {spec!r}: {path} is a {arch or 'model without architectures'}, "
                               "not a ...ForSequenceClassification reward model")
+        if check:
+            return None
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         rm = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
@@ -422,6 +442,8 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise ConfigError(f"judge {spec!r}: module {module_name!r} has no function {func_name!r}")
+    if check:
+        return None
 
     def python_judge(prompts, completions):
         scores = []
@@ -503,14 +525,14 @@ def tokenized_pair_logps(model, pairs, pad_id: int, *, batch_size=16) -> tuple[t
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def read_prompts(source, column_map=None) -> list:
-    """The distinct prompts of a file, as the model is given them (`dpokit.data.prompt_examples`): texts (a system
-    prompt folded in) or message lists."""
+def read_prompts(source, column_map=None, tokenizer=None) -> list:
+    """The distinct prompts of a file (`dpokit.data.prompt_examples`, every row validated), as the model with
+    `tokenizer` is given them (`PromptExample.for_model`): texts or message lists."""
     from dpokit import data as D
 
     rows, name = D.load_rows(source)
     examples, _ = D.prompt_examples(rows, name, column_map=column_map)
-    return [e.model_prompt for e in examples]
+    return [e.for_model(tokenizer) for e in examples]
 
 
 def prompt_text(prompt) -> str:
@@ -552,6 +574,10 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
                    {"--pairs": pairs, "--prompts": prompts, "--ref": ref_path, "the judge": judge_file})
     settings = run_settings(model_path)
     beta = float(beta if beta is not None else settings.get("beta", 0.1))
+    if prompts is not None:
+        # Refused before any model loads: a judge that cannot work, a prompts file with a bad row.
+        check_judge(judge)
+        read_prompts(prompts)
     policy, tokenizer = load_merged(model_path)
     reference, _ = load_merged(ref_path)
     result = {"model": str(model_path), "reference": str(ref_path), "beta": beta}
@@ -560,7 +586,7 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
         rc, rr, _ = pair_logps(reference, tokenizer, pairs, max_length=max_length, batch_size=batch_size)
         result["pairs"] = {"file": str(pairs), **pair_metrics(pc, pr, rc, rr, beta), "data": report.summary()}
     if prompts is not None:
-        texts = read_prompts(prompts)
+        texts = read_prompts(prompts, tokenizer=tokenizer)
         score = load_judge(judge, policy=policy, reference=reference, tokenizer=tokenizer, beta=beta,
                            batch_size=batch_size)
         kw = dict(num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -598,71 +624,20 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
         from dpokit.data.tools import write_jsonl
 
         flat_j = [(i, j) for i, group in enumerate(pol) for j in range(len(group))]
-        write_jsonl([{"prompt": texts[i], "policy": pol[i][j], "reference": ref[i][j], "prompt_index": i,
-                      "sample": j, "policy_score": ps, "reference_score": rs, "model": str(model_path),
-                      "reference_model": str(ref_path), "eval_dir": str(out.resolve())}
-                     for (i, j), ps, rs in zip(flat_j, pol_scores, ref_scores)], str(save_samples))
+        every = [{"prompt_index": i, "sample": j, "prompt": texts[i], "policy": pol[i][j], "reference": ref[i][j],
+                  "policy_score": ps, "reference_score": rs, "policy_finished": pol_samples[i][j].finished,
+                  "reference_finished": ref_samples[i][j].finished}
+                 for (i, j), ps, rs in zip(flat_j, pol_scores, ref_scores)]
+        write_jsonl([{**row, "model": str(model_path), "reference_model": str(ref_path), "eval_dir": str(out.resolve())}
+                     for row in every], str(save_samples))
+        # Asked to keep the samples, eval.json keeps them all too (not only the `show` examples eval.md lists), so
+        # the record of the evaluation holds every number it summarises.
         result["samples"]["saved_to"] = str(save_samples)
+        result["samples"]["all_samples"] = every
     atomic_write_text(out / "eval.json", _json.dumps(result, indent=2))
     atomic_write_text(out / "eval.md", eval_markdown(result))
     result["written_to"] = str(out)
     return result
-
-
-def _pm(value, se) -> str:
-    return f"{value:.4f} ± {se:.4f}" if se == se else f"{value:.4f}"
-
-
-def eval_markdown(result: dict) -> str:
-    """eval.json as a short markdown report (tables a person reads)."""
-    lines = [f"# Evaluation of `{result['model']}`", "", f"Reference: `{result['reference']}`, beta = {result['beta']}", ""]
-    if "pairs" in result:
-        p = result["pairs"]
-        lines += [f"## Held-out pairs ({p['num_pairs']} from `{p['file']}`)", "",
-                  "| metric | value |", "|---|---|",
-                  f"| implicit-reward accuracy | {_pm(p['accuracy'], p['accuracy_se'])} |",
-                  f"| mean margin | {_pm(p['margin'], p['margin_se'])} |",
-                  f"| chosen log-prob: policy / reference | {p['policy_chosen_logps']:.3f} / {p['ref_chosen_logps']:.3f} |",
-                  f"| rejected log-prob: policy / reference | {p['policy_rejected_logps']:.3f} / {p['ref_rejected_logps']:.3f} |",
-                  ""]
-        if p["policy_chosen_logps"] < p["ref_chosen_logps"]:
-            lines += ["Note: the chosen log-prob fell below the reference's (likelihood displacement).", ""]
-    if "samples" in result:
-        s = result["samples"]
-        lines += [f"## Samples ({s['num_prompts']} prompts x {s['num_samples']}, judge `{s['judge']}`, "
-                  f"temperature {s['temperature']}, top-p {s['top_p']}, seed {s['seed']})", "",
-                  "| metric | policy | reference |", "|---|---|---|",
-                  f"| judge score | {_pm(s['policy_score'], s['policy_score_se'])} | "
-                  f"{_pm(s['reference_score'], s['reference_score_se'])} |",
-                  f"| mean completion tokens | {s['policy_mean_tokens']:.1f} | {s['reference_mean_tokens']:.1f} |",
-                  *([f"| samples cut at {s['max_new_tokens']} tokens (scored as if finished) | "
-                     f"{s['policy_unfinished']} | {s['reference_unfinished']} |"] if "policy_unfinished" in s else []),
-                  *(["", f"Warning: the policy's completions are {s['policy_mean_tokens'] / s['reference_mean_tokens']:.1f}x "
-                     "as long as the reference's (length exploitation: the judge may be rewarding length)."]
-                    if s["reference_mean_tokens"] > 0 and s["policy_mean_tokens"] > 1.5 * s["reference_mean_tokens"]
-                    else []),
-                  "", f"Win rate of the policy over the reference: {_pm(s['win_rate'], s['win_rate_se'])} (ties = 1/2)",
-                  "", f"KL(policy ‖ reference), from the policy's samples: {_pm(s['kl'], s['kl_se'])} nats", "",
-                  "| prompt | policy | reference |", "|---|---|---|"]
-        for ex in s["examples"]:
-            cells = [ex[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "policy", "reference")]
-            lines.append("| " + " | ".join(cells) + " |")
-    if "human" in result:
-        h = result["human"]
-        judge = result.get("samples", {})
-        lines += ["", "## Win rate of the policy over the reference: judge and people", "",
-                  "| by | win rate (ties = 1/2) | items |", "|---|---|---|"]
-        if "win_rate" in judge:
-            lines.append(f"| judge `{judge['judge']}` | {_pm(judge['win_rate'], judge['win_rate_se'])} | "
-                         f"{judge['num_prompts'] * judge['num_samples']} |")
-        lines += [f"| people, blind A/B ({len(h['annotators'])} annotators) | {_pm(h['win_rate'], h['win_rate_se'])} "
-                  f"| {h['items']} |", "",
-                  f"People preferred the policy's sample {h['policy_preferred']} times, the reference's "
-                  f"{h['reference_preferred']}, tied {h['ties']} and skipped {h['skips']}; {h['identical']} identical "
-                  "sample pairs count as ties."
-                  + (f" The judge agrees with the people's verdict on {h['judge_agreement']:.0%} of "
-                     f"{h['judge_agreement_items']} items." if h.get("judge_agreement") is not None else "")]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:

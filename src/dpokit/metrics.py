@@ -93,8 +93,11 @@ class DisplacementWatch:
 
     DPO only widens the gap between chosen and rejected; it can do so by pushing both down, and a falling chosen
     likelihood is the usual first sign of degenerate generations (arXiv 2410.08847). The watch reads the logged
-    `logps/chosen` and `rewards/margins` and speaks once per episode: after `window` consecutive logs in which the chosen
-    log-prob fell while the margin ended higher than it started.
+    `logratios/chosen` (the mean over pairs of log pi(chosen) - log pi_ref(chosen): each pair against its own
+    reference value, so a log of long completions does not read as a fall, as the batch-mean `logps/chosen` would)
+    and `rewards/margins`, and speaks once per episode: after `window` consecutive logs in which the chosen log-ratio
+    fell while the margin ended higher than it started. A loss without a reference logs no log-ratio: nothing to
+    watch.
     """
 
     def __init__(self, window: int = 5):
@@ -103,18 +106,18 @@ class DisplacementWatch:
         self.active = False
 
     def update(self, metrics: dict) -> Optional[str]:
-        if "logps/chosen" not in metrics or "rewards/margins" not in metrics:
+        if "logratios/chosen" not in metrics or "rewards/margins" not in metrics:
             return None
-        self.history.append((metrics["logps/chosen"], metrics["rewards/margins"]))
+        self.history.append((metrics["logratios/chosen"], metrics["rewards/margins"]))
         recent = self.history[-(self.window + 1):]
         falling = len(recent) == self.window + 1 and all(b[0] < a[0] for a, b in zip(recent, recent[1:]))
         triggered = falling and recent[-1][1] > recent[0][1]
         fire, self.active = triggered and not self.active, triggered
         if not fire:
             return None
-        return (f"chosen log-probs fell for {self.window} logs in a row ({recent[0][0]:.3f} -> {recent[-1][0]:.3f}) "
-                f"while margins rose ({recent[0][1]:.3f} -> {recent[-1][1]:.3f}): likelihood displacement; consider "
-                "rpo_alpha > 0, a lower learning_rate or a higher beta")
+        return (f"the chosen log-ratio to the reference fell for {self.window} logs in a row ({recent[0][0]:.3f} -> "
+                f"{recent[-1][0]:.3f} nats per pair) while margins rose ({recent[0][1]:.3f} -> {recent[-1][1]:.3f}): "
+                "likelihood displacement; consider rpo_alpha > 0, a lower learning_rate or a higher beta")
 
 
 class MeanMeter:

@@ -84,11 +84,12 @@ def _check_output(path: Optional[str], option: str) -> None:
         raise ConfigError(f"{option} {path}: must be a .jsonl or .jsonl.gz file")
 
 
-def pairs_from_samples(prompts, samples, score, settings: PairSettings):
+def pairs_from_samples(prompts, samples, score, settings: PairSettings, tokenizer=None):
     """Pair the samples of each prompt; returns ``(pair rows, scored rows, counts)``.
 
     `prompts` are `PromptExample`s, `samples[i]` the `Sample`s of prompts[i], `score(prompts, completions)` a judge
-    (`dpokit.evaluate.load_judge`) called once on every kept sample.
+    (`dpokit.evaluate.load_judge`) called once on every kept sample, with each prompt as the model with `tokenizer`
+    was given it (`PromptExample.for_model`).
     """
     from dpokit.data import PreferenceExample, scored_pairs
     from dpokit.data.tools import canonical_row
@@ -111,7 +112,7 @@ def pairs_from_samples(prompts, samples, score, settings: PairSettings):
                 continue
             texts.append(s.text)
         kept.append(texts)
-    flat_prompts = [p.model_prompt for p, texts in zip(prompts, kept) for _ in texts]
+    flat_prompts = [p.for_model(tokenizer) for p, texts in zip(prompts, kept) for _ in texts]
     flat_scores = score(flat_prompts, [t for texts in kept for t in texts]) if flat_prompts else []
     counts["scored"] = len(flat_scores)
     pair_rows, scored_rows, at = [], [], 0
@@ -176,10 +177,10 @@ def create_pairs(model: str, prompts: str, judge: str, output: str, *, ref: Opti
     beta = float(beta if beta is not None else run_settings(model).get("beta", 0.1))
     score = load_judge(judge, policy=policy, reference=reference, tokenizer=tokenizer, beta=beta,
                        batch_size=settings.batch_size)
-    samples = draw_samples(policy, tokenizer, [e.model_prompt for e in examples], num_samples=settings.num_samples,
+    samples = draw_samples(policy, tokenizer, [e.for_model(tokenizer) for e in examples], num_samples=settings.num_samples,
                            temperature=settings.temperature, top_p=settings.top_p,
                            max_new_tokens=settings.max_new_tokens, seed=settings.seed, batch_size=settings.batch_size)
-    pair_rows, scored_rows, counts = pairs_from_samples(examples, samples, score, settings)
+    pair_rows, scored_rows, counts = pairs_from_samples(examples, samples, score, settings, tokenizer)
     counts["repeated_prompts"] = report.deduplicated
     if not pair_rows:
         raise DataError(f"{name}: no pairs from {counts['samples']} samples of {counts['prompts']} prompts "

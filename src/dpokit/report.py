@@ -1,5 +1,8 @@
 """`dpokit report RUN_DIR [RUN_DIR ...] [--output FILE.html]`: one self-contained HTML page of a run's curves.
 
+A `dpokit sweep` output_dir (it holds sweep.json) stands for all its runs: they are compared on one page, as runs
+given one by one are, with the sweep's table (sweep.md) and reward-KL frontier (frontier.png) above the curves.
+
 The page holds one PNG per metric family (loss, reward accuracy, reward margin, log-probs, learning rate, tokens/s),
 drawn from each run's `metrics.jsonl` with every run overlaid in its own colour, train records as solid lines and eval
 records (`eval/` keys) dashed with markers. The images are embedded as base64 data URIs, so the file can be mailed,
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.fileio import JsonLines, read_json, read_text, read_yaml, refuse_overlap
+from dpokit.fileio import JsonLines, read_bytes, read_json, read_text, read_yaml, refuse_overlap
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -88,6 +91,7 @@ class Run:
     eval_html: Optional[str] = None
     eval_source: Optional[str] = None
     warnings: list = field(default_factory=list)  # training-time safety warnings (warnings.jsonl)
+    sweep: Optional[Path] = None  # the `dpokit sweep` output_dir the run was given as part of
     notes: list = field(default_factory=list)  # what the report skipped while reading (a half-written last line)
 
     def points(self, key: str) -> tuple[list[int], list[float]]:
@@ -152,18 +156,44 @@ def _run_name(path: Path) -> Optional[str]:
     return str(name) if name else None
 
 
+def is_sweep(path: Path) -> bool:
+    """A `dpokit sweep` output_dir: its sweep.json lists the runs (a run directory has its own metrics.jsonl)."""
+    return (path / "sweep.json").is_file() and not (path / "metrics.jsonl").is_file()
+
+
+def sweep_runs(root: Path) -> list[Path]:
+    """The run directories of a sweep, in its order: each sweep.json run's directory inside the sweep's root (found
+    there by name, so a sweep started from another directory, or moved, still reads)."""
+    where = root / "sweep.json"
+    summary = read_json(where)
+    runs = summary.get("runs") if isinstance(summary, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("run"), str) for r in runs):
+        raise DataError(f"{where}: expected an object whose 'runs' is a list of objects with a 'run' path "
+                        "(as `dpokit sweep` writes it)")
+    if not runs:
+        raise DataError(f"{where}: the sweep lists no runs")
+    return [root / Path(r["run"]).name for r in runs]
+
+
 def load_runs(run_dirs: Sequence) -> list[Run]:
     if not run_dirs:
         raise ConfigError("dpokit report: give at least one run directory")
-    paths = [Path(d) for d in run_dirs]
+    paths, sweeps = [], []
+    for d in map(Path, run_dirs):
+        sweep = d if is_sweep(d) else None
+        trials = sweep_runs(d) if sweep is not None else [d]
+        paths += trials
+        sweeps += [sweep] * len(trials)
     runs = []
-    for path, label in zip(paths, _labels(paths)):
+    for path, label, sweep in zip(paths, _labels(paths), sweeps):
         if not path.is_dir():
             raise ConfigError(f"run directory {str(path)!r} does not exist (or is not a directory)")
         metrics = path / "metrics.jsonl"
         if not metrics.is_file():
-            raise ConfigError(f"run directory {str(path)!r} has no metrics.jsonl (is it a dpokit sft/dpo output_dir?)")
-        run = Run(path, label, [])
+            of = f" (a run of the sweep {str(sweep)!r})" if sweep is not None else ""
+            raise ConfigError(f"run directory {str(path)!r}{of} has no metrics.jsonl (is it a dpokit sft/dpo/sweep "
+                              "output_dir?)")
+        run = Run(path, label, [], sweep=sweep)
         run.records = read_metrics(metrics, run.notes)
         if (path / "warnings.jsonl").is_file():
             run.warnings = read_warnings(path / "warnings.jsonl", run.notes)
@@ -359,6 +389,14 @@ def render_html(runs: Sequence[Run], figures: Figures) -> str:
         parts += [f"<li><b>{esc(r.label)}</b>, step {esc(str(w.get('step')))}: {esc(str(w.get('message')))}</li>"
                   for r, w in warned]
         parts.append("</ul>")
+    for root in dict.fromkeys(r.sweep for r in runs if r.sweep is not None):
+        parts.append(f"<h2>Sweep <code>{esc(str(root))}</code></h2>")
+        if (root / "sweep.md").is_file():
+            parts.append(markdown_to_html(read_text(root / "sweep.md"), heading_offset=2))
+        if (root / "frontier.png").is_file():
+            png = base64.b64encode(read_bytes(root / "frontier.png", str(root / "frontier.png"))).decode("ascii")
+            parts.append(f"<figure><img alt=\"reward-KL frontier\" src=\"data:image/png;base64,{png}\">"
+                         "<figcaption>reward-KL frontier: one point per run</figcaption></figure>")
     parts.append("<h2>Training curves</h2>")
     for spec, fig in figures.drawn:
         parts.append(f"<figure><img alt=\"{esc(spec.title)}\" src=\"data:image/png;base64,{_png_base64(fig)}\">"
@@ -373,17 +411,21 @@ def render_html(runs: Sequence[Run], figures: Figures) -> str:
 
 
 def write_report(run_dirs: list, output: str | None = None) -> Path:
-    """Write the report for `run_dirs` to `output` (default: `<first run dir>/report.html`) and return its path."""
-    return _write(load_runs(run_dirs), output)
+    """Write the report for `run_dirs` (run directories, or sweep output_dirs) to `output` (default:
+    `<first RUN_DIR>/report.html`) and return its path."""
+    return _write(load_runs(run_dirs), output, Path(run_dirs[0]))
 
 
-# The files the report reads in each run directory; its output may be none of them.
+# The files the report reads in each run directory, and in a sweep's output_dir; its output may be none of them.
 READS = ("metrics.jsonl", "warnings.jsonl", "eval.md", "eval.json", "dpokit_config.yaml")
+SWEEP_READS = ("sweep.json", "sweep.md", "frontier.png")
 
 
-def _write(runs: Sequence[Run], output: str | None) -> Path:
-    out = Path(output) if output is not None else runs[0].path / "report.html"
-    refuse_overlap({"--output": out}, {f"{run.path}'s {name}": run.path / name for run in runs for name in READS})
+def _write(runs: Sequence[Run], output: str | None, first: Path) -> Path:
+    out = Path(output) if output is not None else first / "report.html"
+    inputs = {f"{run.path}'s {name}": run.path / name for run in runs for name in READS}
+    inputs.update({f"{run.sweep}'s {name}": run.sweep / name for run in runs if run.sweep for name in SWEEP_READS})
+    refuse_overlap({"--output": out}, inputs)
     if out.is_dir():
         raise ConfigError(f"--output {str(out)!r} is a directory; give a file path such as "
                           f"{str(out / 'report.html')!r}")
@@ -401,11 +443,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="dpokit report",
         description="Write a self-contained HTML page of training curves (metrics.jsonl) and eval tables; "
                     "several run directories are overlaid.")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a dpokit sft/dpo output_dir")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a dpokit sft/dpo output_dir, or a dpokit sweep output_dir (all its runs)")
     parser.add_argument("--output", metavar="FILE.html", help="where to write (default: <first RUN_DIR>/report.html)")
     args = parser.parse_args(argv)
     runs = load_runs(args.run_dirs)
     for note in (n for r in runs for n in r.notes):
         print(f"dpokit report: note: {note}", file=sys.stderr)
-    print(f"wrote {_write(runs, args.output)}")
+    print(f"wrote {_write(runs, args.output, Path(args.run_dirs[0]))}")
     return 0

@@ -6,6 +6,8 @@ A `key=v1,v2,...` argument is an axis (the runs are the product of all axes); an
 run. A bracketed value (`loss_type=[sigmoid,bco_pair]`) is one value, not an axis. Each run trains into
 `output_dir/<key>=<value>_...`, is evaluated against its reference on the prompts (samples scored by the judge, KL
 from the policy's samples), and the sweep writes `sweep.json`, `sweep.md` and `frontier.png` into `output_dir`.
+A swept value keeps its setting's type in the runs' configs and in `sweep.json` (`beta=0.1,1` gives the floats 0.1 and
+1.0, `max_steps=2,4` ints, `bf16=false,true` booleans). `dpokit report OUTPUT_DIR` compares the runs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ def split_axes(tokens: list[str]) -> tuple[dict[str, list[str]], list[str]]:
     return axes, rest
 
 
+def typed_value(cls: type, key: str, text: str):
+    """An axis value as the runs' config holds it (``0.1`` a float, ``2`` an int, ``true`` a bool, ``sigmoid`` a
+    string: the setting's own type, read by the rule a config applies); a key the config class does not declare (a
+    TRL key dpokit takes as inert) as YAML would read it."""
+    import dataclasses
+
+    import yaml
+
+    from dpokit import compat
+    from dpokit.settings import coerce
+
+    name = compat.ALIASES.get(key, key)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name in fields:
+        return coerce(name, text, fields[name].type)
+    return yaml.safe_load(text)
+
+
 def run_name(setting: dict[str, str]) -> str:
     return "_".join(f"{k}={v}" for k, v in setting.items()).replace("/", "-")
 
@@ -46,7 +66,7 @@ def run_name(setting: dict[str, str]) -> str:
 def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, judge: str, num_samples: int = 4,
               temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
     from dpokit.config import DPOConfig, build_config, parse_overrides
-    from dpokit.evaluate import evaluate_model, read_prompts
+    from dpokit.evaluate import check_judge, evaluate_model, read_prompts
     from dpokit.rundir import RUN_MARKER
     from dpokit.trainer import DPOTrainer
 
@@ -63,7 +83,10 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
                 and cfg.resume_from_checkpoint is None:
             raise ConfigError(f"{cfg.output_dir} already holds a run; add overwrite_output_dir=true to run the sweep "
                               "again, or choose another output_dir")
-    read_prompts(prompts)  # every run samples from them after it trains: an unreadable file is refused now
+    # Every run samples from the prompts and scores with the judge after it trains: both are checked now.
+    check_judge(judge)
+    read_prompts(prompts)
+    typed = {k: [typed_value(DPOConfig, k, v) for v in values] for k, values in axes.items()}
     rows = []
     for setting, cfg in zip(settings, configs):
         trainer = DPOTrainer(cfg.model_name_or_path, args=cfg)
@@ -73,11 +96,12 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
                                 temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                                 batch_size=batch_size)
         s = result["samples"]
-        rows.append({"run": cfg.output_dir, **setting, "reward": s["policy_score"], "reward_se": s["policy_score_se"],
+        values = {k: typed[k][axes[k].index(v)] for k, v in setting.items()}
+        rows.append({"run": cfg.output_dir, **values, "reward": s["policy_score"], "reward_se": s["policy_score_se"],
                      "kl": s["kl"], "kl_se": s["kl_se"], "win_rate": s["win_rate"],
                      "reference_reward": s["reference_score"]})
         del trainer
-    summary = {"axes": axes, "prompts": prompts, "judge": judge, "runs": rows}
+    summary = {"axes": typed, "prompts": prompts, "judge": judge, "runs": rows}
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.json").write_text(json.dumps(summary, indent=2))
     (root / "sweep.md").write_text(sweep_markdown(summary))
@@ -92,7 +116,7 @@ def sweep_markdown(summary: dict) -> str:
     lines = [f"# Sweep over {', '.join(keys)} (judge `{summary['judge']}`)", "", head,
              "|" + "---|" * (len(keys) + 3)]
     for r in summary["runs"]:
-        cells = [str(r[k]) for k in keys] + [f"{r['reward']:.4f} ± {r['reward_se']:.4f}",
+        cells = [r[k] if isinstance(r[k], str) else json.dumps(r[k]) for k in keys] + [f"{r['reward']:.4f} ± {r['reward_se']:.4f}",
                                              f"{r['kl']:.4f} ± {r['kl_se']:.4f}", f"{r['win_rate']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if summary["runs"]:

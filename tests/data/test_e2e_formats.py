@@ -112,7 +112,7 @@ DETECTED = {"standard_system": "standard", "scored_parallel": "scored"}
 
 @pytest.fixture(scope="module")
 def tok():
-    """One Llama-2 tokenizer for the module, with a chat template (text formats ignore it)."""
+    """One Llama-2 tokenizer for the module, with a chat template (text rows without a system prompt ignore it)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(LLAMA2)
@@ -147,9 +147,9 @@ def test_dpo_trains_on_each_format_and_source(fmt, kind, tok, tmp_path):
     assert report.kept == 4 and report.skipped == 0
     metrics = trainer.train().metrics
     assert trainer.global_step == 1 and math.isfinite(metrics["loss"])
-    if fmt == "standard_system":  # the system prompt reached the model input
+    if fmt == "standard_system":  # the system prompt reached the model input, as a system message of the template
         prompt = tok.decode(trainer.train_examples[0].prompt_ids, skip_special_tokens=True)
-        assert prompt.startswith("Answer briefly.\n\n")
+        assert prompt.startswith("<<SYS>>Answer briefly.<</SYS>>[INST] Name colour"), prompt
 
 
 def test_dpokit_dpo_command_line_on_implicit_conversational_jsonl_with_a_chat_template_file(tmp_path, capsys):

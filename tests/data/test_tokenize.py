@@ -134,6 +134,30 @@ def test_whole_hh_file_decodes_back_exactly(llama2, hh_rows):
 # ------------------------------------------------------------------------------------------- chat templates
 
 
+def test_a_text_rows_system_prompt_goes_through_the_chat_template(llama2_chat):
+    """With a chat template, a text row's `system` is a system message: the row is tokenized as the conversation
+    [system, user: prompt] + [assistant: completion], not as plain "system\n\nprompt" text; sampling (`prompt_ids`)
+    and the prompts of `dpokit eval` / `dpokit pairs` (`PromptExample.for_model`) see the same tokens."""
+    from dpokit.data import PromptExample
+    from dpokit.data.tokenize import prompt_ids
+
+    llama2_chat.chat_template = INST_TEMPLATE
+    text = PreferenceExample("Q?", "A", "B", 0, system="Be brief.")
+    conversation = PreferenceExample([{"role": "system", "content": "Be brief."}, user("Q?")], [assistant("A")],
+                                     [assistant("B")], 0)
+    (got,), (want,) = tokenize_preference([text], llama2_chat), tokenize_preference([conversation], llama2_chat)
+    assert ids(got.prompt_ids) == ids(want.prompt_ids) == \
+        llama2_chat("<s><<SYS>>Be brief.<</SYS>>[INST] Q? [/INST]", add_special_tokens=False).input_ids
+    assert ids(got.chosen_ids) == ids(want.chosen_ids) and ids(got.rejected_ids) == ids(want.rejected_ids)
+    (sft,) = tokenize_sft([SFTExample("Q?", "A", 0, system="Be brief.")], llama2_chat)
+    assert ids(sft.prompt_ids) == ids(want.prompt_ids)
+    prompt = PromptExample("Q?", 0, "Be brief.").for_model(llama2_chat)
+    assert prompt == conversation.prompt and prompt_ids(prompt, llama2_chat) == ids(want.prompt_ids)
+    # A row without a system prompt stays text, as TRL tokenizes a standard row.
+    (plain,) = tokenize_preference([PreferenceExample("Q?", " A", " B", 0)], llama2_chat)
+    assert ids(plain.prompt_ids) == llama2_chat("Q?").input_ids
+
+
 def test_conversational_uses_the_template_and_no_second_bos(llama2_chat):
     llama2_chat.chat_template = INST_TEMPLATE
     ex = PreferenceExample([{"role": "system", "content": "S"}, user("hi")], [assistant("Hello!")], [assistant("Go.")], 0)

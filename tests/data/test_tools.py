@@ -529,3 +529,14 @@ def test_check_names_the_file_of_a_row_needing_a_chat_template_before_any_output
     conv = _write(tmp_path, "conv.jsonl", [dict(text, prompt=[{"role": "user", "content": "q"}])])
     assert check_main([conv, "--tokenizer", str(LLAMA2)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {conv}: scored data needs a chat template, but the tokenizer has none")
+
+
+def test_scored_datas_count_line_says_rows_where_it_counts_rows_and_pairs_where_pairs():
+    rows = [{"prompt": "q", "completions": [{"text": "a", "score": 1}, {"text": "b", "score": 2}, {"text": "c", "score": 3}]},
+            {"prompt": "r", "completions": [{"text": "x", "score": 1}, {"text": "y", "score": 1}]},
+            {"prompt": "q", "completions": [{"text": "a", "score": 1}, {"text": "b", "score": 2}]}]
+    _, report = preference_examples(rows, "s.jsonl", pair_strategy="all_pairs", deduplicate=True)
+    assert report.summary().startswith("s.jsonl (scored): 3 rows read, 0 skipped, 1 rows without a scored pair; "
+                                       "3 pairs kept, 1 deduplicated, 0 dropped by truncation")
+    _, report = preference_examples([{"prompt": "q", "chosen": "a", "rejected": "b"}], "p.jsonl")
+    assert report.summary().startswith("p.jsonl (standard): 1 read, 1 kept, 0 skipped")  # rows are pairs

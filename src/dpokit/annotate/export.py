@@ -183,7 +183,7 @@ def _eval_dir(items: list[dict], given: Optional[str]) -> Path:
 
 def write_human_eval(eval_dir: Path, human: dict) -> Path:
     """Add the human win rate to the evaluation's eval.json and rewrite its eval.md (both atomically)."""
-    from dpokit.evaluate import eval_markdown
+    from dpokit.evalmd import eval_markdown
     from dpokit.fileio import atomic_write_text, read_text
 
     path = eval_dir / "eval.json"

@@ -17,30 +17,35 @@ Message = dict  # {"role": str, "content": str}
 
 @dataclass(slots=True)
 class PromptExample:
-    """A prompt to sample completions from (``dpokit eval --prompts``, ``dpokit pairs``): text, which the model sees
-    as ``system + "\\n\\n" + prompt`` when `system` is set, or a message list ending with a user (or tool) turn,
-    a system prompt being its first message."""
+    """A prompt to sample completions from (``dpokit eval --prompts``, ``dpokit pairs``): text, with an optional
+    `system` prompt (how the model is given both: `dpokit.data.tokenize.model_prompt`), or a message list ending with
+    a user (or tool) turn, a system prompt being its first message."""
 
     prompt: str | list[Message]
     row: int
     system: str | None = None
 
+    def for_model(self, tokenizer) -> str | list[Message]:
+        """What the model with `tokenizer` is given (`dpokit.data.tokenize.model_prompt`): the message list, the text,
+        or a text with its system prompt, as a conversation when the tokenizer has a chat template."""
+        from dpokit.data.tokenize import model_prompt
+
+        return model_prompt(self.prompt, self.system, tokenizer)
+
     @property
     def model_prompt(self) -> str | list[Message]:
-        """What the model is given: the text with its system prompt folded in, or the message list."""
-        if isinstance(self.prompt, str) and self.system is not None:
-            return f"{self.system}\n\n{self.prompt}"
-        return self.prompt
+        """What a model whose tokenizer has no chat template is given (`for_model`)."""
+        return self.for_model(None)
 
 
 @dataclass(slots=True)
 class PreferenceExample:
     """One preference pair in canonical form.
 
-    Either all text (`prompt`, `chosen`, `rejected` are strings; the model sees ``system + "\\n\\n" + prompt`` when
-    `system` is set) or all conversational (`prompt` a message list ending with a user/tool turn, `chosen` /
-    `rejected` lists of assistant messages; a system prompt is already the first prompt message, `system` is None).
-    `row` is the 0-based index of the source row (`where` prints it as error messages do).
+    Either all text (`prompt`, `chosen`, `rejected` are strings, with an optional `system` prompt:
+    `dpokit.data.tokenize.model_prompt` says how the model is given it) or all conversational (`prompt` a message
+    list ending with a user/tool turn, `chosen` / `rejected` lists of assistant messages; a system prompt is already
+    the first prompt message, `system` is None). `row` is the 0-based index of the source row (`where` prints it as error messages do).
     """
 
     prompt: str | list[Message]
@@ -97,14 +102,19 @@ class DataReport:
         return where(self.source or "<data>", self.line_numbers, row)
 
     def summary(self) -> str:
-        """One line, e.g. ``train.jsonl (standard): 2312 read, 2310 kept, 2 skipped, 0 deduplicated, ...``."""
+        """One line, e.g. ``train.jsonl (standard): 2312 read, 2310 kept, 2 skipped, 0 deduplicated, ...``; for
+        ``scored`` data, whose rows become pairs, each count says which it counts:
+        ``s.jsonl (scored): 100 rows read, 0 skipped, 3 rows without a scored pair; 291 pairs kept, ...``."""
+        if self.format == "scored":
+            counts = (f"{self.read} rows read, {self.skipped} skipped, {self.unpaired} rows without a scored pair; "
+                      f"{self.kept} pairs kept, {self.deduplicated} deduplicated")
+        else:
+            counts = f"{self.read} read, {self.kept} kept, {self.skipped} skipped, {self.deduplicated} deduplicated"
         return (
-            f"{self.source or '<data>'} ({self.format}): {self.read} read, {self.kept} kept, {self.skipped} skipped, "
-            f"{self.deduplicated} deduplicated, {self.dropped} dropped by truncation"
+            f"{self.source or '<data>'} ({self.format}): {counts}, {self.dropped} dropped by truncation"
             + (f" ({self.identical_after_truncation} of them with chosen identical to rejected once tokenized and cut)"
                if self.identical_after_truncation else "")
             + f", {self.truncated_prompt} prompts truncated, {self.truncated_completion} with a completion truncated"
-            + (f", {self.unpaired} rows without a scored pair" if self.format == "scored" else "")
         )
 
 

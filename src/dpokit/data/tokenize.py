@@ -156,17 +156,34 @@ class _Encoder:
                         f"back to the text (tokenizer {_tokenizer_name(self.tok)!r})")
 
 
+def model_prompt(prompt, system: str | None, tokenizer):
+    """A prompt as the model is given it: a message list, or a text alone, as it is; a text with a system prompt as
+    the conversation ``[system, user]`` when the tokenizer has a chat template (the system prompt then sits where
+    the model was tuned to read one, as in a conversational row with a system message), else as
+    ``system + "\\n\\n" + prompt``. Training renders such a row's completions as the assistant's turn
+    (`tokenize_preference`, `tokenize_sft`); sampling and judges see the same prompt."""
+    if system is None:
+        return prompt
+    if isinstance(prompt, list):
+        return [{"role": "system", "content": system}] + prompt
+    if getattr(tokenizer, "chat_template", None):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    return f"{system}\n\n{prompt}"
+
+
 def _render(prompt, completions: Sequence, system: str | None, tokenizer, where: str, fields: Sequence[str]) -> _Rendered:
+    if system is not None:
+        text_row = isinstance(prompt, str) and all(isinstance(c, str) for c in completions)
+        prompt = model_prompt(prompt, system, tokenizer)
+        if text_row and isinstance(prompt, list):  # a text row with a system prompt, rendered as a conversation
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
     if isinstance(prompt, str) and all(isinstance(c, str) for c in completions):
-        text = prompt if system is None else f"{system}\n\n{prompt}"
-        return _Rendered(text, list(completions), add_special_tokens=True)
+        return _Rendered(prompt, list(completions), add_special_tokens=True)
     if not (isinstance(prompt, list) and all(isinstance(c, list) for c in completions)):
         raise DataError(f"{where}: prompt and completions must be all strings or all message lists")
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"{where}: conversational row, but tokenizer {_tokenizer_name(tokenizer)!r} has no chat "
                         f"template; set chat_template (a Jinja string or file)")
-    if system is not None:
-        prompt = [{"role": "system", "content": system}] + prompt
     try:
         prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         fulls = [tokenizer.apply_chat_template(prompt + c, tokenize=False) for c in completions]

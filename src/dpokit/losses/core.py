@@ -278,6 +278,10 @@ class Loss:
                               ref_rejected_logps, chosen_lengths, rejected_lengths)
         total, rewards, metrics = _mix_terms(self, pairs)
         total = _apply_modifiers(self.params, pairs, total, metrics, chosen_weight_logps, rejected_weight_logps)
+        if pairs.chosen_logratios is not None and not self.params.reference_free:
+            # Per pair, against the reference: the likelihood-displacement watch reads its mean, which (unlike the
+            # batch's mean log-prob) does not move with how long this batch's completions happen to be.
+            metrics["logratios/chosen"] = pairs.chosen_logratios.detach()
         return LossOutput(losses=total, chosen_rewards=rewards[0], rejected_rewards=rewards[1], metrics=metrics)
 
 
