@@ -28,28 +28,32 @@ from dpokit.errors import ConfigError
 
 
 class Flow(DefaultFlowCallback):
-    """dpokit's `Intervals` as the flags transformers' `DefaultFlowCallback` sets at each step's end. A step that ends
-    an epoch knows it here already, so the epoch strategies are settled at the step's end too. The last step is
-    evaluated when there is evaluation data (as transformers does under `eval_strategy: steps`; dpokit also without a
-    strategy), and checkpointed under a save strategy, as transformers does."""
+    """dpokit's `Intervals` as the flags transformers' `DefaultFlowCallback` sets: the step strategies at each step's
+    end, the epoch strategies at each epoch's end (also when the run stops inside an epoch, as transformers ends that
+    epoch). The last step is evaluated when there is evaluation data (as transformers does under `eval_strategy:
+    steps`; dpokit also without a strategy) and checkpointed under a save strategy, as transformers does."""
 
     def __init__(self):
-        self.due, self.epoch_end, self.evaluates = None, False, False
+        self.due, self.evaluates = None, False
 
     def on_step_end(self, args, state, control, **kwargs):
-        step, last = state.global_step, state.global_step >= state.max_steps
-        if self.due.log(step, self.epoch_end):
-            control.should_log = True
-        if self.evaluates and (last or self.due.evaluate(step, self.epoch_end)):
-            control.should_evaluate = True
-        if self.due.save(step, self.epoch_end):
-            control.should_save = True
+        due, step, last = self.due, state.global_step, state.global_step >= state.max_steps
+        control.should_log |= due.log(step, False)
+        control.should_evaluate |= self.evaluates and (
+            due.evaluate(step, False) or (last and due.eval_strategy != "epoch"))
+        control.should_save |= due.save(step, False)
         if last:
             control.should_training_stop = True
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        return control  # settled in on_step_end (see the class docstring)
+        due, step, last = self.due, state.global_step, state.global_step >= state.max_steps
+        # What an epoch's end adds to the step's own decisions (those were acted on already).
+        control.should_log |= due.log(step, True) and not due.log(step, False)
+        control.should_evaluate |= self.evaluates and (
+            (due.evaluate(step, True) and not due.evaluate(step, False)) or (last and due.eval_strategy == "epoch"))
+        control.should_save |= due.save(step, True) and not due.save(step, False)
+        return control
 
 
 class Events:
@@ -186,3 +190,11 @@ def load_best_model(trainer, state: TrainerState) -> None:
 
     log(f"loading the best model from {state.best_model_checkpoint} (score: {state.best_metric})")
     trainer.engine.load_weights(trainer.model, trainer.policy, Path(state.best_model_checkpoint), trainer.use_peft)
+
+
+def progress(iterable, desc: str, cfg, main_process: bool):
+    """A tqdm bar over `iterable` (work outside the loop, e.g. precomputing reference log-probs), on the main process
+    unless `disable_tqdm`, as transformers' bars are."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, disable=cfg.disable_tqdm or not main_process, dynamic_ncols=True)

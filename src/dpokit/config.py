@@ -297,6 +297,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         settings.check_settings(self)
 
+    def _best_model_defaults(self) -> None:
+        """transformers' defaults, set when the arguments are made: the best model is the lowest eval loss, and a
+        metric ending in `loss` is better lower."""
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
     def validate(self) -> None:
         """Check the config again (after fields were changed by hand) and resolve what it leaves to the run."""
         settings.check_settings(self)
@@ -304,6 +312,7 @@ class TrainConfig:
 
     def _check(self) -> None:
         """The checks across fields, each a one-line ConfigError naming them (single fields were checked before)."""
+        self._best_model_defaults()  # first: the checks below read them (DPOConfig's own __post_init__ comes here)
         if self.token_budget is not None and not self.padding_free:
             raise ConfigError("token_budget needs padding_free=true (it counts packed tokens)")
         if self.resume_from_checkpoint is not None and self.overwrite_output_dir:
@@ -381,10 +390,7 @@ class TrainConfig:
 
             self.bf16 = (not self.fp16 and not self.use_cpu and torch.cuda.is_available()
                          and torch.cuda.is_bf16_supported())
-        if self.load_best_model_at_end and self.metric_for_best_model is None:
-            self.metric_for_best_model = "loss"  # transformers' default
-        if self.greater_is_better is None and self.metric_for_best_model is not None:
-            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        self._best_model_defaults()  # fields changed by hand since the config was made
         for name in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
             # A local model is recorded by its absolute path, so that a run directory names the model it started
             # from (`dpokit eval`'s default reference) wherever it is read from; hub ids stay as they are.

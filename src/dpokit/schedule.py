@@ -170,7 +170,8 @@ class Intervals:
     def save(self, step: int, epoch_end: bool) -> bool:
         # The last step is checkpointed under a save strategy, as transformers does (its trainer_state.json records
         # the whole run, and it can be a best checkpoint for load_best_model_at_end).
+        # (`epoch`: the run's end ends an epoch, see `dpokit.callbacks.Flow`.)
         strategy = self.cfg.save_strategy
-        if step == self.total_steps and (strategy == "epoch" or (strategy == "steps" and self.save_every)):
+        if step == self.total_steps and strategy == "steps" and self.save_every:
             return True
         return self._due(strategy, self.save_every, step, epoch_end)

@@ -27,7 +27,7 @@ from dpokit import checkpoint as C
 from dpokit import data as D
 from dpokit import distributed as dist
 from dpokit import losses, models, rundir
-from dpokit.callbacks import Events, check_callbacks, load_best_model
+from dpokit.callbacks import Events, check_callbacks, load_best_model, progress
 from dpokit.compat import TransformersTrainerAPI, refuse_trl_arguments
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
 from dpokit.data.sources import eval_splits, load_split, run_sources
@@ -277,17 +277,17 @@ class Trainer(TransformersTrainerAPI):
                     self._meter.add(record)
                     if "loss" in record:
                         loss_sum, loss_steps = loss_sum + record["loss"], loss_steps + 1
-                    # A step can end an epoch (its last data group).
+                    # A step can end an epoch (its last data group); a run that stops ends its epoch too.
                     done = epoch + (position >= groups)
-                    events.flow.epoch_end, epochs_done = done > epochs_done, done
+                    epoch_end, epochs_done = done > epochs_done, done
                     control = events("on_step_end")
-                    if events.flow.epoch_end:
+                    last = events.act() or last
+                    if epoch_end or control.should_training_stop:
                         control = events("on_epoch_end")
-                    last = self.events.act() or last
+                        last = events.act() or last
                     signum = stop.received(acc) if self.global_step < total_steps else None
                     if signum is not None:
-                        self._stop(signum, saved=due.save(self.global_step, events.flow.epoch_end),
-                                   total_steps=total_steps)
+                        self._stop(signum, saved=due.save(self.global_step, epoch_end), total_steps=total_steps)
         finally:
             sink.close()
         from transformers.trainer_utils import TrainOutput
@@ -608,7 +608,8 @@ class DPOTrainer(Trainer):
             # Each rank computes its share (before the engine wraps anything: the model is whole on every rank
             # here, so no collective runs inside); `precompute` gathers the shares into the full table.
             loader = self._loader(examples, cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size)
-            batches = (self._to_device(b) for b in loader)
+            batches = (self._to_device(b) for b in progress(loader, f"reference log-probs ({split})", cfg,
+                                                            self.accelerator.is_main_process))
             num_rows = max(int(p.row) for p in examples) + 1
             self.reference[split] = precompute(ref, batches, num_rows, cache_key=key, accelerator=self.accelerator)
             self.ref_cache_keys[split] = key
