@@ -203,3 +203,19 @@ def test_compute_metrics_is_refused_with_what_to_use(tmp_path, tok):
     with pytest.raises(ConfigError, match="callbacks: 3 is not a transformers.TrainerCallback"):
         DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path), train_dataset=PAIRS, processing_class=tok,
                    callbacks=[3])
+
+
+def test_log_level_hides_routine_notices_never_the_metrics(tmp_path, tok, capsys):
+    """As transformers: log_level passive (the default) is warning, so the count line of clean data (info) is not
+    shown, while a count line with dropped rows is; the metrics dicts are printed at any level."""
+    for level, shown in (("passive", False), ("info", True), ("error", False)):
+        t = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / level, log_level=level, max_steps=1),
+                       train_dataset=PAIRS, processing_class=tok)
+        t.train()
+        out = capsys.readouterr().out
+        assert ("6 read, 6 kept" in out) is shown, level
+        assert "{'loss': " in out
+    long_prompt = {"prompt": "word " * 60, "chosen": " yes.", "rejected": " no."}
+    DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "w", max_length=24),
+               train_dataset=PAIRS + [long_prompt], processing_class=tok)
+    assert "1 dropped by truncation" in capsys.readouterr().out

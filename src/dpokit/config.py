@@ -183,7 +183,9 @@ class TrainConfig:
     logging_first_step: bool = False
     """Also log the first optimizer step."""
     log_level: str = field(default="passive", metadata={"choices": _LOG_LEVELS})
-    """dpokit's notices on stdout: passive/debug/info/warning print them; error/critical keep only errors."""
+    """dpokit's notices on stdout, as transformers reads log_level: passive (its default: warning), warning, error,
+    critical; info/debug also show routine ones (e.g. a data file's count line when no row was skipped or cut). The
+    metrics dicts are printed at every level, as transformers' Trainer prints them."""
     eval_strategy: Optional[str] = field(default=None, metadata={"choices": _STRATEGIES})
     """When to evaluate (with `eval_file` or `dataset_name`'s test split): `steps` (every `eval_steps`, which defaults
     to `logging_steps`, and at the end), `epoch` (at each epoch's end), `no` (never). null: every `eval_steps` if it is

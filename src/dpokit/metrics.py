@@ -11,18 +11,27 @@ from typing import Optional
 
 from dpokit.fileio import append_text, atomic_write_text, writing
 
-_QUIET = {"quiet": False}  # log_level error/critical: notices off (errors are raised, never logged)
+# log_level, as transformers reads it for its own logger: "passive" keeps the default (warning); the metrics dicts are
+# printed whatever it says (transformers' Trainer prints them through its progress or printer callback).
+_LEVEL = {"level": "passive"}
+_SHOWN = {"info": ("debug", "info"), "warning": ("passive", "debug", "info", "warning")}
 
 
-def log(msg: str) -> None:
+def log(msg: str, level: str = "warning") -> None:
     """Run notices (counts of truncated/dropped rows, substitutions like pad=EOS) go to stdout, from the first
-    process only (RANK is set by torchrun / accelerate launch before any dpokit code runs)."""
-    if int(os.environ.get("RANK", "0")) == 0 and not _QUIET["quiet"]:
+    process only (RANK is set by torchrun / accelerate launch before any dpokit code runs). `level` "info" (a routine
+    count) shows at log_level info/debug only; "warning" (the default) unless log_level is error/critical."""
+    if int(os.environ.get("RANK", "0")) == 0 and _LEVEL["level"] in _SHOWN[level]:
         print(f"[dpokit] {msg}", flush=True)
 
 
+def set_log_level(level: str) -> None:
+    _LEVEL["level"] = level
+
+
 def set_quiet(quiet: bool) -> None:
-    _QUIET["quiet"] = quiet
+    """Notices off (log_level error) or back to the default."""
+    set_log_level("error" if quiet else "passive")
 
 
 class MetricsSink:

@@ -37,8 +37,8 @@ from dpokit.errors import ConfigError, DataError, DpokitError, Interrupted, Writ
 from dpokit.fileio import refuse_overlap
 from dpokit.guards import (NonFiniteError, NonFiniteGuard, OutOfMemory, StopSignals, nonfinite_loss,  # noqa: F401
                            out_of_memory_hint)
-from dpokit.metrics import (DisplacementWatch, MeanMeter, MetricsSink, log, logging_dir, set_quiet,  # noqa: F401
-                            warn)
+from dpokit.metrics import (DisplacementWatch, MeanMeter, MetricsSink, log, logging_dir, set_log_level,  # noqa: F401
+                            set_quiet, warn)
 from dpokit.optim import group_names, make_optimizer
 from dpokit.packing import batch_logps, enable_packed_attention, pack_by_cost, pack_pairs, pair_tokens
 from dpokit.reference import (AdapterOffReference, ModelReference, data_fingerprint, frozen_copy,
@@ -68,7 +68,7 @@ class Trainer(TransformersTrainerAPI):
             C.resolve(cfg.resume_from_checkpoint, self.output_dir)  # a mistyped path fails now, not after loading
         self.ref_cache_keys: dict[str, str] = {}  # split -> key of the precomputed reference log-probs
         self.data_reports, self.data_sources = {}, {}
-        set_quiet(cfg.log_level in ("error", "critical"))
+        set_log_level(cfg.log_level)
         from transformers import enable_full_determinism, set_seed
 
         enable_full_determinism(cfg.seed) if cfg.full_determinism else set_seed(cfg.seed)
@@ -145,8 +145,11 @@ class Trainer(TransformersTrainerAPI):
         models.check_positions(config, splits, self.data_reports, self.args.max_length, what)
 
     def _finish_data(self, tokenized, report, name: str, split: str):
-        """Print and keep the data report (written with the run, skipped rows included); refuse an empty set."""
-        log(report.summary())
+        """Print and keep the data report (written with the run, skipped rows included); refuse an empty set. The
+        count line is a routine notice (info) unless rows were skipped, deduplicated, cut or dropped (a warning)."""
+        changed = any(getattr(report, f, 0) for f in ("skipped", "deduplicated", "dropped", "truncated_prompt",
+                                                      "truncated_completion", "unpaired"))
+        log(report.summary(), level="warning" if changed else "info")
         self.data_reports[split], self.data_sources[split] = report, name
         if not tokenized:
             raise DpokitError(f"{name}: no usable {split} rows left after validation and truncation "
@@ -613,7 +616,7 @@ class DPOTrainer(Trainer):
             num_rows = max(int(p.row) for p in examples) + 1
             self.reference[split] = precompute(ref, batches, num_rows, cache_key=key, accelerator=self.accelerator)
             self.ref_cache_keys[split] = key
-            log(f"reference log-probs for {len(examples)} {split} pairs precomputed (cache key {key[:12]})")
+            log(f"reference log-probs for {len(examples)} {split} pairs precomputed (cache key {key[:12]})", "info")
         # Free the reference model: the whole point of precomputing is not to hold it during training.
         self._ref_module = None
         del ref
