@@ -254,7 +254,7 @@ class Trainer(TransformersTrainerAPI):
             events.restore(saved[1])
         control = events("on_train_begin")
         if cfg.eval_on_start and self.eval_sets and saved is None:
-            self._evaluate_sets()
+            self._evaluate_sets(dict(self.eval_sets))  # a baseline: as in transformers, not a best-model candidate
         self.policy.train()
         if saved is not None:
             # Last, so that nothing between here and the first step draws from the restored generators.
