@@ -54,7 +54,8 @@ def test_sft_then_dpo_then_export_from_files(tmp_path, base_dir, capsys):
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "dpokit_config.yaml",
                  "metrics.jsonl"):
         assert (out / name).is_file(), name
-    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]  # save_total_limit=1; last step is final
+    # save_total_limit=1: the last step's checkpoint (written as transformers writes it under a save strategy)
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/rewards/accuracies" in r for r in records) and any("rewards/margins" in r for r in records)
     report = json.loads((out / "data_report.json").read_text())

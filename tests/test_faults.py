@@ -208,15 +208,18 @@ def test_a_second_run_on_a_live_directory_is_refused_and_the_first_is_unharmed(t
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, model_dir, pairs_file):
-    """A run of 4 steps with checkpoints 1-3, and its final weights (the uninterrupted result)."""
+    """A run of 4 steps with checkpoints 1-4 (the last step's too, as transformers saves it), and its final weights
+    (the uninterrupted result)."""
     out = tmp_path_factory.mktemp("full") / "run"
     assert main(dpo(model_dir, out, pairs_file, "max_steps=4", "save_steps=1")) == 0
     return out, final_weights(out)
 
 
 def as_killed(run: Path, target: Path) -> Path:
-    """A copy of `run` as a kill after its last checkpoint leaves it: no final model or tokenizer."""
+    """A copy of `run` as a kill during its last step leaves it: checkpoints 1-3, no final model or tokenizer."""
     shutil.copytree(run, target)
+    shutil.rmtree(target / "checkpoint-4")
+    C.write_latest(target, target / "checkpoint-3")
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         (target / name).unlink(missing_ok=True)

@@ -91,7 +91,8 @@ def test_lora_resume_with_dropout_is_exact_and_needs_the_rng_state(tmp_path, tok
                    processing_class=tok)
     a.train()
     ckpt = tmp_path / "a" / "checkpoint-2"
-    assert (tmp_path / "a" / "latest").read_text().strip() == "checkpoint-4"
+    # The last step is checkpointed too (as transformers does under a save strategy), so `latest` names it.
+    assert (tmp_path / "a" / "latest").read_text().strip() == "checkpoint-6"
     # Resume into a new output_dir from a checkpoint path: the whole history (steps 1-6) and the weights match.
     b = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "b", resume_from_checkpoint=str(ckpt), **lora),
                    train_dataset=PAIRS, processing_class=tok)
@@ -258,7 +259,8 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert losses(out) == losses(whole) and [s for s, _ in losses(out)] == list(range(1, 9))
     assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert not list(out.glob(".tmp-*"))  # the partial save of kill 2 was cleaned up
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+    # save_total_limit=2 keeps the last two; the last step is checkpointed too, as transformers does.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-7", "checkpoint-8"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -295,7 +297,8 @@ def test_overwrite_output_dir_removes_the_old_runs_checkpoints(tmp_path, tok):
     out = tmp_path / "run"
     DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(out, max_steps=3, save_steps=1), train_dataset=PAIRS,
                processing_class=tok).train()
-    again = DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(out, max_steps=1, overwrite_output_dir=True),
+    again = DPOTrainer(tiny_llama(vocab_size=32000),
+                       args=cfg(out, max_steps=1, save_steps=0, overwrite_output_dir=True),
                        train_dataset=PAIRS, processing_class=tok)
     again.train()
     assert not list(out.glob("checkpoint-*")) and not (out / C.LATEST).exists()
@@ -557,7 +560,8 @@ def test_resume_flag_forms(tmp_path, finished_run, base_dir, pairs_file, capsys)
     args = [f"model_name_or_path={base_dir}", f"train_file={pairs_file}", "max_steps=2", "save_steps=1",
             "disable_tqdm=true", "per_device_train_batch_size=2"]
     assert main(["dpo", f"output_dir={finished_run}", "--resume", *args]) == 0
-    assert f"resumed from {finished_run / 'checkpoint-1'} at step 1" in capsys.readouterr().out
+    # The finished run's last step was checkpointed (as transformers does), so --resume finds it and has nothing to do.
+    assert f"resumed from {finished_run / 'checkpoint-2'} at step 2" in capsys.readouterr().out
     for i, form in enumerate((["--resume", str(finished_run / "checkpoint-1")],
                               [f"--resume={finished_run / 'checkpoint-1'}"])):
         assert main(["dpo", f"output_dir={tmp_path / str(i)}", *form, *args]) == 0

@@ -50,13 +50,14 @@ def test_eval_logging_and_save_strategies(tmp_path, tok):
     _, recs = train(tmp_path / "a", tok, eval_dataset=PAIRS[:2], eval_strategy="epoch", logging_strategy="epoch",
                     save_strategy="epoch", eval_on_start=True)
     assert steps_of(recs, "train") == [3, 6] and steps_of(recs, "eval") == [0, 3, 6]
-    assert sorted(p.name for p in (tmp_path / "a" / "run").glob("checkpoint-*")) == ["checkpoint-3"]
+    # The last step is checkpointed too, as transformers does under a save strategy.
+    assert sorted(p.name for p in (tmp_path / "a" / "run").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
     # Fractions of the run, as transformers reads them; eval_steps defaults to logging_steps under "steps".
     _, recs = train(tmp_path / "b", tok, eval_dataset=PAIRS[:2], eval_strategy="steps", logging_steps=0.5,
                     logging_first_step=True, save_strategy="steps", save_steps=0.34)
     assert steps_of(recs, "train") == [1, 3, 6] and steps_of(recs, "eval") == [3, 6]
-    assert sorted(p.name for p in (tmp_path / "b" / "run").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert sorted(p.name for p in (tmp_path / "b" / "run").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
     # "no": the eval data is not even read, no checkpoints; the last step is still logged.
     t, recs = train(tmp_path / "c", tok, eval_dataset=PAIRS[:2], eval_strategy="no", logging_strategy="no",
@@ -75,7 +76,8 @@ def test_an_epoch_ends_with_a_short_step_as_in_transformers(tmp_path, tok):
     t, recs = train(tmp_path, tok, eval_dataset=PAIRS[:2], gradient_accumulation_steps=2, num_train_epochs=2,
                     eval_strategy="epoch", logging_steps=1)
     assert steps_of(recs, "eval") == [2, 4]
-    assert [r["epoch"] for r in recs if "loss" in r] == [0, 0, 1, 1]
+    # epoch is epochs completed, as transformers logs it: the fraction of the epoch's micro-batches consumed.
+    assert [r["epoch"] for r in recs if "loss" in r] == pytest.approx([2 / 3, 1, 5 / 3, 2], rel=1e-6)
 
 
 def test_data_seed_orders_the_data_and_nothing_else(tmp_path, tok):
@@ -205,8 +207,10 @@ def test_trainer_state_is_transformers_trainer_state(tmp_path, tok):
     state = t.state
     assert isinstance(state, TrainerState)
     assert (state.global_step, state.max_steps, state.epoch) == (6, 6, 2.0)
-    assert state.log_history == [{k.replace("eval/", "eval_"): v for k, v in r.items()} for r in recs]
-    assert "eval_loss" in state.log_history[-1] and "eval/loss" in recs[-1]
+    # Every record of metrics.jsonl with transformers' names, then the run's summary, as transformers logs it.
+    assert state.log_history[:-1] == [{k.replace("eval/", "eval_"): v for k, v in r.items()} for r in recs]
+    assert "eval_loss" in state.log_history[-2] and "eval/loss" in recs[-1]
+    assert {"train_runtime", "train_loss", "epoch", "step"} <= set(state.log_history[-1])
 
 
 def test_trl_trainer_keyword_arguments(tmp_path, tok):
@@ -215,7 +219,7 @@ def test_trl_trainer_keyword_arguments(tmp_path, tok):
 
     DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "a"), train_dataset=PAIRS, processing_class=tok,
                data_collator=None, callbacks=None, optimizers=(None, None), compute_metrics=None)
-    with pytest.raises(ConfigError, match=r"DPOTrainer: callbacks is not supported: metrics go to metrics.jsonl"):
+    with pytest.raises(ConfigError, match=r"callbacks: <object .*> is not a transformers.TrainerCallback"):
         DPOTrainer(tiny_llama(vocab_size=32000), args=cfg(tmp_path / "b"), train_dataset=PAIRS,
                    processing_class=tok, callbacks=[object()])
     with pytest.raises(ConfigError, match=r"SFTTrainer: formatting_func is not supported"):
@@ -270,11 +274,11 @@ def test_train_and_evaluate_return_what_transformers_returns(tmp_path, tok, caps
     # The learning rate is the logging step's, as transformers logs it (linear decay from 1e-3 over 3 steps).
     assert [r["learning_rate"] for r in recs if "loss" in r] == pytest.approx([1e-3 / 3, 0.0], rel=1e-6, abs=1e-12)
     ev = t.evaluate()
-    assert set(ev) == {"eval_" + k[len("eval/"):] for k in recs[-1] if k.startswith("eval/")}
+    # transformers' evaluate() returns the logged metrics, its `epoch` included.
+    assert set(ev) == {"eval_" + k[len("eval/"):] for k in recs[-1] if k.startswith("eval/")} | {"epoch"}
     assert ev["eval_loss"] == pytest.approx(recs[-1]["eval/loss"])
     assert "eval_loss" not in t.evaluate(ignore_keys=["loss"]) and "test_loss" in t.evaluate(metric_key_prefix="test")
-    with pytest.raises(ConfigError, match="give the evaluation data to the trainer"):
-        t.evaluate(eval_dataset=PAIRS)
+    assert t.evaluate(eval_dataset=PAIRS[:2])["eval_loss"] == pytest.approx(ev["eval_loss"])
     # The script lines of TRL's examples: log_metrics, save_metrics, save_state.
     t.log_metrics("eval", ev)
     assert "***** eval metrics *****" in capsys.readouterr().out

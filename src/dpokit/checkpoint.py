@@ -379,7 +379,7 @@ RESUME_MAY_CHANGE = frozenset({
     "per_device_eval_batch_size", "save_steps", "save_total_limit", "report_to", "disable_tqdm", "on_nonfinite",
     "max_nonfinite_steps", "run_name", "logging_strategy", "logging_first_step", "log_level", "eval_strategy",
     "eval_on_start", "save_strategy", "dataset_test_split", "ddp_timeout", "precompute_ref_batch_size",
-    "save_on_sigterm",
+    "save_on_sigterm", "logging_dir",
 })
 
 
@@ -511,13 +511,17 @@ def last_checkpoint_note(output_dir: Path) -> str:
     return f"the last complete checkpoint, {latest}, is intact" if latest else "no checkpoint had been written"
 
 
-def rotate(output_dir: Path, step: int, limit: Optional[int]) -> None:
+def rotate(output_dir: Path, step: int, limit: Optional[int], keep: Optional[str] = None) -> None:
     """Keep the newest `limit` checkpoints (once a new one is complete and `latest` names it). Only this run's past
     counts: a checkpoint-M with M > step is left from a continuation abandoned by resuming an earlier checkpoint, and
-    is replaced when this run reaches step M."""
+    is replaced when this run reaches step M. `keep` (the best checkpoint) is never deleted and counts among the
+    `limit`, as transformers keeps it; with limit 1 the newest is kept beside it."""
     if not limit:
         return
     done = [path for s, path in list_checkpoints(output_dir) if s <= step]
+    if keep is not None and Path(keep) in done and done[-1] != Path(keep):
+        done.remove(Path(keep))
+        limit = max(limit - 1, 1)
     for old in done[:-limit]:
         shutil.rmtree(old)
 
@@ -553,9 +557,12 @@ def save_checkpoint(trainer) -> Path:
             "ref_cache_keys": trainer.ref_cache_keys, "config": plain(trainer.args.to_dict()),
             # The data position counts global data groups of this size; a resume needs the same size.
             "num_processes": acc.num_processes, "global_micro_batch": trainer.schedule.global_micro_batch_size(),
+            # transformers' TrainerState fields too (epoch as epochs completed, num_train_epochs, the best metric).
+            **trainer.events.checkpoint_info(),
         }
         write_checkpoint(trainer.output_dir, trainer.global_step, trainer._writer(state), tensors, info)
-        rotate(trainer.output_dir, trainer.global_step, trainer.args.save_total_limit)
+        best = trainer.events.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+        rotate(trainer.output_dir, trainer.global_step, trainer.args.save_total_limit, keep=best)
     acc.wait_for_everyone()
     return ckpt
 

@@ -129,8 +129,8 @@ def _train(command: str, argv: list[str]) -> int:
             raise Interrupted(f"interrupted (SIGINT) during step {trainer.global_step + 1}; "
                               f"{last_checkpoint_note(trainer.output_dir)} (resume with --resume)", 2) from None
         out = trainer.save_model()
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                      if isinstance(v, float) and k not in ("epoch", "train_runtime", "train_loss"))
+    summary = ("epoch", "train_runtime", "train_steps_per_second", "train_loss")
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k not in summary)
     if trainer.accelerator.is_main_process:
         print(f"[dpokit] saved {out} after {trainer.global_step} steps; last: {shown}")
     if trainer.accelerator.num_processes > 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from dpokit.errors import ConfigError
@@ -74,9 +75,6 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     "eval_delay": (0, "evaluation follows eval_strategy and eval_steps"),
     "bf16_full_eval": (False, "evaluation runs in the training precision (bf16/fp16 autocast)"),
     "fp16_full_eval": (False, "evaluation runs in the training precision (bf16/fp16 autocast)"),
-    "load_best_model_at_end": (False, "not implemented: the final model is the last step's"),
-    "metric_for_best_model": (ANY, "it acts only with load_best_model_at_end, which dpokit does not do"),
-    "greater_is_better": (ANY, "it acts only with load_best_model_at_end, which dpokit does not do"),
     # logging and integrations
     "log_on_each_node": (ANY, _LOG),
     "log_level_replica": (ANY, _LOG),
@@ -87,7 +85,6 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     "trackio_space_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
     "trackio_bucket_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
     "trackio_static_space_id": (ANY, "it acts only with report_to: trackio, which dpokit does not have"),
-    "logging_dir": (None, "TensorBoard events are written under output_dir"),
     # saving and the hub
     "push_to_hub": (False, "dpokit does not upload: the final model is a Hugging Face directory in output_dir "
                            "(upload it with `hf upload`)"),
@@ -103,7 +100,8 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
     "enable_jit_checkpoint": (False, "checkpoints are written every save_steps, atomically; a killed run resumes "
                                      "from the last one"),
     "ignore_data_skip": (False, "a resume always continues at the exact next batch"),
-    "restore_callback_states_from_checkpoint": (False, "dpokit has no callbacks"),
+    "restore_callback_states_from_checkpoint": (False, "callbacks start afresh on resume (their state is recorded in "
+                                                       "the checkpoint's trainer_state.json, not read back)"),
     # optimisation and model
     "optim_args": (None, "the optimizer takes adam_beta1, adam_beta2, adam_epsilon and weight_decay only"),
     "optim_target_modules": (ANY, "it acts only with GaLore/APOLLO optimizers, which dpokit does not have"),
@@ -233,10 +231,11 @@ def ported(cls: type, args: Any) -> dict:
 # is accepted, so code written for TRL runs unchanged; anything else is refused rather than silently ignored.
 TRL_TRAINER_ARGUMENTS = {
     "data_collator": "dpokit builds its own batches (padded, or packed with padding_free) from the tokenized rows",
-    "compute_metrics": "evaluation reports the DPO metrics (eval/loss, eval/rewards/...); `dpokit eval` computes more",
+    "compute_metrics": "dpokit's evaluation gathers no predictions (EvalPrediction) to compute metrics from; it "
+                       "reports eval_loss, eval_rewards/... per pair, which a TrainerCallback's on_evaluate(metrics=...) "
+                       "receives, and `dpokit eval` computes win rates and more",
     "preprocess_logits_for_metrics": "evaluation never holds full-vocabulary logits",
     "compute_loss_func": "the loss is chosen with loss_type (DPO) or is the completion NLL (SFT)",
-    "callbacks": "metrics go to metrics.jsonl and TensorBoard (report_to); trainer.state.log_history holds them",
     "optimizers": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay, the schedule from "
                   "lr_scheduler_type and lr_scheduler_kwargs",
     "optimizer_cls_and_kwargs": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay",
@@ -260,41 +259,129 @@ def refuse_trl_arguments(trainer: str, arguments: dict) -> None:
 
 
 def transformers_names(record: dict) -> dict:
-    """A metrics record with transformers' names for evaluation metrics (``eval/loss`` -> ``eval_loss``)."""
-    return {f"eval_{k[len('eval/'):]}" if k.startswith("eval/") else k: v for k, v in record.items()}
+    """A metrics record with transformers' names for evaluation metrics (``eval/loss`` -> ``eval_loss``; a named
+    evaluation set's ``eval_<name>/loss`` -> ``eval_<name>_loss``)."""
+    return {_EVAL_KEY.sub(r"\1_", k): v for k, v in record.items()}
+
+
+_EVAL_KEY = re.compile(r"^(eval(?:_[^/]+)?)/")
+
+
+def tokenized_dataset(examples: list):
+    """Tokenized examples as TRL's trainers hold their tokenized dataset (TRL 1.x column names): preference pairs as
+    prompt_ids, chosen_ids, rejected_ids; SFT examples as input_ids (prompt + completion) and completion_mask."""
+    import datasets
+
+    from dpokit.data.tokenize import TokenizedPair
+
+    if examples and isinstance(examples[0], TokenizedPair):
+        return datasets.Dataset.from_dict({name: [getattr(ex, name).tolist() for ex in examples]
+                                           for name in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    return datasets.Dataset.from_dict({
+        "input_ids": [ex.prompt_ids.tolist() + ex.completion_ids.tolist() for ex in examples],
+        "completion_mask": [[0] * len(ex.prompt_ids) + [1] * len(ex.completion_ids) for ex in examples]})
 
 
 class TransformersTrainerAPI:
-    """Mixed into `dpokit.trainer.Trainer`; reads its `args`, `schedule`, `global_step`, `accelerator`, `output_dir`
-    and metrics sink."""
+    """Mixed into `dpokit.trainer.Trainer`; reads its `args`, `events` (`dpokit.callbacks`), data, `accelerator` and
+    `output_dir`."""
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """The training metrics on the trainer's `eval_dataset`, named as transformers' and TRL's `evaluate()` name
-        them: ``eval_loss``, ``eval_rewards/chosen``, ... (`metric_key_prefix` + "_")."""
+        """The training metrics on `eval_dataset` (any source the constructor takes: a path, a `datasets.Dataset`, a
+        list of rows, or a dict of them), else on the trainer's evaluation sets, named as transformers' and TRL's
+        `evaluate()` name them: ``eval_loss``, ``eval_rewards/chosen``, ... (`metric_key_prefix` + "_"; a dict's sets
+        ``eval_<name>_loss``). The metrics are logged (`state.log_history`, `on_log`) and `on_evaluate` is called."""
+        from dpokit.data.sources import eval_splits
         from dpokit.errors import ConfigError
 
+        sets = None
         if eval_dataset is not None:
-            raise ConfigError("evaluate(eval_dataset=...): give the evaluation data to the trainer "
-                              "(eval_dataset= or eval_file), so that it is checked and tokenized with the rest")
-        ignored = set(ignore_keys or ())
-        return {f"{metric_key_prefix}_{k[len('eval/'):]}": v for k, v in self._evaluate().items()
-                if k[len("eval/"):] not in ignored}
+            sets = self._prepare_eval_sets(eval_splits(eval_dataset))
+        elif not self.eval_sets:
+            raise ConfigError("no eval data: pass eval_dataset= (to the trainer or to evaluate) or set eval_file")
+        ignored = {f"{metric_key_prefix}_{k}" for k in ignore_keys or ()}
+        # The trainer's own sets under the default prefix also update the best metric, as in transformers.
+        own = sets is None and metric_key_prefix == "eval"
+        metrics = self._evaluate_sets(None if own else sets or self.eval_sets, metric_key_prefix, to_file=False)
+        return {k: v for k, v in metrics.items() if k not in ignored}
+
+    def _prepare_eval_sets(self, sources: dict) -> dict:
+        """Evaluation sets given to `evaluate`, read, checked and tokenized as the trainer's own are (without
+        replacing the run's data report)."""
+        from dpokit.errors import ConfigError
+
+        if getattr(self.args, "precompute_ref_log_probs", False):
+            raise ConfigError("evaluate(eval_dataset=...): with precompute_ref_log_probs the reference model was freed "
+                              "after precomputing the trainer's data; pass this set to the trainer (eval_dataset=, a "
+                              "dict for several) or set precompute_ref_log_probs=false")
+        from dpokit import models
+
+        reports, names = dict(self.data_reports), dict(self.data_sources)
+        try:
+            sets = {split: self.prepare_data(source, split) for split, source in sources.items()}
+            vocab = self.model.get_input_embeddings().num_embeddings
+            models.check_vocab(sets, self.data_reports, vocab)
+            models.check_positions(self.model.config, sets, self.data_reports, self.args.max_length, "the model")
+        finally:
+            self.data_reports, self.data_sources = reports, names
+        return sets
 
     @property
     def state(self):
-        """The run as transformers' `TrainerState` (global_step, max_steps, epoch, log_history: every record written
-        to metrics.jsonl), for code written against TRL's and transformers' trainers (`trainer.state.log_history`)."""
-        from transformers import TrainerState
+        """The run as transformers' `TrainerState`, kept up to date by the loop (global_step, max_steps, epoch,
+        log_history with transformers' names, best_metric, best_model_checkpoint), the object callbacks receive."""
+        return self.events.state
 
-        schedule = self.schedule
-        total, per_epoch = (schedule.total_steps(), schedule.steps_per_epoch()) if schedule is not None else (0, 0)
-        sink = self._sink
-        args = self.args
-        return TrainerState(global_step=self.global_step, max_steps=total,
-                            epoch=self.global_step / per_epoch if per_epoch else 0.0,
-                            log_history=[transformers_names(r) for r in sink.history] if sink is not None else [],
-                            logging_steps=args.logging_steps, save_steps=args.save_steps, eval_steps=args.eval_steps,
-                            train_batch_size=args.per_device_train_batch_size)
+    @property
+    def control(self):
+        """transformers' `TrainerControl` of the run (what callbacks set: should_training_stop, should_save, ...)."""
+        return self.events.control
+
+    @property
+    def callback_handler(self):
+        return self.events.handler
+
+    def add_callback(self, callback) -> None:
+        """Add a `transformers.TrainerCallback` (class or instance), as transformers' `Trainer.add_callback`."""
+        self.events.handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        """Remove a callback (class or instance) and return it (transformers' `Trainer.pop_callback`)."""
+        return self.events.handler.pop_callback(callback)
+
+    def remove_callback(self, callback) -> None:
+        """Remove a callback (class or instance; transformers' `Trainer.remove_callback`)."""
+        self.events.handler.remove_callback(callback)
+
+    # The objects TRL's trainers expose under these names.
+    @property
+    def processing_class(self):
+        return self.tokenizer
+
+    @property
+    def lr_scheduler(self):
+        return self.scheduler
+
+    @property
+    def ref_model(self):
+        """The reference model (None with LoRA, where the reference is the adapter turned off, with a reference-free
+        loss, or once precomputed reference log-probs have freed it), as TRL's `ref_model`."""
+        return getattr(self, "_ref_module", None)
+
+    @property
+    def train_dataset(self):
+        """The tokenized training rows as a `datasets.Dataset` with TRL's column names (DPO: prompt_ids, chosen_ids,
+        rejected_ids; SFT: input_ids, completion_mask), or None."""
+        return None if self.train_examples is None else tokenized_dataset(self.train_examples)
+
+    @property
+    def eval_dataset(self):
+        """The tokenized evaluation rows as `train_dataset` shows them; a dict {name: Dataset} for several sets."""
+        if not self.eval_sets:
+            return None
+        if list(self.eval_sets) == ["eval"]:
+            return tokenized_dataset(self.eval_sets["eval"])
+        return {split[len("eval_"):]: tokenized_dataset(ex) for split, ex in self.eval_sets.items()}
 
     def log_metrics(self, split: str, metrics: dict) -> None:
         """Print `metrics` as transformers' `Trainer.log_metrics` does (main process only)."""

@@ -60,8 +60,10 @@ class TrainConfig:
     """Allow model code from the model's repository to run. Off unless asked: it executes code you did not write."""
     train_file: Optional[str] = None
     """Training data: .jsonl/.json/.csv/.tsv/.parquet/.arrow (optionally .gz) or a `save_to_disk` directory."""
-    eval_file: Optional[str] = None
-    """Held-out data in the same formats; evaluated as `eval_strategy` says (by default at the end of training)."""
+    eval_file: Optional[Union[str, list, dict]] = None
+    """Held-out data in the same formats; evaluated as `eval_strategy` says (by default at the end of training). Several
+    sets: a mapping {name: file} or a list of files (named by file name), each logged as eval_<name>_loss, ...
+    (metrics.jsonl: eval_<name>/loss), as transformers evaluates a dict `eval_dataset`."""
     dataset_name: Optional[str] = None
     """TRL scripts' data source, used when `train_file` is not set: a hub id, a `save_to_disk` directory or a file.
     Training reads its `dataset_train_split`; evaluation reads its `dataset_test_split` when `eval_strategy` is steps
@@ -181,7 +183,9 @@ class TrainConfig:
     logging_first_step: bool = False
     """Also log the first optimizer step."""
     log_level: str = field(default="passive", metadata={"choices": _LOG_LEVELS})
-    """dpokit's notices on stdout: passive/debug/info/warning print them; error/critical keep only errors."""
+    """dpokit's notices on stdout, as transformers reads log_level: passive (its default: warning), warning, error,
+    critical; info/debug also show routine ones (e.g. a data file's count line when no row was skipped or cut). The
+    metrics dicts are printed at every level, as transformers' Trainer prints them."""
     eval_strategy: Optional[str] = field(default=None, metadata={"choices": _STRATEGIES})
     """When to evaluate (with `eval_file` or `dataset_name`'s test split): `steps` (every `eval_steps`, which defaults
     to `logging_steps`, and at the end), `epoch` (at each epoch's end), `no` (never). null: every `eval_steps` if it is
@@ -196,7 +200,17 @@ class TrainConfig:
     save_steps: Union[int, float] = field(default=500, metadata={"range": "[0, inf)", "fractions": True})
     """Write a checkpoint every this many optimizer steps (0: none; a float in (0, 1): that fraction of all steps)."""
     save_total_limit: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})
-    """Keep at most this many checkpoints, deleting the oldest once a new one is complete."""
+    """Keep at most this many checkpoints, deleting the oldest once a new one is complete (the best one is kept with
+    `load_best_model_at_end`, as transformers keeps it)."""
+    load_best_model_at_end: bool = False
+    """At the end of training, load the checkpoint whose evaluation scored best on `metric_for_best_model` (so
+    `save_model` writes it), as transformers does. Needs evaluation and checkpoints on the same schedule
+    (`eval_strategy` = `save_strategy`; with steps, `save_steps` a multiple of `eval_steps`)."""
+    metric_for_best_model: Optional[str] = None
+    """The evaluation metric that ranks checkpoints (with or without its `eval_` prefix, e.g. `loss`,
+    `rewards/accuracies`); default `loss` with `load_best_model_at_end`. `transformers.EarlyStoppingCallback` reads it."""
+    greater_is_better: Optional[bool] = None
+    """Whether a higher `metric_for_best_model` is better; default: false for a metric ending in `loss`, else true."""
     save_on_sigterm: bool = True
     """On SIGTERM (what SLURM and Kubernetes send before they kill a job) write a checkpoint at the next step boundary,
     then stop (exit code 143), so a pre-empted job loses at most one step; false stops there without one."""
@@ -216,7 +230,11 @@ class TrainConfig:
     it: project from WANDB_PROJECT, run name `run_name`, metrics as train/... and eval/...; needs `pip install
     wandb`), a list of them, or `all` (tensorboard, and wandb where installed)."""
     disable_tqdm: bool = False
-    """Hide the progress bar."""
+    """Hide the progress bars (training, evaluation, reference precomputation); each log is then printed as a plain
+    dict (transformers' PrinterCallback) instead of above the bar."""
+    logging_dir: Optional[str] = None
+    """Where TensorBoard event files go (report_to: tensorboard). Default, as transformers: $TENSORBOARD_LOGGING_DIR,
+    else output_dir/runs/<date>_<host>; a resumed run goes on writing into the directory it started."""
 
     # ----- LoRA (peft) -----
     use_peft: bool = False
@@ -281,6 +299,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         settings.check_settings(self)
 
+    def _best_model_defaults(self) -> None:
+        """transformers' defaults, set when the arguments are made: the best model is the lowest eval loss, and a
+        metric ending in `loss` is better lower."""
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
     def validate(self) -> None:
         """Check the config again (after fields were changed by hand) and resolve what it leaves to the run."""
         settings.check_settings(self)
@@ -288,6 +314,7 @@ class TrainConfig:
 
     def _check(self) -> None:
         """The checks across fields, each a one-line ConfigError naming them (single fields were checked before)."""
+        self._best_model_defaults()  # first: the checks below read them (DPOConfig's own __post_init__ comes here)
         if self.token_budget is not None and not self.padding_free:
             raise ConfigError("token_budget needs padding_free=true (it counts packed tokens)")
         if self.resume_from_checkpoint is not None and self.overwrite_output_dir:
@@ -316,6 +343,8 @@ class TrainConfig:
             self._check_qlora()
         if self.dataset_name and self.train_file:
             raise ConfigError("train_file and dataset_name are both set; choose one data source")
+        if self.load_best_model_at_end:
+            self._check_best_model()
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set num_train_epochs > 0 or max_steps > 0")
         sinks = self._sinks
@@ -329,6 +358,19 @@ class TrainConfig:
         valid = [s.value for s in SchedulerType]
         if self.lr_scheduler_type not in valid:
             raise ConfigError(f"lr_scheduler_type: unknown {self.lr_scheduler_type!r}{closest(self.lr_scheduler_type, valid)}")
+
+    def _check_best_model(self) -> None:
+        """transformers' rule: the best model is a checkpoint, so every evaluation must be one."""
+        evaluation = self.eval_strategy or ("steps" if self.eval_steps else "no")
+        if evaluation != self.save_strategy:
+            raise ConfigError(f"load_best_model_at_end needs the eval and save strategies to match, but eval_strategy "
+                              f"is {evaluation!r} and save_strategy is {self.save_strategy!r}")
+        if evaluation == "steps":
+            every = self.eval_steps if self.eval_steps is not None else self.logging_steps
+            ratio = self.save_steps / every
+            if not self.save_steps or abs(ratio - round(ratio)) > 1e-9:
+                raise ConfigError(f"load_best_model_at_end needs save_steps to be a round multiple of eval_steps, but "
+                                  f"save_steps is {self.save_steps} and eval_steps is {every}")
 
     def _check_qlora(self) -> None:
         if not self.use_peft:
@@ -350,6 +392,7 @@ class TrainConfig:
 
             self.bf16 = (not self.fp16 and not self.use_cpu and torch.cuda.is_available()
                          and torch.cuda.is_bf16_supported())
+        self._best_model_defaults()  # fields changed by hand since the config was made
         for name in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
             # A local model is recorded by its absolute path, so that a run directory names the model it started
             # from (`dpokit eval`'s default reference) wherever it is read from; hub ids stay as they are.

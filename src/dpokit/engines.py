@@ -101,6 +101,10 @@ class Engine:
         set_optimizer_state_dict(self._optimizer_module(policy), _inner_optimizer(optimizer), optimizer_state,
                                  options=StateDictOptions(full_state_dict=True))
 
+    def load_weights(self, model: nn.Module, policy: nn.Module, ckpt: Path, peft: bool) -> None:
+        """Put the weights of checkpoint `ckpt` back into the policy (e.g. the best model at the end)."""
+        self._load_weights(model, policy, ckpt, peft)
+
     def _load_weights(self, model: nn.Module, policy: nn.Module, ckpt: Path, peft: bool) -> None:
         from dpokit.checkpoint import load_weights
 
@@ -154,6 +158,9 @@ class DeepSpeedEngine(Engine):
 
     def check(self, cfg) -> None:
         refuse_qlora(cfg, "DeepSpeed")
+        if cfg.load_best_model_at_end:
+            raise ConfigError("load_best_model_at_end is not supported under DeepSpeed (the weights live in its "
+                              "partitions); use FSDP or DDP, or load the best checkpoint-N yourself")
         if cfg.on_nonfinite == "skip":
             raise ConfigError("on_nonfinite=skip is not supported under DeepSpeed (its engine applies the update "
                               "inside backward, so an update cannot be skipped); use on_nonfinite=stop, or FSDP/DDP")

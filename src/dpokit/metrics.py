@@ -11,18 +11,27 @@ from typing import Optional
 
 from dpokit.fileio import append_text, atomic_write_text, writing
 
-_QUIET = {"quiet": False}  # log_level error/critical: notices off (errors are raised, never logged)
+# log_level, as transformers reads it for its own logger: "passive" keeps the default (warning); the metrics dicts are
+# printed whatever it says (transformers' Trainer prints them through its progress or printer callback).
+_LEVEL = {"level": "passive"}
+_SHOWN = {"info": ("debug", "info"), "warning": ("passive", "debug", "info", "warning")}
 
 
-def log(msg: str) -> None:
+def log(msg: str, level: str = "warning") -> None:
     """Run notices (counts of truncated/dropped rows, substitutions like pad=EOS) go to stdout, from the first
-    process only (RANK is set by torchrun / accelerate launch before any dpokit code runs)."""
-    if int(os.environ.get("RANK", "0")) == 0 and not _QUIET["quiet"]:
+    process only (RANK is set by torchrun / accelerate launch before any dpokit code runs). `level` "info" (a routine
+    count) shows at log_level info/debug only; "warning" (the default) unless log_level is error/critical."""
+    if int(os.environ.get("RANK", "0")) == 0 and _LEVEL["level"] in _SHOWN[level]:
         print(f"[dpokit] {msg}", flush=True)
 
 
+def set_log_level(level: str) -> None:
+    _LEVEL["level"] = level
+
+
 def set_quiet(quiet: bool) -> None:
-    _QUIET["quiet"] = quiet
+    """Notices off (log_level error) or back to the default."""
+    set_log_level("error" if quiet else "passive")
 
 
 class MetricsSink:
@@ -33,7 +42,8 @@ class MetricsSink:
     between that checkpoint and the kill."""
 
     def __init__(self, output_dir: Path, tensorboard: bool, enabled: bool, history: Optional[list] = None,
-                 resume_step: Optional[int] = None, wandb_init: Optional[dict] = None):
+                 resume_step: Optional[int] = None, wandb_init: Optional[dict] = None,
+                 logging_dir: Optional[str] = None):
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.history = list(history or [])
@@ -49,7 +59,7 @@ class MetricsSink:
 
             # purge_step hides the events a killed run logged after the checkpoint it is resumed from.
             purge = None if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge)
+            self.tb = SummaryWriter(str(logging_dir or output_dir / "runs"), purge_step=purge)
 
     @classmethod
     def for_run(cls, cfg, output_dir: Path, enabled: bool, history: Optional[list],
@@ -61,7 +71,7 @@ class MetricsSink:
             wandb_init = dict(project=os.environ.get("WANDB_PROJECT", "huggingface"), name=cfg.run_name,
                               config=cfg.to_dict())
         return cls(output_dir, cfg.report_to_tensorboard, enabled, history=history, resume_step=resume_step,
-                   wandb_init=wandb_init)
+                   wandb_init=wandb_init, logging_dir=cfg.logging_dir)
 
     def write(self, step: int, metrics: dict) -> None:
         # 8 significant digits (not decimal places: a DPO learning rate of 5e-7 in warmup would lose its digits).
@@ -70,22 +80,47 @@ class MetricsSink:
         if not self.enabled:
             return
         append_text(self.path, json.dumps(record) + "\n")
+        # transformers' names on TensorBoard and W&B (its TensorBoardCallback's and WandbCallback's rewrite_logs:
+        # train/loss, eval/loss, ...), so TRL's dashboards read these runs.
+        tags = transformers_tags(metrics)
         if self.tb is not None:
             with writing(self.tb.log_dir):
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)):
-                        self.tb.add_scalar(k, v, step)
+                for k, v in tags.items():
+                    self.tb.add_scalar(k, v, step)
                 self.tb.flush()
         if self.wandb is not None:
-            # transformers' names on W&B, so TRL's dashboards read these runs: train/loss, eval/loss, ...
-            self.wandb.log({k if k.startswith("eval/") else f"train/{k}": v for k, v in metrics.items()
-                            if isinstance(v, (int, float))}, step=step)
+            self.wandb.log(tags, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def transformers_tags(metrics: dict) -> dict:
+    """The numbers of a dpokit record under the names transformers' TensorBoard and W&B callbacks give them."""
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    from dpokit.compat import transformers_names
+
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return rewrite_logs(transformers_names(numbers))
+
+
+def logging_dir(cfg, output_dir: Path, saved_config: Optional[dict]) -> str:
+    """Where TensorBoard events go, as transformers picks it: `logging_dir`, else $TENSORBOARD_LOGGING_DIR, else
+    output_dir/runs/<date>_<host>; a resumed run keeps the directory its checkpoint's config records, so its events
+    go on in one stream (purged back to the checkpoint's step)."""
+    if cfg.logging_dir:
+        return str(Path(cfg.logging_dir).expanduser())
+    if saved_config and saved_config.get("logging_dir"):
+        return saved_config["logging_dir"]
+    if os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        return str(Path(os.environ["TENSORBOARD_LOGGING_DIR"]).expanduser())
+    from transformers.integrations.integration_utils import default_logdir
+
+    return str(output_dir / default_logdir())
 
 
 class DisplacementWatch:

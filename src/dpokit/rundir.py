@@ -32,7 +32,7 @@ RUN_FILES = ("metrics.jsonl", "warnings.jsonl", "skipped_rows.jsonl", "data_repo
              "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json",
              "merges.txt")
-RUN_DIRS = ("tensorboard",)
+RUN_DIRS = ("tensorboard", "runs")  # TensorBoard events: older runs, and transformers' default logging_dir
 
 # The counts of a data report written to data_report.json, per split.
 REPORT_FIELDS = ("source", "format", "read", "kept", "skipped", "deduplicated", "truncated_prompt",

@@ -73,6 +73,14 @@ class DataSchedule:
     def groups_per_epoch(self) -> int:
         return math.ceil(len(self.examples) / self.global_micro_batch_size())
 
+    def epochs_completed(self, epoch: int, group: int) -> float:
+        """Epochs completed at data position (epoch, next data group), as transformers logs `epoch`: the epoch index
+        plus the fraction of the epoch's micro-batches (of per_device_train_batch_size x processes examples) consumed,
+        counted the same with a token budget."""
+        n, size = len(self.examples), self.cfg.per_device_train_batch_size * self.num_processes
+        consumed = min(group * self.global_micro_batch_size(), n)
+        return epoch + math.ceil(consumed / size) / math.ceil(n / size)
+
     def steps_per_epoch(self) -> int:
         groups = self.groups_per_epoch()
         return groups if self.token_budget else math.ceil(groups / self.cfg.gradient_accumulation_steps)
@@ -132,8 +140,8 @@ class DataSchedule:
 
 class Intervals:
     """When logging, evaluation and checkpoints happen, in optimizer steps: every N steps (fractions of the run
-    resolved, as transformers reads them), at each epoch's end, or never. The last step is always logged; evaluation
-    and the final model follow it anyway, so neither an evaluation nor a checkpoint is due then."""
+    resolved, as transformers reads them), at each epoch's end, or never. The last step is always logged, evaluated
+    (`dpokit.callbacks.Flow`) and, under a save strategy, checkpointed."""
 
     def __init__(self, cfg, total_steps: int):
         from dpokit.config import steps_from
@@ -160,4 +168,10 @@ class Intervals:
         return step < self.total_steps and self._due(self.eval_strategy, self.eval_every, step, epoch_end)
 
     def save(self, step: int, epoch_end: bool) -> bool:
-        return step < self.total_steps and self._due(self.cfg.save_strategy, self.save_every, step, epoch_end)
+        # The last step is checkpointed under a save strategy, as transformers does (its trainer_state.json records
+        # the whole run, and it can be a best checkpoint for load_best_model_at_end).
+        # (`epoch`: the run's end ends an epoch, see `dpokit.callbacks.Flow`.)
+        strategy = self.cfg.save_strategy
+        if step == self.total_steps and strategy == "steps" and self.save_every:
+            return True
+        return self._due(strategy, self.save_every, step, epoch_end)

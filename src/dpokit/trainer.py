@@ -27,16 +27,18 @@ from dpokit import checkpoint as C
 from dpokit import data as D
 from dpokit import distributed as dist
 from dpokit import losses, models, rundir
+from dpokit.callbacks import Events, check_callbacks, load_best_model, progress
 from dpokit.compat import TransformersTrainerAPI, refuse_trl_arguments
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
-from dpokit.data.sources import load_split, run_sources
+from dpokit.data.sources import eval_splits, load_split, run_sources
 from dpokit.data.collate import collate_packed, collate_packed_sft, collate_pairs, collate_sft
 from dpokit.engines import make_engine
 from dpokit.errors import ConfigError, DataError, DpokitError, Interrupted, WriteError
 from dpokit.fileio import refuse_overlap
 from dpokit.guards import (NonFiniteError, NonFiniteGuard, OutOfMemory, StopSignals, nonfinite_loss,  # noqa: F401
                            out_of_memory_hint)
-from dpokit.metrics import DisplacementWatch, MeanMeter, MetricsSink, log, set_quiet, warn  # noqa: F401 (public)
+from dpokit.metrics import (DisplacementWatch, MeanMeter, MetricsSink, log, logging_dir, set_log_level,  # noqa: F401
+                            set_quiet, warn)
 from dpokit.optim import group_names, make_optimizer
 from dpokit.packing import batch_logps, enable_packed_attention, pack_by_cost, pack_pairs, pair_tokens
 from dpokit.reference import (AdapterOffReference, ModelReference, data_fingerprint, frozen_copy,
@@ -54,8 +56,9 @@ class Trainer(TransformersTrainerAPI):
 
     # ----- setup -----
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 peft_config=None):
+                 peft_config=None, callbacks=None):
         self.args = cfg = config_from_args(self.config_class, args)
+        check_callbacks(callbacks)
         model = self._model_source(model)
         self.output_dir = Path(cfg.output_dir)
         rundir.check_writable(self.output_dir)  # before anything slow: a run that cannot save should not start
@@ -65,7 +68,7 @@ class Trainer(TransformersTrainerAPI):
             C.resolve(cfg.resume_from_checkpoint, self.output_dir)  # a mistyped path fails now, not after loading
         self.ref_cache_keys: dict[str, str] = {}  # split -> key of the precomputed reference log-probs
         self.data_reports, self.data_sources = {}, {}
-        set_quiet(cfg.log_level in ("error", "critical"))
+        set_log_level(cfg.log_level)
         from transformers import enable_full_determinism, set_seed
 
         enable_full_determinism(cfg.seed) if cfg.full_determinism else set_seed(cfg.seed)
@@ -80,7 +83,8 @@ class Trainer(TransformersTrainerAPI):
         # Data before the model: a bad row should fail in seconds, not after loading billions of weights.
         train_source, eval_source = run_sources(cfg, train_dataset, eval_dataset)
         self.train_examples = self.prepare_data(train_source, "train") if train_source is not None else None
-        self.eval_examples = self.prepare_data(eval_source, "eval") if eval_source is not None else None
+        self.eval_sets = {split: self.prepare_data(source, split) for split, source in eval_splits(eval_source).items()}
+        self.eval_examples = next(iter(self.eval_sets.values()), None)  # the (first) evaluation set
         config = models.model_config(model, cfg)  # the settings against the model, before its weights load
         models.check_init_kwargs(config, cfg)
         self._check_positions(config)
@@ -114,9 +118,11 @@ class Trainer(TransformersTrainerAPI):
         self.global_step, self.optimizer, self.scheduler = 0, None, None
         self._position, self._meter, self._current = (0, 0), MeanMeter(), {}  # (epoch, next data group); metrics
         self._sink: Optional[MetricsSink] = None
-        self._displacement, self._train_fp = DisplacementWatch(), None
+        self._displacement, self._train_fp, self._eval_split = DisplacementWatch(), None, "eval"
         report = self.data_reports.get("train")
         self.guard = NonFiniteGuard(cfg, report.where if report else None, lambda: C.read_latest(self.output_dir))
+        self.events = Events(self, callbacks)
+        self.events("on_init_end")
 
     def _model_source(self, model):
         """The model argument, else `model_name_or_path`; a local path recorded absolute in the run's config (the
@@ -131,16 +137,19 @@ class Trainer(TransformersTrainerAPI):
         return model
 
     def _check_vocab(self, model: nn.Module, what: Optional[str] = None) -> None:
-        splits = {"train": self.train_examples, "eval": self.eval_examples}
+        splits = {"train": self.train_examples, **self.eval_sets}
         models.check_vocab(splits, self.data_reports, model.get_input_embeddings().num_embeddings, what)
 
     def _check_positions(self, config, what: str = "the model") -> None:
-        splits = {"train": self.train_examples, "eval": self.eval_examples}
+        splits = {"train": self.train_examples, **self.eval_sets}
         models.check_positions(config, splits, self.data_reports, self.args.max_length, what)
 
     def _finish_data(self, tokenized, report, name: str, split: str):
-        """Print and keep the data report (written with the run, skipped rows included); refuse an empty set."""
-        log(report.summary())
+        """Print and keep the data report (written with the run, skipped rows included); refuse an empty set. The
+        count line is a routine notice (info) unless rows were skipped, deduplicated, cut or dropped (a warning)."""
+        changed = any(getattr(report, f, 0) for f in ("skipped", "deduplicated", "dropped", "truncated_prompt",
+                                                      "truncated_completion", "unpaired"))
+        log(report.summary(), level="warning" if changed else "info")
         self.data_reports[split], self.data_sources[split] = report, name
         if not tokenized:
             raise DpokitError(f"{name}: no usable {split} rows left after validation and truncation "
@@ -213,6 +222,8 @@ class Trainer(TransformersTrainerAPI):
                             main_process=acc.is_main_process,
                             same_run=lambda saved, what: C.check_same_run(saved, cfg, what))
         saved = C.load_state(ckpt) if ckpt is not None else None
+        if cfg.report_to_tensorboard:  # resolved once and recorded with the run, so that a resume writes there too
+            cfg.logging_dir = logging_dir(cfg, self.output_dir, saved[1]["config"] if saved else None)
         acc.wait_for_everyone()  # every rank has checked the output directory before the first one writes into it
         if acc.is_main_process:
             self.run_lock.record_holder()
@@ -233,30 +244,34 @@ class Trainer(TransformersTrainerAPI):
                                                 saved[1]["metrics"] if saved else None,
                                                 self.global_step if saved else None)
         last, self._current, self._displacement = {}, {}, DisplacementWatch()
-        loss_sum, loss_steps, started = 0.0, 0, time.perf_counter()
+        loss_sum, loss_steps, started, first = 0.0, 0, time.perf_counter(), self.global_step
         stream = self.schedule.steps(*self._position)
-        bar = None
-        if not cfg.disable_tqdm and acc.is_main_process:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total_steps, initial=self.global_step, desc=type(self).__name__, dynamic_ncols=True)
-        due = Intervals(cfg, total_steps)
+        due, events = Intervals(cfg, total_steps), self.events
         groups = self.schedule.groups_per_epoch()
         epochs_done = self._position[0] + (self._position[1] >= groups)
-        if cfg.eval_on_start and self.eval_examples is not None and saved is None:
-            sink.write(0, self._evaluate())
+        events.begin(due, total_steps, self.schedule.steps_per_epoch(), bool(self.eval_sets), sink.history)
+        if saved is not None:
+            events.restore(saved[1])
+        control = events("on_train_begin")
+        if cfg.eval_on_start and self.eval_sets and saved is None:
+            self._evaluate_sets(dict(self.eval_sets))  # a baseline: as in transformers, not a best-model candidate
         self.policy.train()
         if saved is not None:
             # Last, so that nothing between here and the first step draws from the restored generators.
             C.restore_rng(C.rank_rng(saved[0], acc.num_processes, acc.process_index))
         try:
             with StopSignals() as stop:
-                while self.global_step < total_steps:
+                while self.global_step < total_steps and not control.should_training_stop:
                     t0 = time.perf_counter()
+                    if self._position[1] in (0, groups):  # the first step of an epoch
+                        events("on_epoch_begin")
+                    events("on_step_begin")
                     epoch, position, micro = next(stream)
                     self._position = (epoch, position)
                     record, tokens = self.training_step([(self._to_device(b), filler) for b, filler in micro])
                     self.global_step += 1
+                    events.state.global_step = self.global_step
+                    events.state.epoch = self.schedule.epochs_completed(epoch, position)
                     # The loss and the preference metrics are logged as means over the steps since the last log; the
                     # learning rate and the gradient norm as the last step's values, as transformers logs them.
                     self._current = {"learning_rate": self.scheduler.get_last_lr()[0],
@@ -265,33 +280,30 @@ class Trainer(TransformersTrainerAPI):
                     self._meter.add(record)
                     if "loss" in record:
                         loss_sum, loss_steps = loss_sum + record["loss"], loss_steps + 1
-                    if bar is not None:
-                        bar.update(1)
-                        if "loss" in record:
-                            bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    # A step can end an epoch (its last data group).
+                    # A step can end an epoch (its last data group); a run that stops ends its epoch too.
                     done = epoch + (position >= groups)
                     epoch_end, epochs_done = done > epochs_done, done
-                    if due.log(self.global_step, epoch_end):
-                        last = self._log_training_metrics(epoch)
-                    if self.eval_examples is not None and due.evaluate(self.global_step, epoch_end):
-                        sink.write(self.global_step, self._evaluate())
-                    if due.save(self.global_step, epoch_end):
-                        self._save_checkpoint()
+                    control = events("on_step_end")
+                    last = events.act() or last
+                    if epoch_end or control.should_training_stop:
+                        control = events("on_epoch_end")
+                        last = events.act() or last
                     signum = stop.received(acc) if self.global_step < total_steps else None
                     if signum is not None:
                         self._stop(signum, saved=due.save(self.global_step, epoch_end), total_steps=total_steps)
-            if self.eval_examples is not None:
-                sink.write(self.global_step, self._evaluate())
         finally:
-            if bar is not None:
-                bar.close()
             sink.close()
         from transformers.trainer_utils import TrainOutput
 
         training_loss = loss_sum / loss_steps if loss_steps else float("nan")
-        return TrainOutput(self.global_step, training_loss, {
-            **last, "train_runtime": time.perf_counter() - started, "train_loss": training_loss})
+        runtime = time.perf_counter() - started
+        summary = {"train_runtime": runtime, "train_steps_per_second": (self.global_step - first) / runtime,
+                   "train_loss": training_loss}
+        summary = events.log(summary, to_file=False)  # printed and in log_history, as transformers logs it
+        if cfg.load_best_model_at_end and events.state.best_model_checkpoint is not None:
+            load_best_model(self, events.state)
+        events("on_train_end")
+        return TrainOutput(self.global_step, training_loss, {**last, **summary})
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -354,34 +366,37 @@ class Trainer(TransformersTrainerAPI):
         tokens = int(dist.all_reduce_sum(acc, [tokens])[0])
         return ({} if problem is not None else {**step_metrics.means(), "grad_norm": grad_norm}), tokens
 
-    def _log_training_metrics(self, epoch: int) -> dict:
-        """Write the mean metrics of the steps since the last log; warn (once per episode) about likelihood
+    def _log_training_metrics(self) -> dict:
+        """Log the mean metrics of the steps since the last log; warn (once per episode) about likelihood
         displacement."""
-        record = {**self._meter.means(), **self._current, "epoch": epoch}
+        record = {**self._meter.means(), **self._current}
         if self.args.on_nonfinite == "skip":
             record["nonfinite_steps"] = self.guard.skipped
-        self._sink.write(self.global_step, record)
+        self.events.log(record)
         self._meter = MeanMeter()
+        record["epoch"] = self.events.state.epoch
         warning = self._displacement.update(record) if self.accelerator.is_main_process else None
         if warning:
             warn(self.output_dir, self.global_step, "likelihood_displacement", warning)
         return record
 
     # ----- evaluate -----
+    def _evaluate_sets(self, sets: Optional[dict] = None, prefix: str = "eval", to_file: bool = True) -> dict:
+        return self.events.evaluate(sets, prefix, to_file)
+
     @torch.no_grad()
-    def _evaluate(self) -> dict:
-        """The training metrics on `eval_dataset`, prefixed `eval/`; each rank evaluates its share and the weighted
-        sums are reduced over ranks."""
-        if self.eval_examples is None:
-            raise ConfigError("no eval data: pass eval_dataset= or set eval_file")
+    def _evaluate(self, examples: list, split: str = "eval") -> dict:
+        """The training metrics on `examples`; each rank evaluates its share and the weighted sums are reduced over
+        ranks."""
         acc = self.accelerator
         was_training = self.policy.training
         self.policy.eval()
-        meter = MeanMeter()
-        batches = list(self._loader(self.eval_examples, self.args.per_device_eval_batch_size))
+        meter, self._eval_split = MeanMeter(), split
+        batches = list(self._loader(examples, self.args.per_device_eval_batch_size))
+        self.events.handler.eval_dataloader = batches  # its length sizes transformers' evaluation progress bar
         # Every rank runs the same number of passes (FSDP gathers weights in each); extra ones weigh nothing.
         count = dist.all_reduce_max(acc, len(batches))
-        filler = self.collate(self.eval_examples[:1])
+        filler = self.collate(examples[:1])
         with out_of_memory_hint(self.args, "eval", self.global_step + 1, self.token_budget()):
             for i in range(count):
                 batch = self._to_device(batches[i] if i < len(batches) else filler)
@@ -389,10 +404,11 @@ class Trainer(TransformersTrainerAPI):
                     _, weight, metrics = self.loss_and_metrics(batch, train=False)
                 if i < len(batches):
                     meter.add(metrics, weight)
+                    self.events("on_prediction_step")
         if was_training:
             self.policy.train()
         meter.sums, meter.weights = dist.reduce_meter(acc, meter.sums, meter.weights)
-        return {f"eval/{k}": v for k, v in meter.means().items()}
+        return meter.means()
 
     def _loader(self, examples: list, batch_size: int) -> DataLoader:
         """This rank's share of `examples` in dataset order. Its own generator: a DataLoader draws a seed when
@@ -434,9 +450,9 @@ class SFTTrainer(Trainer):
     config_class = SFTConfig
 
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
-                 peft_config=None, **trl_arguments):
+                 peft_config=None, callbacks=None, **trl_arguments):
         refuse_trl_arguments(type(self).__name__, trl_arguments)
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, peft_config)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, peft_config, callbacks)
 
     def prepare_data(self, source, split: str):
         cfg = self.args
@@ -491,7 +507,7 @@ class DPOTrainer(Trainer):
     config_class = DPOConfig
 
     def __init__(self, model, ref_model=None, args=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, **trl_arguments):
+                 processing_class=None, peft_config=None, callbacks=None, **trl_arguments):
         refuse_trl_arguments(type(self).__name__, trl_arguments)
         self._ref_model_arg = ref_model
         self.reference = None
@@ -509,7 +525,7 @@ class DPOTrainer(Trainer):
             # The reference must stay frozen while the policy trains: one object cannot be both.
             raise ConfigError("model and ref_model are the same object; pass ref_model=None (a frozen copy of the "
                               "starting policy is made) or a separate model")
-        super().__init__(model, cfg, train_dataset, eval_dataset, processing_class, peft_config)
+        super().__init__(model, cfg, train_dataset, eval_dataset, processing_class, peft_config, callbacks)
 
     # ----- data -----
     def prepare_data(self, source, split: str):
@@ -588,18 +604,19 @@ class DPOTrainer(Trainer):
         # the aggregation (ld_alpha) and the precision, so a stale cache can never be read.
         self.model.to(self.accelerator.device)
         self.reference = {}
-        for split, examples in (("train", self.train_examples), ("eval", self.eval_examples)):
+        for split, examples in (("train", self.train_examples), *self.eval_sets.items()):
             if examples is None:
                 continue
             key = _sha(ref_fp, data_fingerprint(examples), str(cfg.ld_alpha), str(cfg.bf16), str(cfg.fp16))
             # Each rank computes its share (before the engine wraps anything: the model is whole on every rank
             # here, so no collective runs inside); `precompute` gathers the shares into the full table.
             loader = self._loader(examples, cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size)
-            batches = (self._to_device(b) for b in loader)
+            batches = (self._to_device(b) for b in progress(loader, f"reference log-probs ({split})", cfg,
+                                                            self.accelerator.is_main_process))
             num_rows = max(int(p.row) for p in examples) + 1
             self.reference[split] = precompute(ref, batches, num_rows, cache_key=key, accelerator=self.accelerator)
             self.ref_cache_keys[split] = key
-            log(f"reference log-probs for {len(examples)} {split} pairs precomputed (cache key {key[:12]})")
+            log(f"reference log-probs for {len(examples)} {split} pairs precomputed (cache key {key[:12]})", "info")
         # Free the reference model: the whole point of precomputing is not to hold it during training.
         self._ref_module = None
         del ref
@@ -612,7 +629,7 @@ class DPOTrainer(Trainer):
         if self.reference is None:
             return None
         if isinstance(self.reference, dict):
-            return self.reference["train" if train else "eval"].logps(batch)
+            return self.reference["train" if train else self._eval_split].logps(batch)
         return self.reference.logps(batch)
 
     # ----- loss -----

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dpokit.data.readers import load_rows
@@ -34,3 +35,30 @@ def load_split(source, split: str, cfg):
     """Rows of a data source; a source with splits gives `dataset_train_split` or `dataset_test_split`."""
     return load_rows(source, split=cfg.dataset_train_split if split == "train" else cfg.dataset_test_split,
                      config_name=cfg.dataset_config)
+
+
+def eval_splits(evaluation) -> dict:
+    """The evaluation sets of a source, by split name: one source is split ``eval`` (metrics ``eval_loss``, ...); a
+    mapping {name: source} (transformers' dict `eval_dataset`) or a list of files (a YAML `eval_file` list, each
+    named by its file name without extensions) gives split ``eval_<name>`` for each (metrics ``eval_<name>_loss``)."""
+    if evaluation is None:
+        return {}
+    if isinstance(evaluation, (list, tuple)) and evaluation and all(
+            isinstance(s, (str, os.PathLike)) for s in evaluation):
+        named = {}
+        for source in evaluation:
+            name = Path(source).name.split(".")[0]
+            if name in named:
+                raise ConfigError(f"eval_file: {named[name]} and {source} are both named {name!r}; give a mapping "
+                                  "{name: path} instead of a list")
+            named[name] = source
+        evaluation = named
+    if not isinstance(evaluation, dict):
+        return {"eval": evaluation}
+    if not evaluation:
+        raise ConfigError("eval_dataset: an empty mapping; give {name: data} or leave it unset")
+    for name in evaluation:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"eval_dataset: set name {name!r} must be a non-empty string without '/' (it names "
+                              "the metrics eval_<name>_loss, ...)")
+    return {f"eval_{name}": source for name, source in evaluation.items()}
