@@ -58,6 +58,18 @@ def load_model(args, tokenizer, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+def base_model_path(args, tokenizer) -> str:
+    """A directory (or hub id) holding the starting model and its tokenizer: `--model`, else the tiny model saved
+    into `output_dir/base`. Steps that record where a run started (a LoRA adapter names its base model; evaluation
+    compares a run with its reference) load the model from a path, as a user's script does."""
+    if args.model:
+        return args.model
+    path = os.path.join(args.output_dir, "base")
+    load_model(args, tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def preference_rows(num_train: int = 64, num_eval: int = 16, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Train and held-out prompt/chosen/rejected rows from dpokit's demo corpus: story openings, each with a
     positive (chosen) and a negative (rejected) continuation; the held-out rows have prompts never trained on."""
