@@ -4,8 +4,9 @@ judge's win rate and the KL to the reference on completions sampled from both.
 
     python examples/tutorial/05_evaluation.py --output_dir runs/tutorial
 
-The judge here is a Python function `judge(prompt, completion) -> float` (the demo's sentiment score: the share of
-positive words); `dpokit eval --judge module:function` takes the same function, and `rm:PATH` a reward model.
+The judge is a Python function `judge(prompt, completion) -> float`, named as `module:function`
+(`sentiment_judge.py` beside this script: the demo's sentiment score, the share of positive words); `dpokit eval
+--judge sentiment_judge:positive_words` takes the same name, and `rm:PATH` a reward model.
 """
 
 import json
@@ -15,14 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from _tiny import base_model_path, common_args, load_tokenizer, parse_args, preference_rows, show
 from dpokit import DPOConfig, DPOTrainer
-from dpokit.demo import sentiment_reward
 from dpokit.evaluate import evaluate_model
-
-
-def positive_words(prompt, completion) -> float:
-    """The judge: 1 for a completion with only positive words, 0 with only negative ones, 0.5 with none."""
-    return sentiment_reward(completion)
-
 
 args = parse_args(__doc__.splitlines()[0])
 base = base_model_path(args, load_tokenizer(args))
@@ -43,7 +37,7 @@ heldout = os.path.join(args.output_dir, "heldout_pairs.jsonl")
 with open(heldout, "w") as f:
     f.writelines(json.dumps(row) + "\n" for row in eval_rows)
 
-result = evaluate_model(run_dir, ref_path=base, pairs=heldout, prompts=heldout, judge=f"{__name__}:positive_words",
+result = evaluate_model(run_dir, ref_path=base, pairs=heldout, prompts=heldout, judge="sentiment_judge:positive_words",
                         num_samples=2, max_new_tokens=24, seed=0)
 pairs, samples = result["pairs"], result["samples"]
 show("against the reference: held-out pairs", {k: pairs[k] for k in ("accuracy", "margin", "chosen_reward",
