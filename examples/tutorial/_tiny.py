@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
-# The steps are short CPU runs: two threads keep them fast without fighting other work for every core.
+# `datasets` may fork after a fast tokenizer has run, and the tokenizers library then warns on every fork; these
+# steps tokenize a few rows and gain nothing from its threads.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -45,7 +46,6 @@ def load_model(args, tokenizer, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.model:
         return AutoModelForCausalLM.from_pretrained(args.model)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
