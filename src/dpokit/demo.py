@@ -326,10 +326,10 @@ def _sft_trainer(model, rows: list[dict], tokenizer, output_dir: Path, learning_
                  batch_size: int, seed: int):
     from dpokit import SFTConfig, SFTTrainer
 
-    return SFTTrainer(model, args=SFTConfig(output_dir=str(output_dir), learning_rate=learning_rate,
-                                            num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-                                            **_trainer_args(seed)),
-                      train_dataset=rows, processing_class=tokenizer)
+    return _quiet(SFTTrainer(model, args=SFTConfig(output_dir=str(output_dir), learning_rate=learning_rate,
+                                                   num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+                                                   **_trainer_args(seed)),
+                             train_dataset=rows, processing_class=tokenizer))
 
 
 def _dpo_trainer(model, rows: list[dict], tokenizer, output_dir: Path, beta: float, learning_rate: float,
@@ -337,11 +337,20 @@ def _dpo_trainer(model, rows: list[dict], tokenizer, output_dir: Path, beta: flo
     """A sigmoid-loss DPO trainer of `model`; with ref_model=None the reference is a frozen copy of `model` as given."""
     from dpokit import DPOConfig, DPOTrainer
 
-    return DPOTrainer(model, ref_model=None,
-                      args=DPOConfig(output_dir=str(output_dir), beta=beta, loss_type="sigmoid",
-                                     learning_rate=learning_rate, num_train_epochs=epochs,
-                                     per_device_train_batch_size=batch_size, **_trainer_args(seed)),
-                      train_dataset=rows, processing_class=tokenizer)
+    return _quiet(DPOTrainer(model, ref_model=None,
+                             args=DPOConfig(output_dir=str(output_dir), beta=beta, loss_type="sigmoid",
+                                            learning_rate=learning_rate, num_train_epochs=epochs,
+                                            per_device_train_batch_size=batch_size, **_trainer_args(seed)),
+                             train_dataset=rows, processing_class=tokenizer))
+
+
+def _quiet(trainer):
+    """The demo prints one table: its trainers keep their logs in metrics.jsonl, not on the console (the
+    transformers way to silence a trainer's printed metrics is to remove its PrinterCallback)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _run(output_dir: Optional[str], seed: int, quick: bool, settings: DemoSettings, start: float) -> dict:
@@ -585,8 +594,8 @@ def format_table(result: dict) -> str:
         "",
         "reward: fraction of the sentiment words in a continuation that are positive (0.5 if it has none);",
         "KL: mean of log pi(y) - log pi_SFT(y) over the policy's own samples y (0 for the SFT model itself);",
-        "accuracy: pairs whose implicit reward beta*log(pi/pi_SFT) prefers the positive continuation, ties",
-        "counting one half (the SFT model is its own reference, so it scores 0.5 by construction).",
+        "accuracy: pairs whose implicit reward beta*log(pi/pi_SFT) prefers the positive continuation, a tie",
+        "counting as wrong (the SFT model is its own reference: every margin is 0, so it scores 0 by construction).",
         "",
         "samples (same prompt, same seed):",
     ]
