@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import LLAMA2_TOKENIZER, refused, tiny_llama
 from dpokit import DPOConfig, DPOTrainer, SFTTrainer, losses
-from dpokit.config import build_config, config_from_args
+from dpokit.config import build_config, config_from_args, parse_overrides
 from dpokit.errors import ConfigError
 from dpokit.losses import LOSS_TYPES, preference_loss
 
@@ -38,11 +38,20 @@ def gap(pairs, params):
 
 
 @pytest.fixture
-def registry(monkeypatch):
-    """Registering is process-wide; each test gets a copy of the registry and of sys.path, and runs in a directory
-    that is not on sys.path, as the `dpokit` console script does."""
-    monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))
+def isolated(monkeypatch, tmp_path):
+    """Importing is process-wide: each test gets a copy of sys.path without the current directory (as the `dpokit`
+    console script has it), and the modules it imported from its tmp_path are forgotten afterwards."""
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    yield
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def registry(monkeypatch, isolated):
+    """Registering is process-wide too: each test gets a copy of the registry."""
+    monkeypatch.setattr(losses.registry, "_REGISTRY", dict(losses.registry._REGISTRY))
 
 
 def _write(path, text):
@@ -70,14 +79,12 @@ def test_a_registered_function_in_a_module_beside_the_user_keeps_its_name_and_ne
                                                                                     monkeypatch):
     _write(tmp_path / "gap_losses_a.py", REGISTERED)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(sys.modules, "gap_losses_a", raising=False)
     cfg = build_config(DPOConfig, overrides={"loss_type": "sigmoid,gap_losses_a:gap", "loss_weights": "1,0.5"})
     assert cfg.loss_type == ["sigmoid", "gap_losses_a:gap"] and cfg.loss_weights == [1.0, 0.5]
     assert [t.name for t in cfg._loss.terms] == ["sigmoid", "per_token_gap"]
     assert cfg._loss.spec.needs_reference and cfg._loss.spec.needs_lengths
     alone = DPOConfig(loss_type="gap_losses_a:gap")._loss.spec
     assert not alone.needs_reference and alone.needs_lengths  # the needs it was registered with
-    monkeypatch.delitem(sys.modules, "gap_losses_a")
 
 
 def test_a_loss_that_cannot_be_had_is_one_line_naming_loss_type_before_any_model(registry, tmp_path, monkeypatch,
@@ -131,18 +138,15 @@ def test_a_loss_file_trains_from_yaml_and_the_run_record_loads_it_again(registry
     assert [t.name for t in again._loss.terms] == ["sigmoid", "margin"]
 
 
-def test_judges_import_like_losses(tmp_path, monkeypatch):
+def test_judges_import_like_losses(isolated, tmp_path, monkeypatch):
     from dpokit.evaluate import load_judge
 
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
     (tmp_path / "judge_beside_a.py").write_text("def score(prompt, completion):\n    return float(len(completion))\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(sys.modules, "judge_beside_a", raising=False)
     assert load_judge("judge_beside_a:score")(["p"], ["abc"]) == [3.0]  # a module in the current directory
     assert load_judge("./judge_beside_a.py:score")(["p"], ["ab"]) == [2.0]  # the same file by its path
     with pytest.raises(ConfigError, match="judge './nope.py:score': no such file"):
         load_judge("./nope.py:score")
-    monkeypatch.delitem(sys.modules, "judge_beside_a")
 
 
 class _DPOWithDpoLoss(DPOTrainer):
@@ -190,3 +194,26 @@ def test_dpo_help_lists_the_loss_names(capsys):
     text = capsys.readouterr().out
     line = next(line for line in text.splitlines() if "loss names:" in line)
     assert all(name in text for name in LOSS_TYPES) and "sigmoid" in line
+
+
+def test_the_readmes_custom_loss_works_from_python_and_from_yaml(registry, tmp_path, monkeypatch):
+    """The README's example, as written there: the file, then its use from Python and from YAML."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "losses.register" in block)
+    assert len(code.splitlines()) <= 15
+    (tmp_path / "my_loss.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text("loss_type: my_loss.py:margin_dpo\n")
+    from_yaml = build_config(DPOConfig, recipe)
+    import my_loss  # noqa: F401  (the Python way: importing registers it; the file is the module YAML loaded)
+
+    from_python = DPOConfig(loss_type="margin_dpo")
+    assert from_yaml._loss.terms[0].entry is from_python._loss.terms[0].entry
+    x = torch.zeros(3, dtype=torch.float64)
+    torch.testing.assert_close(preference_loss("margin_dpo", x, x, x, x).losses, -F.logsigmoid(x - 0.5))
+    mixed = build_config(DPOConfig, overrides=parse_overrides(["--loss_type", "sigmoid,my_loss.py:margin_dpo"]))
+    assert [t.name for t in mixed._loss.terms] == ["sigmoid", "margin_dpo"]

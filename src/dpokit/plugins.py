@@ -87,11 +87,19 @@ def _load_file(text: str, spec: str, what: str):
     if not path.is_file():
         raise ConfigError(f"{what} {spec!r}: no such file {path}")
     path = path.resolve()
-    existing = sys.modules.get(path.stem)
-    if existing is not None and getattr(existing, "__file__", None) and Path(existing.__file__).resolve() == path:
-        return existing  # already imported by its module name (`judge:fn` before `./judge.py:fn`)
-    # A private module name, one per file: loading the file again returns the same module (its functions, and the
-    # losses it registers, exist once), and a file named like an installed package (datasets.py) cannot shadow it.
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+        importlib.invalidate_caches()
+    # Where `import <stem>` loads this very file, the file is that module: `import my_loss` in the user's script and
+    # `my_loss.py:fn` in the config are then one module, and the losses it registers are registered once.
+    try:
+        found = importlib.util.find_spec(path.stem) if path.stem.isidentifier() else None
+    except (ImportError, ValueError):
+        found = None
+    if found is not None and found.origin and Path(found.origin).resolve() == path:
+        return _import(path.stem, spec, what)
+    # Otherwise (an installed package of that name comes first) a private module name, one per file: loading the
+    # file again returns the same module, and the file cannot shadow the package.
     name = f"_dpokit_file_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
     if name in sys.modules:
         return sys.modules[name]
@@ -99,8 +107,6 @@ def _load_file(text: str, spec: str, what: str):
     if loader_spec is None or loader_spec.loader is None:
         raise ConfigError(f"{what} {spec!r}: {path} is not a Python file")
     module = importlib.util.module_from_spec(loader_spec)
-    if str(path.parent) not in sys.path:
-        sys.path.append(str(path.parent))
     sys.modules[name] = module
     try:
         loader_spec.loader.exec_module(module)
