@@ -2,7 +2,8 @@
 
 Field names are TRL's `DPOConfig` / transformers' `TrainingArguments` names wherever the meaning is the same, so a
 TRL config ports without renames (TRL's keys that have no field here are in `dpokit.compat`). A config comes from
-defaults, then a YAML file of flat keys, then `key=value` overrides (CLI).
+defaults, then a YAML file of flat keys, then `key=value` overrides (CLI); `DPOConfig(...)` in Python reads its
+keywords as those keys are read (`read_keys`), so the two accept the same keys with the same errors.
 
 A config is checked once, when it is made (`__post_init__`, as litgpt's configs are), so before any model loads:
 each field's type and the range or choices declared next to it (`field(metadata=...)`, read by `check_settings`),
@@ -484,7 +485,8 @@ class DPOConfig(LossParams, TrainConfig):
         for name in names:
             if callable(name):
                 raise ConfigError(f"loss_type: {getattr(name, '__name__', name)!r} is a function, which a run's "
-                                  "config cannot record; register it with dpokit.losses.register and give its name")
+                                  "config cannot record; register it with dpokit.losses.register and give its name, or give "
+                                  "it as module:function")
         LossParams._check(self)
         if self.share_prompt and not self.padding_free:
             raise ConfigError("share_prompt needs padding_free=true")

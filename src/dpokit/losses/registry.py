@@ -182,7 +182,7 @@ def from_code(spec: str) -> _Entry:
 
     A function the module registered with :func:`register` (when it was imported) is that loss, with its name and
     needs. A plain function ``fn(pairs, params)`` is registered here under its attribute name with register's
-    defaults (``needs_reference=True``, no lengths): give a loss other needs with ``@register``. Either way the
+    defaults (``needs_reference=True``, lengths not guaranteed): give a loss other needs with ``@register``. Either way the
     config keeps the spec, so a run's recorded config imports the same code again.
     """
     from dpokit import plugins
