@@ -56,6 +56,11 @@ def _config_help(command: str, cls: type) -> str:
         default = f.default if f.default is not dataclasses.MISSING else None
         out.append(f"  {f.name} (default: {default!r})")
         out.append(textwrap.fill(docs.get(f.name, ""), 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+        if f.name == "loss_type":
+            from dpokit.losses import LOSS_TYPES  # the registry: the names a run accepts, none written here
+
+            out.append(textwrap.fill("loss names: " + ", ".join(LOSS_TYPES), 100, initial_indent=" " * 6,
+                                     subsequent_indent=" " * 8))
     from dpokit.compat import ALIASES, ANY, FOREIGN_KEYS
 
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -3,7 +3,8 @@
 - Their config keys that dpokit has no field for, each with what dpokit does instead: a TRL config must port without
   edits, and nothing it asks for may be dropped silently, so `dpokit.config` reads every key through these tables
   (`FOREIGN_KEYS`, `ALIASES`, `ported` for a `trl.DPOConfig` object).
-- Their trainer keywords dpokit cannot honour, refused by name (`refuse_trl_arguments`).
+- Their trainer keywords dpokit cannot honour, refused by name (`refuse_trl_arguments`), and their trainer methods
+  dpokit never calls, refused when a subclass overrides one (`refuse_trl_overrides`).
 - `TransformersTrainerAPI`: what code written against their trainers reaches for, with their names: `state` (a
   `TrainerState`), `evaluate()` with its metric names (``eval_loss``), `log_metrics`, `save_metrics`, `save_state`.
   dpokit's own records (metrics.jsonl, the report) keep dpokit's names (``eval/loss``).
@@ -147,6 +148,33 @@ FOREIGN_KEYS: dict[str, tuple[Any, str]] = {
 }
 
 
+# Keys of earlier TRL DPOConfigs (0.x) that TRL 1.16 no longer has, with what replaced them. Such a key comes from
+# an older script; "did you mean" would point it at an unrelated name, so it gets this line instead.
+REMOVED_KEYS = {
+    "generate_during_eval": "TRL removed it; compare samples of the trained model and its reference with "
+                            "`dpokit eval RUN --prompts FILE --judge SPEC` (docs/evaluation.md)",
+    "max_target_length": "an old TRL name of the completion limit: use max_completion_length",
+    "padding_value": "TRL removed it; batches are padded with pad_token, and padding never enters the loss",
+    "label_pad_token_id": "TRL removed it; the loss reads only completion tokens (a mask, not a label pad id)",
+    "ref_adapter_name": "TRL removed it; under LoRA the default reference is the model with its adapters off, "
+                        "or give ref_model / ref_model_name_or_path",
+    "model_adapter_name": "TRL removed it; use_peft (or peft_config=) trains one adapter, saved to output_dir",
+    "force_use_ref_model": "TRL removed it; a ref_model / ref_model_name_or_path given is always used, with or "
+                           "without LoRA",
+    "ref_model_init_kwargs": "TRL removed it; a reference named by ref_model_name_or_path is loaded with the "
+                             "policy's model_init_kwargs and dtype (pass a loaded ref_model= for other settings)",
+    "use_logits_to_keep": "TRL removed it; dpokit never holds prompt logits: the LM head runs on completion "
+                          "tokens only, in chunks of logps_chunk_size",
+    "use_num_logits_to_keep": "TRL removed it; dpokit never holds prompt logits: the LM head runs on completion "
+                              "tokens only, in chunks of logps_chunk_size",
+    "is_encoder_decoder": "TRL removed it; dpokit trains decoder-only causal LMs",
+    "tools": "TRL removed it from DPOConfig; describe the tools in the prompt (or the system message)",
+    "use_liger_loss": "TRL removed it; dpokit does not use Liger kernels (logps_chunk_size bounds the LM head's "
+                      "memory)",
+    "base_model_attribute_name": "TRL removed it with use_liger_loss; dpokit finds the decoder itself",
+}
+
+
 # transformers' newer names for the same settings (its own aliases): read into the dpokit field.
 ALIASES = {"activation_checkpointing": "gradient_checkpointing",
            "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
@@ -252,6 +280,46 @@ def refuse_trl_arguments(trainer: str, arguments: dict) -> None:
             raise TypeError(f"{trainer}() got an unexpected keyword argument {name!r}")
         if value is not None and value != (None, None):
             raise ConfigError(f"{trainer}: {name} is not supported: {TRL_TRAINER_ARGUMENTS[name]}")
+
+
+# Methods of TRL's and transformers' trainers that a subclass overrides to change training, and that dpokit's
+# trainers never call (they are not methods of theirs): such an override would be ignored without a word, so a
+# subclass that has one is refused when it is made, with what to do instead. A name dpokit's trainers define is
+# called, so overriding it is allowed.
+_LOSS = ("add a loss with dpokit.losses.register and set loss_type to its name (or to module:function; see "
+         "docs/losses.md); to change how a batch becomes a loss, override loss_and_metrics(batch, train)")
+_LOGPS = ("dpokit computes the sequence log-probs itself (dpokit.logps) and hands them to the loss: add a loss with "
+          "dpokit.losses.register (docs/losses.md) or override loss_and_metrics(batch, train)")
+_BATCHES = "batches come from dpokit's data schedule; override collate(examples) to change how they are made"
+TRL_TRAINER_METHODS = {
+    "compute_loss": _LOSS,
+    "_compute_loss": _LOSS,
+    "dpo_loss": _LOSS,
+    "get_batch_loss_metrics": _LOSS,
+    "concatenated_forward": _LOGPS,
+    "concatenated_inputs": _LOGPS,
+    "compute_ref_log_probs": "the reference log-probs come from ref_model (default: the frozen starting policy), "
+                             "cached with precompute_ref_log_probs; override ref_logps(batch, train) to change them",
+    "prediction_step": "evaluation runs loss_and_metrics(batch, train=False) over the eval pairs; override that",
+    "create_optimizer": "the optimizer is AdamW from optim, learning_rate, adam_* and weight_decay",
+    "create_scheduler": "the schedule comes from lr_scheduler_type and lr_scheduler_kwargs",
+    "get_train_dataloader": _BATCHES,
+    "get_eval_dataloader": _BATCHES,
+    "log": "metrics go to metrics.jsonl and report_to; trainer.state.log_history holds them",
+}
+
+
+def refuse_trl_overrides(cls: type) -> None:
+    """ConfigError if `cls` (a subclass of a dpokit trainer) defines a TRL / transformers trainer method that no
+    dpokit class in its bases defines, i.e. one dpokit never calls."""
+    ours = [k for k in cls.__mro__ if k.__module__.split(".")[0] == "dpokit"]
+    for name, instead in TRL_TRAINER_METHODS.items():
+        if any(name in vars(k) for k in ours):
+            continue
+        owner = next((k for k in cls.__mro__ if name in vars(k)), None)
+        if owner is not None:
+            raise ConfigError(f"{owner.__name__}.{name} overrides a method of TRL's trainer that dpokit's "
+                              f"{ours[0].__name__} never calls: {instead}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

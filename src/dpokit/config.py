@@ -2,7 +2,8 @@
 
 Field names are TRL's `DPOConfig` / transformers' `TrainingArguments` names wherever the meaning is the same, so a
 TRL config ports without renames (TRL's keys that have no field here are in `dpokit.compat`). A config comes from
-defaults, then a YAML file of flat keys, then `key=value` overrides (CLI).
+defaults, then a YAML file of flat keys, then `key=value` overrides (CLI); `DPOConfig(...)` in Python reads its
+keywords as those keys are read (`read_keys`), so the two accept the same keys with the same errors.
 
 A config is checked once, when it is made (`__post_init__`, as litgpt's configs are), so before any model loads:
 each field's type and the range or choices declared next to it (`field(metadata=...)`, read by `check_settings`),
@@ -23,9 +24,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from dpokit import compat
+from dpokit import compat, plugins, settings
 from dpokit.errors import ConfigError
-from dpokit import settings
 from dpokit.fileio import read_yaml
 from dpokit.settings import annotation_of, closest, coerce, field_docs, is_null, mark_checked  # noqa: F401
 
@@ -37,8 +37,21 @@ _LOG_LEVELS = ("passive", "debug", "info", "warning", "error", "critical")
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
+class _ReadsKeys(type):
+    """The configs' metaclass: ``DPOConfig(...)`` and ``SFTConfig(...)`` read their keyword arguments as a YAML file's
+    keys are read (`read_keys`: transformers' aliases, TRL's keys without a dpokit field, TRL's removed keys, "did
+    you mean" for the rest), so that a TRL script's config ports to Python unchanged, as it does to YAML. A metaclass,
+    because the dataclass machinery writes ``__init__`` itself, for each subclass."""
+
+    def __call__(cls, *args, **kwargs):
+        kwargs, inert = read_keys(cls, kwargs)
+        cfg = super().__call__(*args, **kwargs)
+        cfg.inert_keys = inert  # TRL keys that change nothing here; the trainer names them once
+        return cfg
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(metaclass=_ReadsKeys):
     """Fields shared by every training command (SFT and DPO)."""
 
     # ----- model and data -----
@@ -443,8 +456,10 @@ class LossParams:
     (`dpokit.losses.register`). A loss function reads these as its ``params`` argument.
     """
 
-    loss_type: Union[str, list] = "sigmoid"
-    """Preference loss name (see the loss table in docs/losses.md), or a list of names weighted by `loss_weights`."""
+    loss_type: Union[str, list] = field(default="sigmoid", metadata={"callables": True})
+    """Preference loss name (see the loss table in docs/losses.md; `dpokit dpo --help` lists them), your own loss as
+    `module:function` or `path/to/file.py:function`, or a list of these weighted by `loss_weights` (command line:
+    `--loss_type sigmoid,sft`)."""
     loss_weights: Optional[list[float]] = field(default=None, metadata={"range": "[0, inf)"})
     """Weights of the losses when `loss_type` is a list (default: all 1)."""
     beta: float = field(default=0.1, metadata={"range": "(0, inf)"})
@@ -498,13 +513,23 @@ class DPOConfig(LossParams, TrainConfig):
     precompute_ref_batch_size: Optional[int] = field(default=None, metadata={"range": "[1, inf)"})
     """Pairs per batch of that precomputing pass (default: `per_device_eval_batch_size`)."""
 
+    def _resolve(self) -> None:
+        # A loss file is recorded by its absolute path, as a local model is: the run's config loads the same code
+        # from any directory (`dpokit eval RUN`, --resume).
+        names = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        absolute = [plugins.absolute(n) if isinstance(n, str) else n for n in names]
+        if absolute != names:
+            self.loss_type = absolute if isinstance(self.loss_type, list) else absolute[0]
+        TrainConfig._resolve(self)
+
     def _check(self) -> None:
         TrainConfig._check(self)
         names = self.loss_type if isinstance(self.loss_type, (list, tuple)) else [self.loss_type]
         for name in names:
             if callable(name):
                 raise ConfigError(f"loss_type: {getattr(name, '__name__', name)!r} is a function, which a run's "
-                                  "config cannot record; register it with dpokit.losses.register and give its name")
+                                  "config cannot record; register it with dpokit.losses.register and give its name, or give "
+                                  "it as module:function")
         LossParams._check(self)
         if self.share_prompt and not self.padding_free:
             raise ConfigError("share_prompt needs padding_free=true")
@@ -555,29 +580,44 @@ def build_config(cls: type, config_file: str | Path | None = None, overrides: di
             raise ConfigError(f"config file not found: {path}")
         values.update(read_yaml(path, _UniqueKeyLoader))
     values.update(overrides or {})
-    compat.apply_aliases(values)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs, inert = {}, {}
-    for key, value in values.items():
-        where = f" in {config_file}" if config_file and key not in (overrides or {}) else ""
-        if not isinstance(key, str):
-            raise ConfigError(f"config key {key!r}{where} is not a setting name (keys are names such as beta)")
-        if key in fields and is_null(value) and type(None) not in typing.get_args(annotation_of(fields[key].type)):
-            # TRL's "decide for me" (completion_only_loss: null): dpokit's default, which is TRL's decision for
-            # its data. (bf16: null is the field's own default, resolved when a run is given the config.)
-            continue
-        if key in fields:
-            kwargs[key] = coerce(key, value, fields[key].type)
-        elif key in compat.FOREIGN_KEYS:
-            inert[key] = compat.foreign_key(key, value, where)
-        else:
-            # dpokit's own keys first: a typo of one (lora_rank) should not be read as a TRL-only key (local_rank).
-            raise ConfigError(f"unknown config key {key!r}{where}"
-                              f"{closest(key, fields) or closest(key, compat.FOREIGN_KEYS)}")
+    from_file = {k for k in values if k not in (overrides or {})} if config_file else set()
+    kwargs, inert = read_keys(cls, values, text=True, config_file=config_file, from_file=from_file)
     cfg = cls(**kwargs)  # checked as it is made
     cfg._resolve()
     cfg.inert_keys = inert  # TRL keys that change nothing here; the trainer names them once
     return cfg
+
+
+def read_keys(cls: type, values: dict, *, text: bool = False, config_file=None,
+              from_file: frozenset | set = frozenset()) -> tuple[dict, dict]:
+    """Sort the keys given for a config of `cls` (from Python keywords, or with `text` from YAML / the command line,
+    whose values are converted to the fields' types): ``(fields, inert)``, where inert maps each TRL key that changes
+    nothing in dpokit to the reason. Any other key is a one-line ConfigError: a key TRL removed says what replaced
+    it, an unknown key names the closest valid one. `from_file` are the keys read from `config_file`."""
+    values = dict(values)
+    compat.apply_aliases(values)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs, inert = {}, {}
+    for key, value in values.items():
+        where = f" in {config_file}" if key in from_file else ""
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r}{where} is not a setting name (keys are names such as beta)")
+        null = is_null(value) if text else value is None
+        if key in fields and null and type(None) not in typing.get_args(annotation_of(fields[key].type)):
+            # TRL's "decide for me" (completion_only_loss: null): dpokit's default, which is TRL's decision for
+            # its data. (bf16: null is the field's own default, resolved when a run is given the config.)
+            continue
+        if key in fields:
+            kwargs[key] = coerce(key, value, fields[key].type) if text else value
+        elif key in compat.FOREIGN_KEYS:
+            inert[key] = compat.foreign_key(key, value, where)
+        elif key in compat.REMOVED_KEYS:
+            raise ConfigError(f"{key}{where}: {compat.REMOVED_KEYS[key]}")
+        else:
+            # dpokit's own keys first: a typo of one (lora_rank) should not be read as a TRL-only key (local_rank).
+            raise ConfigError(f"unknown config key {key!r}{where}"
+                              f"{closest(key, fields) or closest(key, compat.FOREIGN_KEYS)}")
+    return kwargs, inert
 
 
 def config_from_args(cls: type, args: Any) -> TrainConfig:

@@ -339,15 +339,16 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
     """A scorer `score(prompts, completions) -> list[float]` from a spec:
 
     * `implicit` — the DPO implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) of the policy being evaluated;
-    * `module:function` — a Python function `function(prompt, completion) -> float`, imported from `module` (the
-      prompt is the text, or the message list, exactly as given);
+    * `module:function` or `path/to/file.py:function` — a Python function `function(prompt, completion) -> float`
+      (`dpokit.plugins`: a module is found in the current directory too; the prompt is the text, or the message list,
+      exactly as given);
     * `rm:PATH` (or a PATH whose config is a `...ForSequenceClassification`) — a reward model; the score is its
       single logit on prompt + completion (a message-list prompt and its answer rendered by the reward model's chat
       template).
     """
-    import importlib
     from pathlib import Path
 
+    from dpokit import plugins
     from dpokit.fileio import read_json
 
     if not isinstance(spec, str) or not spec.strip():
@@ -432,16 +433,10 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
             return scores
 
         return reward_model
-    if ":" not in spec:
-        raise ConfigError(f"judge {spec!r}: not 'implicit', 'module:function' or 'rm:PATH'")
-    module_name, func_name = spec.rsplit(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"judge {spec!r}: cannot import module {module_name!r} ({exc})") from None
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ConfigError(f"judge {spec!r}: module {module_name!r} has no function {func_name!r}")
+    if plugins.split(spec) is None:
+        raise ConfigError(f"judge {spec!r}: not 'implicit', 'module:function', 'path/to/file.py:function' or "
+                          "'rm:PATH'")
+    fn = plugins.load_callable(spec, "judge")
     if check:
         return None
 

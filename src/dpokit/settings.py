@@ -15,6 +15,7 @@ import difflib
 import functools
 import inspect
 import math
+import os
 import re
 import textwrap
 import types
@@ -105,10 +106,20 @@ def _check_field(obj: Any, f: dataclasses.Field) -> None:
     """One field: its type (a config made in Python is not read from text, so nothing converted its values), then
     the choices or range declared with it; a list's range applies to each element."""
     value = getattr(obj, f.name)
-    converted = coerce(f.name, value, f.type)
-    if isinstance(value, str) and not isinstance(converted, str):
-        raise ConfigError(f"{f.name}: expected {type(converted).__name__}, got the string {value!r}")
     rule = _declared(type(obj), f.name)
+    if callable(value) and rule.get("callables"):
+        return  # a function given in place of a name (a loss): the object's own `_check` decides
+    converted = coerce(f.name, value, f.type)
+    if isinstance(value, str) and not isinstance(converted, (str, list)):
+        raise ConfigError(f"{f.name}: expected {type(converted).__name__}, got the string {value!r}")
+    if not _same_setting(value, converted):
+        raise ConfigError(f"{f.name}: expected {describe(f.type)}, got {value!r}")
+    if converted is not value:
+        # The value as the YAML path would hold it (3 -> 3.0 for a float, a path -> its text, a tuple or the
+        # command line's "a,b" -> a list), so that the config is written back and compared as it was read.
+        setattr(obj, f.name, converted)
+        if not isinstance(value, (int, float)):
+            value = converted  # a number is checked, and named in errors, as the user wrote it
     if value is None or not rule:
         return
     if "choices" in rule and value not in rule["choices"]:
@@ -122,6 +133,34 @@ def _check_field(obj: Any, f: dataclasses.Field) -> None:
         else:
             nullable = type(None) in typing.get_args(annotation_of(f.type))
             _check_number(f.name, value, allowed, rule.get("fractions", False), nullable)
+
+
+def _same_setting(value: Any, converted: Any) -> bool:
+    """Whether `coerce` only changed the form of a Python value, not what it says: an int for a float, a path for
+    its text, a tuple for a list, a list given as comma-separated text; not 3 for a string, nor "x" for a number."""
+    if converted is value or converted == value:
+        return True
+    if isinstance(value, float) and isinstance(converted, float):
+        return math.isnan(value) and math.isnan(converted)  # NaN: refused by the range, with the range's words
+    if isinstance(value, os.PathLike):
+        return os.fspath(value) == converted
+    if isinstance(value, tuple):
+        return list(value) == converted
+    return isinstance(value, str) and isinstance(converted, list)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping"}
+
+
+def describe(annotation: Any) -> str:
+    """A field's type in words, for "expected ..." errors: "a number", "a string or a list", "an integer or null"."""
+    annotation = annotation_of(annotation)
+    args = (typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType)
+            else (annotation,))
+    words = [_TYPE_WORDS.get(typing.get_origin(a) or a, getattr(a, "__name__", str(a)))
+             for a in args if a is not type(None)]
+    return " or ".join(words + (["null"] if type(None) in args else []))
 
 
 def check_settings(obj: Any) -> None:
@@ -188,9 +227,12 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
         # but a plain "ipo" stays a str rather than becoming the one-element list a comma split would make.
         flow = isinstance(value, str) and value.strip()[:1] in ("[", "{")
 
+        # Text with a comma, for a setting that takes a list, is the list (`--loss_type sigmoid,sft`).
+        listed = flow or (isinstance(value, str) and "," in value)
+
         def rank(a):
             if a in (list, dict) or typing.get_origin(a) in (list, dict):
-                return 1 if flow else 3
+                return 1 if listed else 3
             return 2 if a is str else 0
 
         for arg in sorted((a for a in args if a is not type(None)), key=rank):
@@ -198,7 +240,9 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
                 return coerce(name, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{name}: cannot read {value!r}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])  # its own words: `loss_weights[1]: expected a number, got 'a'`
+        raise ConfigError(f"{name}: expected {describe(annotation)}, got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -226,7 +270,7 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
     if annotation is str:
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list, tuple)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
     if annotation in (list, dict) or origin in (list, dict):
@@ -240,8 +284,10 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
             if target is list and not isinstance(parsed, list):
                 parsed = [v.strip() for v in value.split(",") if v.strip()]
             value = parsed
+        if target is list and isinstance(value, tuple):
+            value = list(value)  # Python code's other sequence: written to YAML as the list it is
         if not isinstance(value, target):
-            raise ConfigError(f"{name}: expected a {target.__name__}, got {value!r}")
+            raise ConfigError(f"{name}: expected {_TYPE_WORDS[target]}, got {value!r}")
         if target is list and args:  # list[float]: each element converted, named by its index
             value = [coerce(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value)]
         return value

@@ -28,7 +28,7 @@ from dpokit import data as D
 from dpokit import distributed as dist
 from dpokit import losses, models, rundir
 from dpokit.callbacks import Events, check_callbacks, load_best_model, progress
-from dpokit.compat import TransformersTrainerAPI, refuse_trl_arguments
+from dpokit.compat import TransformersTrainerAPI, refuse_trl_arguments, refuse_trl_overrides
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
 from dpokit.data.sources import eval_splits, load_split, run_sources
 from dpokit.data.collate import collate_packed, collate_packed_sft, collate_pairs, collate_sft
@@ -57,6 +57,7 @@ class Trainer(TransformersTrainerAPI):
     # ----- setup -----
     def __init__(self, model, args=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  peft_config=None, callbacks=None):
+        refuse_trl_overrides(type(self))  # an override dpokit would never call must not be ignored silently
         self.args = cfg = config_from_args(self.config_class, args)
         check_callbacks(callbacks)
         model = self._model_source(model)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpokit import plugins
 from dpokit.config import LossParams
 from dpokit.settings import declared_range, ensure_checked
 from dpokit.errors import ConfigError
@@ -150,7 +151,8 @@ def _describe(terms: Sequence[_Term]) -> str:
 def _unknown_name_error(name: str) -> ConfigError:
     close = difflib.get_close_matches(name, list(LOSS_TYPES), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"loss_type: unknown {name!r}{hint}; valid: {', '.join(LOSS_TYPES)}")
+    return ConfigError(f"loss_type: unknown {name!r}{hint}; valid: {', '.join(LOSS_TYPES)}, or your own as "
+                       "module:function or path/to/file.py:function")
 
 
 def _resolve_terms(params: LossParams) -> list[_Term]:
@@ -170,9 +172,12 @@ def _resolve_terms(params: LossParams) -> list[_Term]:
     terms = []
     for item, weight in zip(items, weights, strict=True):
         if isinstance(item, str):
-            if item not in registry._REGISTRY:
+            if item in registry._REGISTRY:
+                entry = registry._REGISTRY[item]
+            elif plugins.split(item) is not None:
+                entry = registry.from_code(item)
+            else:
                 raise _unknown_name_error(item)
-            entry = registry._REGISTRY[item]
         elif callable(item):
             entry = _callable_entry(item)
         else:

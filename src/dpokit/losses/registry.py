@@ -176,6 +176,29 @@ def register(
     return decorate
 
 
+def from_code(spec: str) -> _Entry:
+    """The loss a ``loss_type`` entry ``module:function`` or ``path/to/file.py:function`` names (the form a YAML file
+    or the command line can hold), imported as judges are (`dpokit.plugins`).
+
+    A function the module registered with :func:`register` (when it was imported) is that loss, with its name and
+    needs. A plain function ``fn(pairs, params)`` is registered here under its attribute name with register's
+    defaults (``needs_reference=True``, lengths not guaranteed): give a loss other needs with ``@register``. Either way the
+    config keeps the spec, so a run's recorded config imports the same code again.
+    """
+    from dpokit import plugins
+
+    fn = plugins.load_callable(spec, "loss_type")
+    for entry in _REGISTRY.values():
+        if entry.fn is fn:
+            return entry
+    _, name = plugins.split(spec)
+    if name in _REGISTRY:
+        raise ConfigError(f"loss_type {spec!r}: {name!r} is already a registered loss; rename the function or "
+                          "register it under another name with @dpokit.losses.register(...)")
+    register(name)(fn)
+    return _REGISTRY[name]
+
+
 class _RegisteredNames(Sequence[str]):
     """The registered loss names in registration order. A live view of the registry, so a loss registered after
     `from dpokit.losses import LOSS_TYPES` is listed too."""
