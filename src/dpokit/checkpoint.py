@@ -448,12 +448,16 @@ def named_weights(model: torch.nn.Module, ckpt: Path, peft: bool) -> dict:
 # Writing models and checkpoints
 
 
-def write_model(directory: Path, model: torch.nn.Module, tokenizer, config, state: Optional[dict] = None) -> None:
-    """The model (or LoRA adapter) in Hugging Face format, the tokenizer and the run's config. `state`: the full
-    weights gathered by an engine that shards them (None: `save_pretrained` reads the model itself)."""
+def write_model(directory: Path, model: torch.nn.Module, tokenizer, config, state: Optional[dict] = None,
+                card: Optional[str] = None) -> None:
+    """The model (or LoRA adapter) in Hugging Face format, the tokenizer, the run's config and its model card
+    (`card`, README.md; it replaces the template card peft writes for an adapter). `state`: the full weights gathered
+    by an engine that shards them (None: `save_pretrained` reads the model itself)."""
     model.save_pretrained(str(directory), safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(str(directory))
     config.save(directory / RUN_MARKER)
+    if card is not None:
+        (directory / "README.md").write_text(card, encoding="utf-8")
 
 
 def save_model(out: Path, write: Callable[[Path], None]) -> None:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from dpokit import checkpoint as C
 from dpokit import data as D
 from dpokit import distributed as dist
-from dpokit import losses, models, rundir
+from dpokit import losses, modelcard, models, rundir
 from dpokit.compat import TransformersTrainerAPI, refuse_trl_arguments
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
 from dpokit.data.sources import load_split, run_sources
@@ -404,12 +404,14 @@ class Trainer(TransformersTrainerAPI):
 
     # ----- save and resume -----
     def _writer(self, state: Optional[dict]):
-        return lambda directory: C.write_model(directory, self.model, self.tokenizer, self.args, state)
+        return lambda directory: C.write_model(directory, self.model, self.tokenizer, self.args, state,
+                                               card=modelcard.render(self))
 
     def save_model(self, output_dir: Optional[str] = None) -> Path:
         """The model (or LoRA adapter) in Hugging Face format plus the tokenizer, written atomically into `output_dir`:
         everything goes to a temporary directory first and is moved in only when complete."""
         out = Path(output_dir or self.args.output_dir)
+        modelcard.check_replaceable(out)  # before the collective below: every rank refuses alike
         state = self.engine.full_weights(self.policy, self.args.bf16)  # a collective where the weights are sharded
         if self.accelerator.is_main_process:
             lock = self.held() if out.resolve() == self.output_dir.resolve() else contextlib.nullcontext()
