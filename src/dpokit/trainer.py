@@ -92,6 +92,7 @@ class Trainer(TransformersTrainerAPI):
         self.setup_reference_before_peft()
         if self.use_peft:
             self.model = models.apply_lora(self.model, cfg, peft_config)
+            self.args = cfg = models.record_lora(cfg, self.model)
         if cfg.gradient_checkpointing:
             models.enable_checkpointing(self.model, cfg.gradient_checkpointing_kwargs)
         self.model.train()
@@ -128,6 +129,8 @@ class Trainer(TransformersTrainerAPI):
         if isinstance(model, (str, os.PathLike)):
             model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model)
             cfg.model_name_or_path = model
+        elif models.model_path(model):  # recorded, so that `dpokit eval RUN` finds the reference without --ref
+            cfg.model_name_or_path = models.model_path(model)
         return model
 
     def _check_vocab(self, model: nn.Module, what: Optional[str] = None) -> None:
