@@ -49,3 +49,34 @@ def test_bf16_and_fp32_runs_in_either_order_give_their_own_numbers(tmp_path, tok
     late = trainer(tmp_path, "f", tok, bf16=False, accumulation=2)
     assert losses(early) == bf16_after_fp32
     assert losses(late) == fp32_first
+
+
+def positive(prompt, completion):
+    return float(sum(w in ("wonderful", "happy", "great") for w in completion.split()))
+
+
+def test_a_sweep_over_bf16_runs_both_trials_in_one_process(tmp_path):
+    import yaml
+
+    from dpokit.cli import main
+    from dpokit.demo import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    build_model(tok, 0).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    rows = [{"prompt": "one morning , the baker went to the market .", "chosen": " it was wonderful .",
+             "rejected": " it was terrible ."}] * 2
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": rows[0]["prompt"]}) + "\n")
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text(f"model_name_or_path: {tmp_path / 'base'}\ntrain_file: {tmp_path / 'prefs.jsonl'}\n"
+                   f"output_dir: {tmp_path / 'sweep'}\nmax_steps: 1\nper_device_train_batch_size: 2\n"
+                   "learning_rate: 1.0e-3\nsave_steps: 0\ndisable_tqdm: true\nuse_cpu: true\n")
+    rc = main(["sweep", "--config", str(cfg), "--prompts", str(tmp_path / "prompts.jsonl"), "--judge",
+               "test_runs_in_process:positive", "--num_samples", "1", "--max_new_tokens", "4", "bf16=false,true"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["bf16"] for r in summary["runs"]] == [False, True]
+    for r in summary["runs"]:
+        trial = tmp_path / "sweep" / f"bf16={str(r['bf16']).lower()}"
+        assert yaml.safe_load((trial / "dpokit_config.yaml").read_text())["bf16"] is r["bf16"]
