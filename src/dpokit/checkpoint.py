@@ -380,6 +380,11 @@ RESUME_MAY_CHANGE = frozenset({
     "max_nonfinite_steps", "run_name", "logging_strategy", "logging_first_step", "log_level", "eval_strategy",
     "eval_on_start", "save_strategy", "dataset_test_split", "ddp_timeout", "precompute_ref_batch_size",
     "save_on_sigterm", "logging_dir",
+    # The run's length: resuming a finished run with a larger one extends it, as transformers allows. The data order
+    # is seeded by (seed, epoch) alone, so the steps added are those an uninterrupted longer run takes; the learning
+    # rate schedule is the new length's from the resumed step on (as in transformers), so the extended run equals the
+    # longer run exactly when the schedule does not depend on the length (constant, constant_with_warmup).
+    "max_steps", "num_train_epochs",
 })
 
 
@@ -421,9 +426,9 @@ def check_resumable(ckpt: Path, info: dict, cfg, *, global_micro_batch: int, num
     if info["ref_cache_keys"].get("train") != ref_cache_key:
         raise CheckpointError(f"cannot resume from {ckpt}: the precomputed reference log-probs differ from the "
                               "checkpoint's (another reference model or precision)")
-    if info["total_steps"] != total_steps or info["micro_step"] != 0:
-        raise CheckpointError(f"cannot resume from {ckpt}: it was written for {info['total_steps']} steps, "
-                              f"this run has {total_steps}")
+    if info["global_step"] > total_steps or info["micro_step"] != 0:
+        raise CheckpointError(f"cannot resume from {ckpt}: it is at step {info['global_step']}, beyond this run's "
+                              f"{total_steps} steps (max_steps / num_train_epochs); resume with at least as many")
 
 
 def named_weights(model: torch.nn.Module, ckpt: Path, peft: bool) -> dict:
@@ -448,12 +453,16 @@ def named_weights(model: torch.nn.Module, ckpt: Path, peft: bool) -> dict:
 # Writing models and checkpoints
 
 
-def write_model(directory: Path, model: torch.nn.Module, tokenizer, config, state: Optional[dict] = None) -> None:
-    """The model (or LoRA adapter) in Hugging Face format, the tokenizer and the run's config. `state`: the full
-    weights gathered by an engine that shards them (None: `save_pretrained` reads the model itself)."""
+def write_model(directory: Path, model: torch.nn.Module, tokenizer, config, state: Optional[dict] = None,
+                card: Optional[str] = None) -> None:
+    """The model (or LoRA adapter) in Hugging Face format, the tokenizer, the run's config and its model card
+    (`card`, README.md; it replaces the template card peft writes for an adapter). `state`: the full weights gathered
+    by an engine that shards them (None: `save_pretrained` reads the model itself)."""
     model.save_pretrained(str(directory), safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(str(directory))
     config.save(directory / RUN_MARKER)
+    if card is not None:
+        (directory / "README.md").write_text(card, encoding="utf-8")
 
 
 def save_model(out: Path, write: Callable[[Path], None]) -> None:

@@ -61,6 +61,13 @@ def make_accelerator(cfg: Any):
             raise ConfigError("tf32 needs an Ampere or newer NVIDIA GPU; on CPU leave it unset")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+    # accelerate's state is process-wide and refuses a second Accelerator of another precision; transformers'
+    # TrainingArguments resets it for each run, and so does dpokit (several runs, or a sweep, in one process). The
+    # process group, once made, is kept by torch and joined again.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     use_cpu = cfg.use_cpu
     on_cpu = use_cpu or not _has_accelerator_device()
     if _asked("ACCELERATE_USE_DEEPSPEED"):

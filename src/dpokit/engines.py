@@ -35,6 +35,9 @@ class Engine:
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
+        # accelerate keeps the precision in process-wide state, which the next run's Accelerator replaces (several
+        # runs in one process, `dpokit sweep bf16=false,true`): this run's is read once, now.
+        self.mixed_precision = accelerator.mixed_precision
 
     @property
     def name(self) -> str:
@@ -51,7 +54,9 @@ class Engine:
         return self.accelerator.prepare(policy, optimizer)
 
     def autocast(self, bf16: bool):
-        return self.accelerator.autocast()
+        # What accelerate's `Accelerator.autocast` does, with this run's precision rather than the process's latest.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
+        return torch.autocast(self.accelerator.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     # ----- one optimizer step -----
     def accumulating(self, policy: nn.Module, last: bool):

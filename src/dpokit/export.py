@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+from dpokit import modelcard
 from dpokit.errors import DpokitError
 
 
@@ -33,6 +34,10 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
         shutil.rmtree(tmp)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    # The adapter's model card, refreshed for the merged model (a card of the user's is not carried over).
+    card = adapter_dir / modelcard.CARD
+    text = card.read_text(encoding="utf-8") if card.is_file() and modelcard.is_ours(card) else None
+    (tmp / modelcard.CARD).write_text(modelcard.merged(text, adapter_base(adapter_dir)), encoding="utf-8")
     if out.is_dir():
         shutil.rmtree(out)
     elif out.exists():

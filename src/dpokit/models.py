@@ -254,6 +254,33 @@ def apply_lora(model: nn.Module, cfg: Any, peft_config: Any = None) -> nn.Module
         raise ConfigError(f"LoRA: {_first_line(exc)}") from exc
 
 
+def model_path(model: nn.Module) -> Optional[str]:
+    """Where an in-memory model was loaded from (`from_pretrained` sets `name_or_path`; a model built from a config
+    has none): a local directory absolute, a hub id as it is. None when it names nothing."""
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(path, str) or not path:
+        return None
+    return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+
+
+def record_lora(cfg: Any, model: nn.Module) -> Any:
+    """`cfg` with the LoRA settings the adapter of `model` was really built with (a `peft_config=` overrides the
+    config's lora_* keys), so that the run's record says what was trained and a resume compares what matters."""
+    import dataclasses
+
+    lora = model.peft_config[model.active_adapter]
+
+    def names(value):
+        return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+    alpha = lora.lora_alpha
+    return dataclasses.replace(
+        cfg, use_peft=True, lora_r=lora.r, lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
+        lora_dropout=lora.lora_dropout, lora_target_modules=names(lora.target_modules),
+        lora_modules_to_save=names(lora.modules_to_save), use_rslora=bool(lora.use_rslora),
+        use_dora=bool(lora.use_dora))
+
+
 def enable_checkpointing(model: nn.Module, kwargs: Optional[dict]) -> None:
     """Activation checkpointing with torch's non-reentrant checkpoint unless asked otherwise; transformers'
     `every_n_layers` / `offload` go to its `activation_checkpointing_enable` (where transformers has it)."""

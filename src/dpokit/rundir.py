@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dpokit import checkpoint as C
+from dpokit import modelcard
 from dpokit.errors import ConfigError
 from dpokit.fileio import atomic_write_text, read_yaml, writing
 from dpokit.metrics import log
@@ -31,7 +32,7 @@ RUN_FILES = ("metrics.jsonl", "warnings.jsonl", "skipped_rows.jsonl", "data_repo
              "trainer_state.json", "all_results.json", "train_results.json", "eval_results.json", "config.json",
              "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json",
-             "merges.txt")
+             "merges.txt", "README.md")  # README.md: the model card (`claim` refuses a user's first)
 RUN_DIRS = ("tensorboard", "runs")  # TensorBoard events: older runs, and transformers' default logging_dir
 
 # The counts of a data report written to data_report.json, per split.
@@ -143,6 +144,7 @@ def claim(output_dir: Path, *, resume: Optional[str], overwrite: bool, main_proc
     `same_run(saved_config, what)` refuses a config that would make the resumed run another run. The main process
     holds the run's lock (`RunLock`) when it calls this, so nothing is removed under another live run."""
     marker = output_dir / RUN_MARKER
+    modelcard.check_replaceable(output_dir)  # the model card the run saves would replace a user's README.md
     if resume is not None:
         if overwrite:
             raise ConfigError("resume_from_checkpoint and overwrite_output_dir are both set; choose one")

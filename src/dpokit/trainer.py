@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from dpokit import checkpoint as C
 from dpokit import data as D
 from dpokit import distributed as dist
-from dpokit import losses, models, rundir
+from dpokit import losses, modelcard, models, rundir
 from dpokit.callbacks import Events, check_callbacks, load_best_model, progress
 from dpokit.compat import TransformersTrainerAPI, refuse_trl_arguments, refuse_trl_overrides
 from dpokit.config import DPOConfig, SFTConfig, TrainConfig, config_from_args
@@ -97,6 +97,7 @@ class Trainer(TransformersTrainerAPI):
         self.setup_reference_before_peft()
         if self.use_peft:
             self.model = models.apply_lora(self.model, cfg, peft_config)
+            self.args = cfg = models.record_lora(cfg, self.model)
         if cfg.gradient_checkpointing:
             models.enable_checkpointing(self.model, cfg.gradient_checkpointing_kwargs)
         self.model.train()
@@ -135,6 +136,8 @@ class Trainer(TransformersTrainerAPI):
         if isinstance(model, (str, os.PathLike)):
             model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model)
             cfg.model_name_or_path = model
+        elif models.model_path(model):  # recorded, so that `dpokit eval RUN` finds the reference without --ref
+            cfg.model_name_or_path = models.model_path(model)
         return model
 
     def _check_vocab(self, model: nn.Module, what: Optional[str] = None) -> None:
@@ -421,12 +424,14 @@ class Trainer(TransformersTrainerAPI):
 
     # ----- save and resume -----
     def _writer(self, state: Optional[dict]):
-        return lambda directory: C.write_model(directory, self.model, self.tokenizer, self.args, state)
+        return lambda directory: C.write_model(directory, self.model, self.tokenizer, self.args, state,
+                                               card=modelcard.render(self))
 
     def save_model(self, output_dir: Optional[str] = None) -> Path:
         """The model (or LoRA adapter) in Hugging Face format plus the tokenizer, written atomically into `output_dir`:
         everything goes to a temporary directory first and is moved in only when complete."""
         out = Path(output_dir or self.args.output_dir)
+        modelcard.check_replaceable(out)  # before the collective below: every rank refuses alike
         state = self.engine.full_weights(self.policy, self.args.bf16)  # a collective where the weights are sharded
         if self.accelerator.is_main_process:
             lock = self.held() if out.resolve() == self.output_dir.resolve() else contextlib.nullcontext()
