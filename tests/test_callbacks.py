@@ -9,29 +9,16 @@ import pytest
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerControl, TrainerState
 
-from conftest import LLAMA2_TOKENIZER, tiny_llama
-from dpokit import DPOConfig, DPOTrainer
+from conftest import EVEN_ODD_PAIRS, quick_dpo_config, tiny_llama
+from dpokit import DPOTrainer
 from dpokit.errors import ConfigError
 
-PAIRS = [{"prompt": f"Question {i}: is {i} even?", "chosen": f" {'Yes' if i % 2 == 0 else 'No'}.",
-          "rejected": f" {'No' if i % 2 == 0 else 'Yes'}, surely."} for i in range(6)]
+PAIRS = EVEN_ODD_PAIRS
 # The same questions with the preference reversed: as training learns PAIRS, the loss on these only rises.
 REVERSED = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in PAIRS]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
-
-
-def cfg(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, learning_rate=1e-3, max_steps=-1,
-                num_train_epochs=1, logging_steps=1, save_steps=0, disable_tqdm=True, seed=0,
-                per_device_eval_batch_size=4)
-    base.update(kw)
-    return DPOConfig(**base)
+cfg = quick_dpo_config
 
 
 class Recorder(TrainerCallback):

@@ -9,26 +9,17 @@ import pytest
 import torch
 import yaml
 
-from conftest import LLAMA2_TOKENIZER, tiny_llama
+from conftest import SHORT_PAIRS
 from dpokit import DPOConfig, DPOTrainer
 from dpokit.checkpoint import CheckpointError
 from dpokit.evaluate import default_reference
 
-PAIRS = [
-    {"prompt": "The weather today is", "chosen": " sunny and warm.", "rejected": " cold, grey and wet."},
-    {"prompt": "My favourite food is", "chosen": " fresh bread.", "rejected": " nothing at all."},
-    {"prompt": "Q: 2+2?\nA:", "chosen": " 4", "rejected": " 5, probably"},
-]
+PAIRS = SHORT_PAIRS
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    path = tmp_path_factory.mktemp("base") / "tiny"
-    tiny_llama(vocab_size=32000).save_pretrained(path)
-    AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER).save_pretrained(path)
-    return path
+def base(tiny_base_dir):
+    return tiny_base_dir
 
 
 def args(out, **kw):

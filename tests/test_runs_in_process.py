@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from conftest import LLAMA2_TOKENIZER, tiny_llama
+from conftest import tiny_llama
 from dpokit import DPOConfig, DPOTrainer
 
 PAIRS = [
     {"prompt": "The weather today is", "chosen": " sunny and warm.", "rejected": " cold, grey and wet."},
     {"prompt": "My favourite food is", "chosen": " fresh bread.", "rejected": " nothing at all."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
 
 
 def trainer(tmp_path, name, tok, bf16, accumulation):
