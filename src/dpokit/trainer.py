@@ -136,8 +136,8 @@ class Trainer(TransformersTrainerAPI):
         if isinstance(model, (str, os.PathLike)):
             model = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model)
             cfg.model_name_or_path = model
-        elif models.model_path(model):  # recorded, so that `dpokit eval RUN` finds the reference without --ref
-            cfg.model_name_or_path = models.model_path(model)
+        elif (path := models.model_path(model)) is not None:  # recorded, so `dpokit eval RUN` finds the reference
+            cfg.model_name_or_path = path
         return model
 
     def _check_vocab(self, model: nn.Module, what: Optional[str] = None) -> None:
@@ -151,9 +151,7 @@ class Trainer(TransformersTrainerAPI):
     def _finish_data(self, tokenized, report, name: str, split: str):
         """Print and keep the data report (written with the run, skipped rows included); refuse an empty set. The
         count line is a routine notice (info) unless rows were skipped, deduplicated, cut or dropped (a warning)."""
-        changed = any(getattr(report, f, 0) for f in ("skipped", "deduplicated", "dropped", "truncated_prompt",
-                                                      "truncated_completion", "unpaired"))
-        log(report.summary(), level="warning" if changed else "info")
+        log(report.summary(), level="warning" if report.changed else "info")
         self.data_reports[split], self.data_sources[split] = report, name
         if not tokenized:
             raise DpokitError(f"{name}: no usable {split} rows left after validation and truncation "

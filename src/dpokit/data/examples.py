@@ -97,6 +97,13 @@ class DataReport:
     identical_after_truncation: int = 0
     line_numbers: Sequence[int] | None = field(default=None, repr=False)
 
+    @property
+    def changed(self) -> bool:
+        """Whether any row was skipped, deduplicated, cut or dropped: then the count line is a warning, not a
+        routine notice."""
+        return any((self.skipped, self.deduplicated, self.dropped, self.truncated_prompt, self.truncated_completion,
+                    self.unpaired))
+
     def where(self, row: int) -> str:
         """Human position of 0-based row `row`: ``file.jsonl:LINE`` for JSON Lines, else ``source row N`` (1-based)."""
         return where(self.source or "<data>", self.line_numbers, row)
