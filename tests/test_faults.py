@@ -9,6 +9,7 @@ every file read is checked at start.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -167,10 +168,48 @@ def test_data_tools_report_pairs_and_eval_never_write_over_what_they_read(tmp_pa
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Question: is it good?"}) + "\n")
     refused(capsys, ["pairs", "--model", run, "--prompts", prompts, "--judge", "implicit", "--output", prompts],
-            "is the prompts file", [prompts, run])
+            "is --prompts", [prompts, run])
     refused(capsys, ["eval", "--model", run, "--ref", run, "--pairs", data], "is the policy itself", [run, data])
     refused(capsys, ["eval", "--model", run, "--ref", model_dir, "--pairs", data, "--output_dir", model_dir],
             "lies inside --ref", [run, model_dir, data])
+
+
+def test_every_path_option_has_its_role_and_no_output_lands_on_an_input_or_another_output(tmp_path, stopped_run,
+                                                                                         pairs_file, capsys):
+    """The rule lives in the parser (`reads=`/`writes=` on each path option), so it holds for every command: outputs
+    that are an input of another kind (--add, --db, --items, the audited run) or each other are refused too."""
+    run = stopped_run[0]
+    data = shutil.copy(pairs_file, tmp_path / "pairs.jsonl")
+    extra = shutil.copy(data, tmp_path / "extra.jsonl")
+    db = tmp_path / "labels.sqlite"
+    assert main(["annotate", "tokens", "--db", str(db), "--annotators", "ann"]) == 0
+    capsys.readouterr()
+    gc.collect()  # closes that command's connection, which moves SQLite's write-ahead log into the file
+    protect = [run, data, extra, db]
+    refused(capsys, ["data", "filter", data, extra, "--add", extra], "OUTPUT", protect)
+    refused(capsys, ["data", "audit", data, "--model", run, "--output", run / "metrics.jsonl"],
+            ["--output", "lies inside --model"], protect)
+    refused(capsys, ["data", "audit", data, "--model", run, "--output", tmp_path / "a.jsonl", "--top", "2",
+                     "--items", tmp_path / "a.jsonl"], ["--items", "two outputs may not share a path"], protect)
+    # The default items file (OUTPUT-topK.jsonl) is checked like a given one.
+    named_like = shutil.copy(data, tmp_path / "audit-top2.jsonl")
+    refused(capsys, ["data", "audit", named_like, "--model", run, "--output", tmp_path / "audit.jsonl", "--top", "2"],
+            ["--items", "is PAIRS"], [*protect, named_like])
+    refused(capsys, ["data", "split", data, "--eval_fraction", "0.5", "--train_out", tmp_path / "s.jsonl",
+                     "--eval_out", tmp_path / "." / "s.jsonl"], "two outputs may not share a path", protect)
+    refused(capsys, ["annotate", "tokens", "--db", db, "--annotators", "bob", "--output", db], "is --db", protect)
+    refused(capsys, ["report", run, "--output", run / "model.safetensors"],
+            ["would replace a file of the run", "model.safetensors"], protect)
+    refused(capsys, ["report", run, "--output", run / "checkpoint-2"], "would replace a file of the run", protect)
+    refused(capsys, ["report", run, "--output", run.parent], ["--output", "contains"], protect)
+    refused(capsys, ["eval", "--model", run, "--prompts", data, "--judge", "implicit", "--save_samples",
+                     run / "metrics.jsonl"], ["--save_samples", "would replace a file of the evaluated model"], protect)
+    # Beside the run's files, never over them: a new page, and a page the report wrote before, may be (re)written.
+    before = snapshot(run)
+    for _ in range(2):
+        assert main(["report", str(run), "--output", str(run / "curves.html")]) == 0
+    assert snapshot(run).items() >= before.items() and (run / "curves.html").is_file()
+    (run / "curves.html").unlink()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -324,6 +363,51 @@ def test_a_full_disk_during_a_checkpoint_ends_in_one_line_and_leaves_no_partial_
     assert C.read_latest(out) == out / "checkpoint-1" and C.problem(out / "checkpoint-1") is None
 
 
+def fill(disk: Path) -> None:
+    """Write zeros into `disk` until the filesystem is full."""
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_or_read_only_disk_ends_every_command_in_one_line_naming_the_path(tmp_path, small_disk, lora_run,
+                                                                                stopped_run, pairs_file, capsys):
+    run = stopped_run[0]
+    mount(small_disk, 0.5)
+    fill(small_disk)
+    writers = {"export": ["export", lora_run, small_disk / "merged", "--merge"],
+               "report": ["report", run, "--output", small_disk / "report.html"],
+               "data convert": ["data", "convert", pairs_file, small_disk / "rows.jsonl"],
+               "data split": ["data", "split", pairs_file, "--eval_fraction", "0.5", "--train_out",
+                              small_disk / "t.jsonl", "--eval_out", small_disk / "e.jsonl"],
+               "eval": ["eval", "--model", run, "--pairs", pairs_file, "--output_dir", small_disk / "eval"],
+               "annotate tokens": ["annotate", "tokens", "--db", tmp_path / "labels.sqlite", "--annotators", "ann",
+                                   "--output", small_disk / "tokens.tsv"]}
+    for reason in ("No space left on device", "Read-only file system"):
+        if reason.startswith("Read-only"):
+            (small_disk / "filler").unlink()
+            subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        for name, argv in writers.items():
+            line = refused(capsys, argv, ["cannot write", str(small_disk), reason], [run, lora_run, pairs_file],
+                           code=1)
+            assert "dpokit" in line or line.startswith("error: "), (name, line)
+            left = sorted(p.name for p in small_disk.iterdir() if p.name != "filler")
+            assert left in ([], ["eval"]), (name, left)  # no temporary file or directory holds space
+            assert not any(small_disk.rglob(".*tmp*")), name
+    # A run on a read-only disk: `dpokit eval` writes its record into the run directory by default.
+    subprocess.run(["umount", str(small_disk)], check=True)
+    mount(small_disk, 8)
+    copy = small_disk / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    refused(capsys, ["eval", "--model", copy, "--ref", run, "--pairs", pairs_file],
+            ["cannot write", str(copy / "eval.json"), "Read-only file system"], [copy, run, pairs_file], code=1)
+
+
 @pytest.fixture(scope="module")
 def slow_model_dir(tmp_path_factory):
     """Steps of a few hundred milliseconds, so a signal lands between two of them."""
@@ -390,6 +474,43 @@ def test_damaged_or_unsafe_model_files_are_named_before_training(tmp_path, model
     line = refused(capsys, dpo(pickled, tmp_path / "o3", pairs_file),
                    ["hold non-tensor objects", "refused as possibly unsafe"], [pickled])
     assert "weights_only" not in line and "trust" not in line  # never advises turning the protection off
+
+
+def test_damaged_adapters_judges_manifests_configs_and_weights_are_one_line(tmp_path, lora_run, stopped_run,
+                                                                          model_dir, pairs_file, capsys):
+    cut = shutil.copytree(lora_run, tmp_path / "cut")
+    adapter = cut / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:200])
+    for argv in (["export", cut, tmp_path / "m1", "--merge"], ["eval", "--model", cut, "--pairs", pairs_file]):
+        refused(capsys, argv, [str(cut), "adapter_model.safetensors is damaged or incomplete"], [cut])
+    typed = shutil.copytree(lora_run, tmp_path / "typed")
+    config = json.loads((typed / "adapter_config.json").read_text())
+    (typed / "adapter_config.json").write_text(json.dumps({**config, "r": "eight"}))
+    refused(capsys, ["export", typed, tmp_path / "m2", "--merge"], ["adapter_config.json", "r must be an integer"],
+            [typed])
+    (typed / "adapter_config.json").write_text('{"r": 8,')
+    refused(capsys, ["export", typed, tmp_path / "m3", "--merge"], ["adapter_config.json:1: invalid JSON"], [typed])
+
+    judge = tmp_path / "judge.py"
+    judge.write_text("def score(:\n")
+    refused(capsys, ["eval", "--model", stopped_run[0], "--prompts", pairs_file, "--judge", f"{judge}:score",
+                     "--output_dir", tmp_path / "e"], ["judge", "SyntaxError", "judge.py"], [judge])
+
+    config_file = tmp_path / "listkey.yaml"
+    config_file.write_text("? [learning_rate, beta]\n: 1\n")
+    refused(capsys, ["dpo", "--config", config_file], [f"{config_file}:1", "a key must be a name, got a list"],
+            [config_file])
+
+    run = shutil.copytree(stopped_run[0], tmp_path / "deep")
+    (run / "checkpoint-4" / "manifest.json").write_text("[" * 100_000)
+    refused(capsys, dpo(model_dir, run, pairs_file, "max_steps=4", "save_steps=1", "--resume"),
+            ["checkpoint-4 is damaged (manifest.json is unreadable)", "resume_from_checkpoint="], [run])
+
+    other = shutil.copytree(model_dir, tmp_path / "other")
+    settings = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**settings, "hidden_size": 32, "head_dim": 8}))
+    refused(capsys, dpo(other, tmp_path / "o", pairs_file),
+            ["its weights do not fit its config.json", "in the weights", "by the config"], [other])
 
 
 class _RunsCode:

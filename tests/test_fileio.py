@@ -114,3 +114,51 @@ def test_read_text_names_the_option(tmp_path):
     with pytest.raises(DataError) as e:
         read_text(tmp_path / "t.jinja", "--chat_template")
     assert _one_line(e) == f"--chat_template {tmp_path / 't.jinja'}: cannot read (No such file or directory)"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def test_a_failed_write_keeps_the_old_content_removes_its_temporary_and_names_the_path(tmp_path):
+    from dpokit.errors import WriteError
+    from dpokit.fileio import atomic_path, atomic_write_text
+
+    target = tmp_path / "rows.jsonl"
+    atomic_write_text(target, "old\n")
+    for failure in (OSError(28, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:672] "
+                                                                         "PytorchStreamWriter failed writing file")):
+        with pytest.raises(WriteError) as e:
+            with atomic_path(target) as tmp:
+                tmp.write_text("half")
+                raise failure
+        assert str(target) in _one_line(e) and ("No space left" in str(e.value) or "inline_container" in str(e.value))
+        assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+    # A directory arrives whole too, replacing the old one only once it is complete.
+    out = tmp_path / "model"
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("1")
+    with pytest.raises(WriteError):
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            raise OSError(5, "Input/output error")
+    assert (out / "a").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["model", "rows.jsonl"]
+
+
+def test_removing_the_temporary_never_hides_why_the_write_failed(tmp_path, monkeypatch):
+    """On a read-only filesystem even removing a file that was never made fails (EROFS): the error the user sees is
+    still the write's."""
+    import pathlib
+
+    from dpokit.errors import WriteError
+    from dpokit.fileio import atomic_write_text
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    monkeypatch.setattr(pathlib.Path, "write_text", read_only)
+    with pytest.raises(WriteError) as e:
+        atomic_write_text(tmp_path / "eval.json", "{}")
+    assert _one_line(e) == f"cannot write {tmp_path / 'eval.json'}: [Errno 30] Read-only file system"

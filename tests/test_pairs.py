@@ -396,7 +396,7 @@ def boom(prompt, completion):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--output", "prompts.jsonl"], "--output prompts.jsonl is the prompts file"),
+    (["--output", "prompts.jsonl"], "--output prompts.jsonl is --prompts prompts.jsonl"),
     (["--output", "p.jsonl", "--beta", "0.5"], "--beta is the implicit judge's"),
     (["--output", "p.jsonl", "--judge", "test_pairs:boom", "--keep_unfinished", ""],
      "raised ValueError: judge exploded"),

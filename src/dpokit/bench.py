@@ -575,7 +575,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dpokit.options import positive_float, positive_int
 
     parser.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS))
-    parser.add_argument("--output", help="write the result as JSON to this file")
+    parser.add_argument("--output", writes=True, help="write the result as JSON to this file")
     parser.add_argument("--steps", type=positive_int, help="timed optimizer steps (default: the preset's)")
     parser.add_argument("--pairs-per-step", type=positive_int, help="pairs per optimizer step (default: the preset's)")
     parser.add_argument("--token-budget", type=positive_int, help="dpokit's packed tokens per micro-batch")
@@ -593,8 +593,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trl-liger-micro-batches", type=positive_int, nargs="+",
                         help="micro-batch sizes TRL with use_liger_kernel is run with (default: --trl-micro-batches)")
     parser.add_argument("--peak-tflops", type=positive_float, help="device peak TFLOP/s for MFU (default: known GPUs only)")
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="Llama-2 tokenizer directory")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HH-RLHF jsonl(.gz) file")
+    parser.add_argument("--tokenizer", type=Path, reads=True, default=DEFAULT_TOKENIZER, help="Llama-2 tokenizer directory")
+    parser.add_argument("--data", type=Path, reads=True, default=DEFAULT_DATA, help="HH-RLHF jsonl(.gz) file")
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -622,7 +622,9 @@ def run_from_args(args) -> int:
                  trl_liger_micro_batches=args.trl_liger_micro_batches)
     print(format_table(result))
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
+        from dpokit.fileio import atomic_write_text
+
+        atomic_write_text(Path(args.output), json.dumps(result, indent=2))
         print(f"[bench] wrote {args.output}")
     return 0
 

@@ -32,8 +32,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from dpokit.errors import DpokitError
-from dpokit.fileio import atomic_write_text, fsync_dir, fsync_tree, replace_dir, write_error
+from dpokit.errors import DataError, DpokitError
+from dpokit.fileio import atomic_write_text, fsync_dir, fsync_tree, read_json, replace_dir, write_error
 
 LATEST = "latest"
 RUN_MARKER = "dpokit_config.yaml"  # the run's resolved config; its presence marks a directory holding a run
@@ -199,10 +199,11 @@ def problem(path: Path) -> Optional[str]:
     manifest = path / MANIFEST
     if manifest.is_file():  # checkpoints written before manifests have none: their structure is still checked
         try:
-            files = json.loads(manifest.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError):
+            files = read_json(manifest)["files"]
+            entries = [(name, dict(entry)) for name, entry in files.items()]
+        except (DataError, KeyError, TypeError, ValueError, AttributeError):
             return f"{MANIFEST} is unreadable"
-        for name, entry in files.items():
+        for name, entry in entries:
             file = path / name
             if not file.is_file():
                 return f"{name} is missing"
@@ -277,10 +278,10 @@ def load_state(directory: Path) -> tuple[dict, dict]:
     if missing:
         raise CheckpointError(f"{directory} is not a complete dpokit checkpoint ({missing})")
     try:
-        info = json.loads((directory / STATE_JSON).read_text())
+        info = read_json(directory / STATE_JSON)
         # weights_only: a checkpoint from elsewhere cannot run code when it is read.
         tensors = torch.load(directory / STATE_PT, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+    except (DataError, OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
         first = " ".join(str(exc).split())[:200]
         raise CheckpointError(f"cannot read checkpoint {directory}: {first}") from exc
     if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
@@ -314,7 +315,11 @@ def read_weights(directory: Path, peft: bool) -> dict:
         return load_file(str(path))
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+        except (DataError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is damaged ({exc if isinstance(exc, DataError) else 'no weight_map'}); "
+                                  "resume from another checkpoint") from None
         return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
     if (directory / "model.safetensors").is_file():
         return load_file(str(directory / "model.safetensors"))

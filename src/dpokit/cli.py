@@ -176,6 +176,12 @@ def _module_command(command: str):
     return run
 
 
+def _os_failure(exc: OSError) -> str:
+    where = " -> ".join(f"{name}" for name in (exc.filename, exc.filename2) if name is not None)
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    return f"{where}: {reason}" if where else reason
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -191,6 +197,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # Deprecation notices from inside the libraries (peft calling a transformers method that v6 renames) are for
+    # their authors; printed, they would bury the command's one line.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate)(\.|$)")
     handlers = {"sft": lambda a: _train("sft", a), "dpo": lambda a: _train("dpo", a), "data": _data,
                 **{name: _module_command(name) for name in MODULE_COMMANDS}}
     if command not in handlers:
@@ -220,6 +231,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dpokit {command}: {'stopped' if isinstance(exc, Interrupted) else 'error'}: {message}",
               file=sys.stderr)
         return getattr(exc, "exit_code", 2)
+    except OSError as exc:
+        # The machine, not the user: a disk that filled or went read-only, a file that vanished, where no reader or
+        # writer of dpokit's own (dpokit.fileio) turned it into a DpokitError first. One line still, naming the path.
+        if debug:
+            raise
+        print(f"dpokit {command}: error: {_os_failure(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dpokit {command}: interrupted", file=sys.stderr)
         return 130

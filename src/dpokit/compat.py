@@ -465,12 +465,13 @@ class TransformersTrainerAPI:
         (transformers' `Trainer.save_metrics`; main process only)."""
         if not self.accelerator.is_main_process:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / f"{split}_results.json").write_text(json.dumps(metrics, indent=4, sort_keys=True))
+        from dpokit.fileio import atomic_write_text, read_json
+
+        atomic_write_text(self.output_dir / f"{split}_results.json", json.dumps(metrics, indent=4, sort_keys=True))
         if combined:
             path = self.output_dir / "all_results.json"
-            merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **metrics}
-            path.write_text(json.dumps(merged, indent=4, sort_keys=True))
+            merged = {**(read_json(path) if path.is_file() else {}), **metrics}
+            atomic_write_text(path, json.dumps(merged, indent=4, sort_keys=True))
 
     def save_state(self) -> None:
         """Write `state` to output_dir/trainer_state.json (transformers' `Trainer.save_state`; main process only)."""

@@ -431,7 +431,9 @@ class TrainConfig(metaclass=_ReadsKeys):
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (loadable again with `--config`)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from dpokit.fileio import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 @dataclass
@@ -560,6 +562,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:  # `? [a, b]`: a list as a key
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a name, got a {type(key).__name__}", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})",

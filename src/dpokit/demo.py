@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dpokit.fileio import atomic_path, atomic_write_text
+
 # --------------------------------------------------------------------------------------------------------------------
 # The grammar. Text is kept in the tokenizer's canonical form (lower case, every word and punctuation mark separated by
 # one space) so that decoding a sample and re-encoding it gives back the same tokens.
@@ -393,11 +395,10 @@ def _write_results(root: Path, result: dict) -> None:
     summary = {k: v for k, v in result.items() if k not in ("before", "after")}
     for phase in ("before", "after"):
         summary[phase] = {k: v for k, v in result[phase].items() if k != "samples"}
-    (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with (root / "samples.jsonl").open("w") as f:
-        for phase in ("before", "after"):
-            for sample in result[phase]["samples"]:
-                f.write(json.dumps({"model": "sft" if phase == "before" else "dpo", **sample}) + "\n")
+    atomic_write_text(root / "results.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(root / "samples.jsonl", "".join(
+        json.dumps({"model": "sft" if phase == "before" else "dpo", **sample}) + "\n"
+        for phase in ("before", "after") for sample in result[phase]["samples"]))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -438,8 +439,7 @@ def run_frontier(output_dir: Optional[str] = None, seed: int = 0, quick: bool = 
         torch.set_num_threads(threads)
     if output_dir is not None:
         root = Path(output_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(root / "frontier.json", json.dumps(result, indent=2) + "\n")
         plot_frontier(result, root / "frontier.png")
     return result
 
@@ -534,7 +534,8 @@ def plot_frontier(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def format_frontier_table(result: dict) -> str:

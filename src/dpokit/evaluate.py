@@ -383,11 +383,14 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
             return None
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        rm = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+        from dpokit.models import loading
+
+        with loading("reward model", path):
+            rm = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
+            rm_tok = AutoTokenizer.from_pretrained(str(path))
         if rm.config.num_labels != 1:
             raise ConfigError(f"judge {spec!r}: a reward model must have one output (num_labels=1), "
                               f"this one has {rm.config.num_labels}")
-        rm_tok = AutoTokenizer.from_pretrained(str(path))
         if rm_tok.pad_token_id is None:
             rm_tok.pad_token = rm_tok.eos_token  # any id: padding is re-marked per batch below
 
@@ -566,7 +569,8 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
     out = Path(output_dir or model_path)
     judge_file = judge[len("rm:"):] if isinstance(judge, str) and judge.startswith("rm:") else None
     refuse_overlap({"eval.json": out / "eval.json", "eval.md": out / "eval.md", "--save_samples": save_samples},
-                   {"--pairs": pairs, "--prompts": prompts, "--ref": ref_path, "the judge": judge_file})
+                   {"--pairs": pairs, "--prompts": prompts, "--ref": ref_path, "the judge": judge_file},
+                   hosts={"the evaluated model": model_path}, own=("eval.json", "eval.md"))
     settings = run_settings(model_path)
     beta = float(beta if beta is not None else settings.get("beta", 0.1))
     if prompts is not None:
@@ -645,9 +649,12 @@ def main(argv: list[str]) -> int:
 
     parser = Parser(prog="dpokit eval", description=COMMANDS["eval"])
     parser.add_argument("--model", required=True, help="a run directory (full model or LoRA adapter) or a model path")
-    parser.add_argument("--ref", help="the reference model (default: the model the run started from)")
-    parser.add_argument("--pairs", help="held-out preference pairs: implicit-reward accuracy, margins, log-probs")
-    parser.add_argument("--prompts", help="prompts to sample from policy and reference: win rate and KL")
+    # The model and --output_dir are checked by evaluate_model: its eval.json and eval.md go into the model's
+    # directory by default, beside (never over) the files of the run.
+    parser.add_argument("--ref", reads=True, help="the reference model (default: the model the run started from)")
+    parser.add_argument("--pairs", reads=True,
+                        help="held-out preference pairs: implicit-reward accuracy, margins, log-probs")
+    parser.add_argument("--prompts", reads=True, help="prompts to sample from policy and reference: win rate and KL")
     parser.add_argument("--judge", help="implicit | module:function | rm:PATH (reward model) — scores samples")
     parser.add_argument("--output_dir", help="where eval.json and eval.md go (default: the model's directory)")
     parser.add_argument("--beta", type=positive_float, help="beta of the implicit reward (default: the run's)")
@@ -659,7 +666,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--max_length", type=positive_int,
                         help="truncate pairs as in training (dropped pairs are counted)")
-    parser.add_argument("--save_samples", metavar="FILE.jsonl",
+    parser.add_argument("--save_samples", metavar="FILE.jsonl", writes=True,
                         help="also save every policy/reference sample pair, for a blind human A/B (dpokit annotate)")
     args = parser.parse_args(argv)
     result = evaluate_model(args.model, ref_path=args.ref, pairs=args.pairs, prompts=args.prompts, judge=args.judge,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from dpokit import modelcard
@@ -13,7 +12,7 @@ from dpokit.errors import DpokitError
 def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Load the adapter's base model (recorded in adapter_config.json), merge, save model and tokenizer atomically.
     An existing, non-empty `output_dir` is replaced only with `overwrite` (it may hold another model)."""
-    from dpokit.fileio import refuse_overlap
+    from dpokit.fileio import atomic_path, read_text, refuse_overlap
     from dpokit.models import adapter_base, load_merged
 
     adapter_dir, out = Path(adapter_dir), Path(output_dir)
@@ -29,20 +28,16 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
         raise DpokitError(f"{adapter_dir}: no adapter_config.json (not a LoRA run; a full model needs no merge)")
     refuse_overlap({"output_dir": out}, {"the adapter run": adapter_dir, "the base model": adapter_base(adapter_dir)})
     merged, tokenizer = load_merged(adapter_dir, what="adapter run")
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
     # The adapter's model card, refreshed for the merged model (a card of the user's is not carried over).
     card = adapter_dir / modelcard.CARD
-    text = card.read_text(encoding="utf-8") if card.is_file() and modelcard.is_ours(card) else None
-    (tmp / modelcard.CARD).write_text(modelcard.merged(text, adapter_base(adapter_dir)), encoding="utf-8")
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    os.replace(tmp, out)
+    text = read_text(card) if card.is_file() and modelcard.is_ours(card) else None
+    if out.exists() and not out.is_dir():
+        raise DpokitError(f"{out} is a file; the merged model is a directory: choose another output directory")
+    # Written whole beside `out`, then renamed into place: a full disk or a kill leaves the old `out` as it was.
+    with atomic_path(out, what=f"the merged model {out}") as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / modelcard.CARD).write_text(modelcard.merged(text, adapter_base(adapter_dir)), encoding="utf-8")
     return out
 
 
@@ -52,8 +47,8 @@ def main(argv: list[str]) -> int:
     from dpokit.options import Parser
 
     parser = Parser(prog="dpokit export", description=COMMANDS["export"])
-    parser.add_argument("adapter_dir", help="a run directory holding a LoRA adapter (adapter_config.json)")
-    parser.add_argument("output_dir", help="where to write the merged model")
+    parser.add_argument("adapter_dir", reads=True, help="a run directory holding a LoRA adapter (adapter_config.json)")
+    parser.add_argument("output_dir", writes=True, help="where to write the merged model")
     parser.add_argument("--merge", action="store_true", required=True,
                         help="merge the adapter into the base weights (the only export so far)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output_dir")

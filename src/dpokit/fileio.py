@@ -90,21 +90,56 @@ def writing(path):
         raise write_error(path, exc) from exc
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old content or the new, never a mix; a failure leaves the old content and no temporary file."""
+def discard(path: Path) -> None:
+    """Remove a temporary file or directory after a failed write. Its own failure (a read-only or vanished
+    filesystem, where even removing a file that was never made fails) is ignored: it must never replace the error
+    that says why the write failed."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def atomic_path(path, what: Optional[str] = None) -> Iterator[Path]:
+    """The one way dpokit writes a file or a directory: ``with atomic_path(target) as tmp: write(tmp)``. `tmp` is a
+    hidden name beside `path` (its parent directories are made); once the block ends, `tmp` is flushed to disk and
+    renamed onto `path`, so readers see the old content or the new, never a mix. A directory that `path` held is
+    moved aside and deleted only once the new one is in place. Any failure (a full disk, a read-only filesystem, an
+    I/O error, in whatever words torch or safetensors report it) removes `tmp` and becomes `write_error`'s one line
+    naming `what` (default `path`); the old content stays."""
     path = Path(path)
     tmp = temporary_name(path)
     try:
-        with writing(path):
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        with writing(what or path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            discard(tmp)  # left by a killed writer of the same pid (a container's pid 1)
+            yield tmp
+            if tmp.is_dir():
+                fsync_tree(tmp)
+                replace_dir(tmp, path)
+            else:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                fsync_dir(path.parent)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
-    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Readers see the old content or the new, never a mix; a failure leaves the old content and no temporary file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def append_text(path: Path, text: str) -> None:
@@ -301,31 +336,67 @@ def _resolved(path) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def refuse_overlap(outputs: dict, inputs: dict) -> None:
+def _paths(entries: dict) -> list[tuple[str, Path, Any]]:
+    """(label, resolved path, path as given) of each entry; a list value (an option given several times, nargs)
+    gives one row per path; None and empty values are left out."""
+    rows = []
+    for label, value in entries.items():
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(path, (str, os.PathLike)) and str(path) != "":
+                rows.append((label, _resolved(path), path))
+    return rows
+
+
+def _relation(a: Path, b: Path) -> Optional[str]:
+    if a == b:
+        return "is"
+    if b.is_relative_to(a):
+        return "contains"
+    if a.is_relative_to(b):
+        return "lies inside"
+    return None
+
+
+def refuse_overlap(outputs: dict, inputs: dict, *, hosts: Optional[dict] = None, own: Any = ()) -> None:
     """The one rule every command that writes follows: no output may be, contain, or lie inside any of its inputs
     (model, reference, adapter, data, run directory), compared after resolving links and `..`, so that writing (or,
-    with an overwrite, replacing) an output can never destroy an input. `outputs` and `inputs` map a label (the option
-    that named the path, e.g. `output_dir`, `--pairs`) to a path; None values, and inputs that are not on this disk
-    (hub ids), are skipped. A command that writes its
-    own record into a directory it reads (`dpokit eval`'s eval.json into the evaluated run) lists as inputs the files
-    it reads there, not the directory."""
+    with an overwrite, replacing) an output can never destroy an input; and no two outputs may be one path (the
+    second would replace the first). `outputs` and `inputs` map a label (the option that named the path, e.g.
+    `output_dir`, `--pairs`) to a path or a list of paths; None values, and inputs that are not on this disk (hub ids),
+    are skipped. Command-line options declare their role once (`dpokit.options.Parser`, ``reads=``/``writes=``),
+    and the parser applies this rule to every command.
+
+    `hosts` are input directories a command writes its own records into (`dpokit eval`'s eval.json into the
+    evaluated run, `dpokit report`'s report.html into the first run): an output inside one is allowed when it is a
+    new file or one of the command's own records (`own`: file names, or a test of a path), never when it would
+    replace a file of the run (its weights, its logs)."""
     from dpokit.errors import ConfigError
 
-    given = {label: _resolved(path) for label, path in inputs.items()
-             if isinstance(path, (str, os.PathLike)) and Path(path).expanduser().exists()}
-    for out_label, out_path in outputs.items():
-        if out_path is None:
-            continue
-        out = _resolved(out_path)
-        for in_label, inp in given.items():
-            if out == inp:
-                how = "is"
-            elif inp.is_relative_to(out):
-                how = "contains"
-            elif out.is_relative_to(inp):
-                how = "lies inside"
-            else:
-                continue
-            raise ConfigError(f"{out_label} {out_path} {how} {in_label} {inputs[in_label]}: an output may not be, "
-                              f"contain or lie inside an input (writing it could destroy the input); choose another "
-                              f"{out_label}")
+    given = [(label, resolved, path) for label, resolved, path in _paths(inputs)
+             if Path(path).expanduser().exists()]
+    homes = [(label, resolved, path) for label, resolved, path in _paths(hosts or {})
+             if Path(path).expanduser().exists()]
+    written = _paths(outputs)
+    for i, (out_label, out, out_path) in enumerate(written):
+        for in_label, inp, in_path in given:
+            how = _relation(out, inp)
+            if how:
+                raise ConfigError(f"{out_label} {out_path} {how} {in_label} {in_path}: an output may not be, "
+                                  f"contain or lie inside an input (writing it could destroy the input); choose "
+                                  f"another {out_label}")
+        for host_label, host, host_path in homes:
+            how = _relation(out, host)
+            if how in ("is", "contains"):
+                raise ConfigError(f"{out_label} {out_path} {how} {host_label} {host_path}: an output may not be or "
+                                  f"contain an input (writing it could destroy the input); choose another {out_label}")
+            mine = own(out) if callable(own) else out.name in own
+            if how == "lies inside" and out.exists() and not mine:
+                records = " or this command's own records" + (f" ({', '.join(own)})" if own and not callable(own)
+                                                              else "")
+                raise ConfigError(f"{out_label} {out_path} would replace a file of {host_label} {host_path}: "
+                                  f"only new files{records} may be written there; choose another {out_label}")
+        for other_label, other, other_path in written[i + 1:]:
+            how = _relation(out, other)
+            if how:
+                raise ConfigError(f"{out_label} {out_path} {how} {other_label} {other_path}: two outputs may not "
+                                  f"share a path (the second would replace the first); choose another {other_label}")

@@ -127,7 +127,15 @@ def merged(adapter_card: Optional[str], base: str) -> str:
                                 "tags": ["dpokit", "merged"]}, sort_keys=False).rstrip()
         return "\n".join(["---", front, "---", MARK, "", note, ""])
     head, _, body = adapter_card.partition(MARK)
-    front = yaml.safe_load(head.strip().removeprefix("---").removesuffix("---")) or {}
+    try:
+        front = yaml.safe_load(head.strip().removeprefix("---").removesuffix("---")) or {}
+    except yaml.YAMLError as exc:
+        front = exc
+    if not isinstance(front, dict) or not isinstance(front.get("tags", []), list):
+        from dpokit.errors import DataError
+
+        raise DataError(f"the adapter run's {CARD}: its front matter (between the --- lines) is not a YAML mapping "
+                        "with a tags list; repair it or remove the file")
     front["library_name"] = "transformers"
     front["tags"] = [t for t in front.get("tags", []) if t != "lora"] + ["merged"]
     return "\n".join(["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", MARK, "", note]) + body

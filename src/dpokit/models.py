@@ -8,8 +8,10 @@ model inside.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import pickle
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +49,83 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class _HeldLoadReport(logging.Filter):
+    """Holds back the load report transformers logs (a multi-line table) while a model loads: printed again as it
+    was when the load succeeds; when the load fails, its size mismatches go into the one-line error instead."""
+
+    LOGGER = "transformers.modeling_utils"
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.mismatches: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        self.records.append(record)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+        for row in plain.splitlines():
+            cells = [c.strip() for c in row.split("|")]
+            if len(cells) >= 3 and cells[1] == "MISMATCH":
+                found = re.search(r"ckpt: torch\.Size\((\[.*?\])\) vs model:\s*torch\.Size\((\[.*?\])\)", row)
+                shapes = f" is {found.group(1)} in the weights, {found.group(2)} by the config" if found else ""
+                self.mismatches.append(f"{cells[0]}{shapes}")
+        return False
+
+    def __enter__(self):
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeFilter(self)
+        if kind is None:
+            for record in self.records:
+                logger.handle(record)
+        return False
+
+
+@contextlib.contextmanager
+def loading(what: str, source: Any):
+    """The one guard around every `from_pretrained` (models, adapters, reward models, tokenizers, configs): whatever
+    transformers, peft, safetensors or torch raise for a broken, foreign or unsafe file becomes one line naming
+    `what` and `source`. A local directory's weight files are checked first (a cut-short safetensors file is named
+    with what is wrong). `--debug` shows the traceback."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    check_source(source, what)
+    check_weight_files(source, what)
+    held = _HeldLoadReport()
+    try:
+        with held:
+            yield
+    except DpokitError:
+        raise
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) met a pickle that holds more than tensors: loading it would run its code.
+        raise DpokitError(f"cannot load {what} {str(source)!r}: its pickle weights (pytorch_model*.bin) hold "
+                          "non-tensor objects and were refused as possibly unsafe (loading them could run code); use "
+                          "a safetensors copy of the model") from None
+    except SafetensorError as exc:  # damaged in a way the header check does not see
+        raise DpokitError(f"cannot load {what} {str(source)!r}: a weight file is damaged ({_first_line(exc)})") from None
+    except RuntimeError as exc:
+        if held.mismatches:  # transformers' "size mismatch" table, as one line
+            shown = "; ".join(held.mismatches[:2])
+            more = f" and {len(held.mismatches) - 2} more" if len(held.mismatches) > 2 else ""
+            raise DpokitError(f"cannot load {what} {str(source)!r}: its weights do not fit its config.json "
+                              f"({len(held.mismatches)} tensors of another shape: {shown}{more})") from exc
+        raise DpokitError(f"cannot load {what} {str(source)!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    except Exception as exc:
+        # Whatever the file did to the library reading it: a RuntimeError for weights whose shapes do not fit the
+        # config ("size mismatch for ..."), a TypeError for a config field of the wrong type (peft reads
+        # adapter_config.json's "r": "8" as given), tokenizers' plain Exception for a broken tokenizer.json.
+        raise DpokitError(f"cannot load {what} {str(source)!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether `model` holds bitsandbytes-quantized (4- or 8-bit) weights, which only adapters can train."""
     base = base_model(model)
@@ -78,9 +157,6 @@ def load_model(model: Any, cfg: Any = None, what: str = "model") -> nn.Module:
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise ConfigError(f"{what} must be a path, a hub id or a PreTrainedModel, got {type(model).__name__}")
-    check_source(model, what)
-    check_weight_files(model, what)
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(getattr(cfg, "model_init_kwargs", None) or {})
@@ -100,17 +176,8 @@ def load_model(model: Any, cfg: Any = None, what: str = "model") -> nn.Module:
         kwargs.setdefault("attn_implementation", cfg.attn_implementation)
     if getattr(cfg, "model_revision", "main") != "main":
         kwargs.setdefault("revision", cfg.model_revision)
-    try:
+    with loading(what, model):
         return AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
-    except pickle.UnpicklingError:
-        # torch.load(weights_only=True) met a pickle that holds more than tensors: loading it would run its code.
-        raise DpokitError(f"cannot load {what} {str(model)!r}: its pickle weights (pytorch_model*.bin) hold non-tensor "
-                          "objects and were refused as possibly unsafe (loading them could run code); use a "
-                          "safetensors copy of the model") from None
-    except SafetensorError as exc:  # damaged in a way the header check above does not see
-        raise DpokitError(f"cannot load {what} {str(model)!r}: a weight file is damaged ({_first_line(exc)})") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DpokitError(f"cannot load {what} {str(model)!r}: {_first_line(exc)}") from exc
 
 
 def read_chat_template(value: str) -> str:
@@ -133,16 +200,13 @@ def load_tokenizer(source: Any = None, cfg: Any = None, *, tokenizer: Any = None
         if source is None:
             raise ConfigError("no tokenizer: pass processing_class= or set tokenizer_name_or_path "
                               "(an in-memory model carries none)")
-        check_source(source, what)
         from transformers import AutoTokenizer
 
         revision = getattr(cfg, "model_revision", "main")
         extra = {"revision": revision} if revision != "main" else {}
-        try:
+        with loading(what, source):
             tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=getattr(cfg, "trust_remote_code", False),
                                                 **extra)
-        except Exception as exc:  # OSError, ValueError, ... for a missing or broken tokenizer
-            raise DpokitError(f"cannot load tokenizer {str(source)!r}: {_first_line(exc)}") from exc
     if getattr(cfg, "chat_template", None):
         tok.chat_template = read_chat_template(cfg.chat_template)
     for name in ("eos_token", "pad_token"):  # EOS first: without a pad token, padding takes the EOS set here
@@ -171,6 +235,7 @@ def adapter_base(path: Path) -> str:
     if not isinstance(config, dict):
         raise DpokitError(f"{config_file}: expected a JSON object (a peft adapter config), got "
                           f"{json_type_name(config)}")
+    _check_adapter_fields(config, config_file)
     base = config.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise DpokitError(f"{config_file}: base_model_name_or_path must be a string, got {base!r}")
@@ -178,6 +243,28 @@ def adapter_base(path: Path) -> str:
         raise DpokitError(f"{config_file}: base_model_name_or_path is empty; the adapter was trained "
                           "from an in-memory model, so its base cannot be found")
     return base
+
+
+def _check_adapter_fields(config: dict, config_file: Path) -> None:
+    """The scalar fields of a LoRA adapter config (`r`, `lora_alpha`, `lora_dropout`, `use_dora`, ...) have the types
+    peft declares: peft reads them as given, and `"r": "eight"` would fail deep inside a layer."""
+    import dataclasses
+    import typing
+
+    from peft import LoraConfig
+
+    if config.get("peft_type", "LORA") != "LORA":
+        return
+    hints = typing.get_type_hints(LoraConfig)
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    for field in dataclasses.fields(LoraConfig):
+        kind, value = hints.get(field.name), config.get(field.name)
+        if field.name not in config or kind not in words or value is None:
+            continue
+        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not fits:
+            raise DpokitError(f"{config_file}: {field.name} must be {words[kind]}, got {value!r}")
 
 
 def load_merged(path: Any, what: str = "model") -> tuple[nn.Module, Any]:
@@ -189,11 +276,11 @@ def load_merged(path: Any, what: str = "model") -> tuple[nn.Module, Any]:
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = load_model(adapter_base(path), what=f"base model of {path}")
-        try:
+        base_path = adapter_base(path)
+        check_weight_files(path, "adapter run")  # before the base model loads, which may take minutes
+        base = load_model(base_path, what=f"base model of {path}")
+        with loading("adapter run", path):
             model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-        except (OSError, ValueError, KeyError) as exc:
-            raise DpokitError(f"cannot load the adapter in {str(path)!r}: {_first_line(exc)}") from exc
     else:
         model = load_model(path, what=what)
     return model.eval(), load_tokenizer(path, what=what)
@@ -329,8 +416,10 @@ def safetensors_problem(path: Path) -> Optional[str]:
             header = json.loads(f.read(length))
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
     ends = [entry["data_offsets"][1] for name, entry in header.items()
             if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
     expected = 8 + length + max(ends, default=0)
@@ -367,11 +456,9 @@ def model_config(model: Any, cfg: Any = None, what: str = "model"):
     from transformers import AutoConfig
 
     revision = getattr(cfg, "model_revision", "main")
-    try:
+    with loading(what, model):
         return AutoConfig.from_pretrained(str(model), trust_remote_code=getattr(cfg, "trust_remote_code", False),
                                           **({"revision": revision} if revision != "main" else {}))
-    except (OSError, ValueError, KeyError) as exc:
-        raise DpokitError(f"cannot load {what} {str(model)!r}: {_first_line(exc)}") from None
 
 
 def _loading_options() -> set[str]:

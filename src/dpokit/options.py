@@ -65,12 +65,40 @@ def json_object(text: str) -> dict:
 
 class Parser(argparse.ArgumentParser):
     """argparse that raises ConfigError (one line, exit 2 through the command line) instead of printing its usage and
-    exiting; `--help` still prints the help."""
+    exiting; `--help` still prints the help.
+
+    A path option declares its role where it is declared: ``reads=True`` (a file or directory the command reads, or
+    updates in place, like an annotation database) or ``writes=True`` (one it writes). Parsing applies
+    `dpokit.fileio.refuse_overlap` to them, so no command can write over what it reads, or write two outputs to one
+    path, whatever its own code forgets; a command that derives a path after parsing (a default output name) calls
+    `check_paths` again with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.path_options: list[tuple[str, str, bool]] = []  # (dest, label, writes)
 
     def error(self, message: str):
         raise ConfigError(message)
 
-    def add_argument(self, *names: str, **kwargs: Any):
+    def add_argument(self, *names: str, reads: bool = False, writes: bool = False, **kwargs: Any):
         if isinstance(kwargs.get("type"), Number):
             kwargs["type"] = kwargs["type"].named(names[0])
-        return super().add_argument(*names, **kwargs)
+        action = super().add_argument(*names, **kwargs)
+        if reads or writes:
+            label = action.option_strings[0] if action.option_strings else (action.metavar or action.dest.upper())
+            self.path_options.append((action.dest, label, writes))
+        return action
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        self.check_paths(parsed)
+        return parsed, rest
+
+    def check_paths(self, parsed: argparse.Namespace, **derived: Any) -> None:
+        """`refuse_overlap` over the declared path options, plus `derived` outputs (label=path) worked out after
+        parsing."""
+        from dpokit.fileio import refuse_overlap
+
+        outputs = {label: getattr(parsed, dest, None) for dest, label, writes in self.path_options if writes}
+        inputs = {label: getattr(parsed, dest, None) for dest, label, writes in self.path_options if not writes}
+        refuse_overlap({**outputs, **derived}, inputs)

@@ -221,16 +221,16 @@ def main(argv: list[str]) -> int:
              "max_new_tokens": positive_int, "seed": seed, "batch_size": positive_int,
              "min_score_gap": number("[0, inf)")}
     parser = Parser(prog="dpokit pairs", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="the model to sample from: a run directory or a model path")
-    parser.add_argument("--prompts", required=True,
+    parser.add_argument("--model", required=True, reads=True, help="the model to sample from: a run directory or a model path")
+    parser.add_argument("--prompts", required=True, reads=True,
                         help="prompts (a 'prompt' column: text or messages) or any preference / SFT data file")
     parser.add_argument("--judge", required=True, help="implicit | module:function | rm:PATH (reward model)")
-    parser.add_argument("--output", required=True, help="pairs, .jsonl or .jsonl.gz")
-    parser.add_argument("--scored_output", help="also the scored samples, as scored rows (.jsonl)")
-    parser.add_argument("--ref", help="reference for the implicit judge (default: the model the run started from)")
+    parser.add_argument("--output", required=True, writes=True, help="pairs, .jsonl or .jsonl.gz")
+    parser.add_argument("--scored_output", writes=True, help="also the scored samples, as scored rows (.jsonl)")
+    parser.add_argument("--ref", reads=True, help="reference for the implicit judge (default: the model the run started from)")
     parser.add_argument("--beta", type=positive_float, help="beta of the implicit judge (default: the run's, else 0.1)")
     parser.add_argument("--column_map", type=json_object, help='JSON, e.g. \'{"question": "prompt"}\'')
-    parser.add_argument("--chat_template", metavar="FILE", help="Jinja chat template for message prompts")
+    parser.add_argument("--chat_template", metavar="FILE", reads=True, help="Jinja chat template for message prompts")
     defaults = PairSettings()
     for f, option_type in types.items():
         parser.add_argument(f"--{f}", type=option_type, default=getattr(defaults, f))

@@ -152,10 +152,10 @@ def precompute(reference, batches, num_rows: int, cache_key: Optional[str] = Non
         table = dist.gather_rows(accelerator, table)
     writer = accelerator is None or accelerator.is_local_main_process
     if path is not None and writer:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"ref_logps": table}, str(tmp))
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        from dpokit.fileio import atomic_path
+
+        with atomic_path(path) as tmp:  # a reader never sees half a file
+            save_file({"ref_logps": table}, str(tmp))
     return PrecomputedReference(table)
 
 

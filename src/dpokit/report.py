@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.fileio import JsonLines, read_bytes, read_json, read_text, read_yaml, refuse_overlap
+from dpokit.fileio import JsonLines, atomic_write_text, read_bytes, read_json, read_text, read_yaml, refuse_overlap
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ code { background: #f3f3f3; padding: 0 3px; }
 def render_html(runs: Sequence[Run], figures: Figures) -> str:
     esc = html.escape
     title = "dpokit report: " + ", ".join(r.label for r in runs)
-    parts = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{esc(title)}</title>",
+    parts = ["<!DOCTYPE html>", f"<html><head><meta charset=\"utf-8\">{GENERATOR}", f"<title>{esc(title)}</title>",
              f"<style>{_CSS}</style>", "</head><body>", f"<h1>{esc(title)}</h1>", "<ul>"]
     for r in runs:
         train = sum(1 for rec in r.records if any(not k.startswith("eval/") and k != "step" for k in rec))
@@ -416,23 +416,34 @@ def write_report(run_dirs: list, output: str | None = None) -> Path:
     return _write(load_runs(run_dirs), output, Path(run_dirs[0]))
 
 
-# The files the report reads in each run directory, and in a sweep's output_dir; its output may be none of them.
-READS = ("metrics.jsonl", "warnings.jsonl", "eval.md", "eval.json", "dpokit_config.yaml")
-SWEEP_READS = ("sweep.json", "sweep.md", "frontier.png")
+REPORT = "report.html"  # the default output, in the first run directory
+GENERATOR = '<meta name="generator" content="dpokit report">'  # marks a page as one this command wrote
+
+
+def is_report(path: Path) -> bool:
+    """Whether `path` is a page `dpokit report` wrote (which a new report may replace): report.html, or a file whose
+    head carries the generator mark."""
+    if path.name == REPORT:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return GENERATOR.encode() in f.read(512)
+    except OSError:
+        return False
 
 
 def _write(runs: Sequence[Run], output: str | None, first: Path) -> Path:
-    out = Path(output) if output is not None else first / "report.html"
-    inputs = {f"{run.path}'s {name}": run.path / name for run in runs for name in READS}
-    inputs.update({f"{run.sweep}'s {name}": run.sweep / name for run in runs if run.sweep for name in SWEEP_READS})
-    refuse_overlap({"--output": out}, inputs)
+    out = Path(output) if output is not None else first / REPORT
+    # The report goes beside the runs' files, never over one of them (their logs, weights, configs) and never over
+    # a directory that holds a run; report.html is its own, rewritten each time.
+    hosts = {"the run": [run.path for run in runs], "the sweep": [run.sweep for run in runs if run.sweep]}
+    refuse_overlap({"--output": out}, {}, hosts=hosts, own=is_report)
     if out.is_dir():
         raise ConfigError(f"--output {str(out)!r} is a directory; give a file path such as "
                           f"{str(out / 'report.html')!r}")
     figures = build_figures(runs)
     page = render_html(runs, figures)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)
     return out
 
 

@@ -104,8 +104,9 @@ class RunLock:
             os.close(fd)
             try:
                 holder = json.loads((self.directory / LOCK_FILE).read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):  # the holder is still named as unknown
                 holder = {}
+            holder = holder if isinstance(holder, dict) else {}
             raise ConfigError(f"output_dir {str(self.directory)!r} is in use by another run (pid "
                               f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, since "
                               f"{holder.get('since', '?')}); wait for it to end, or choose another output_dir") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpokit.errors import ConfigError
-from dpokit.fileio import read_text
+from dpokit.fileio import atomic_path, atomic_write_text, read_text
 from dpokit.options import Parser, positive_float, positive_int, seed
 
 
@@ -56,7 +56,10 @@ def typed_value(cls: type, key: str, text: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if name in fields:
         return coerce(name, text, fields[name].type)
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep axis {key}: {text!r} is not a value ({getattr(exc, 'problem', None) or exc})") from None
 
 
 def run_name(setting: dict[str, str]) -> str:
@@ -102,9 +105,8 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
                      "reference_reward": s["reference_score"]})
         del trainer
     summary = {"axes": typed, "prompts": prompts, "judge": judge, "runs": rows}
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.json").write_text(json.dumps(summary, indent=2))
-    (root / "sweep.md").write_text(sweep_markdown(summary))
+    atomic_write_text(root / "sweep.json", json.dumps(summary, indent=2))
+    atomic_write_text(root / "sweep.md", sweep_markdown(summary))
     plot_frontier(rows, list(axes), root / "frontier.png")
     summary["written_to"] = str(root)
     return summary
@@ -142,15 +144,16 @@ def plot_frontier(rows: list[dict], keys: list[str], path: Path) -> None:
     ax.set_title("reward-KL frontier")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def main(argv: list[str]) -> int:
     # No abbreviations: `--max_steps 5` must stay a training override, not match a sweep option's prefix.
     parser = Parser(prog="dpokit sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--config", help="the DPO config every run starts from")
-    parser.add_argument("--prompts", required=True, help="prompts to sample from each run and its reference")
+    parser.add_argument("--config", reads=True, help="the DPO config every run starts from")
+    parser.add_argument("--prompts", required=True, reads=True, help="prompts to sample from each run and its reference")
     parser.add_argument("--judge", required=True, help="implicit | module:function | rm:PATH")
     parser.add_argument("--num_samples", type=positive_int, default=4)
     parser.add_argument("--temperature", type=positive_float, default=1.0)

@@ -509,7 +509,8 @@ def test_split_refuses_one_file_for_both_sides_or_the_input(tmp_path, capsys):
     same = str(tmp_path / "out.jsonl")
     other = str(tmp_path / "sub" / ".." / "out.jsonl")  # the same file, spelled differently
     assert split_main([src, "--eval_fraction", "0.2", "--train_out", same, "--eval_out", other]) == 2
-    assert capsys.readouterr().err == (f"error: --train_out and --eval_out are the same file ({same}); give two paths\n")
+    assert capsys.readouterr().err == (f"error: --train_out {same} is --eval_out {other}: two outputs may not share a "
+                                       "path (the second would replace the first); choose another --eval_out\n")
     assert split_main([src, "--eval_fraction", "0.2", "--train_out", src, "--eval_out", same]) == 2
     assert f"--train_out {src} is INPUT {src}: an output may not be" in capsys.readouterr().err
     assert split_main([src, "--eval_fraction", "0.2", "--train_out", same, "--eval_out", src]) == 2

@@ -12,12 +12,12 @@ checks), `static/` (the page), `export` (majority verdicts, training rows, the h
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from pathlib import Path
 
 from dpokit.errors import ConfigError
+from dpokit.options import Parser
 
 COMMANDS = {
     "serve": "label items in the browser (a local web app over an SQLite database)",
@@ -27,14 +27,15 @@ COMMANDS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(Parser):
     def error(self, message):
         raise ConfigError(f"{self.prog.split()[-1]}: {message}")  # the CLI prefixes "dpokit annotate: error:"
 
 
 def _parser(name: str) -> _Parser:
     p = _Parser(prog=f"dpokit annotate {name}", description=COMMANDS[name])
-    p.add_argument("--db", required=True, help="the annotation database (SQLite; made on first use)")
+    # Read and updated in place: an input, which no output of the command may be.
+    p.add_argument("--db", required=True, reads=True, help="the annotation database (SQLite; made on first use)")
     return p
 
 
@@ -70,9 +71,11 @@ def _serve(argv) -> int:
     from dpokit.fileio import read_text
 
     p = _parser("serve")
-    p.add_argument("items", nargs="?", help="pairs, scored samples, `dpokit eval --save_samples` samples or a Label "
-                                            "Studio export (optional once the database holds items)")
-    p.add_argument("--guidelines", metavar="FILE", help="the labelling guidelines, shown above every item (as text)")
+    p.add_argument("items", nargs="?", metavar="ITEMS", reads=True,
+                   help="pairs, scored samples, `dpokit eval --save_samples` samples or a Label Studio export "
+                        "(optional once the database holds items)")
+    p.add_argument("--guidelines", metavar="FILE", reads=True,
+                   help="the labelling guidelines, shown above every item (as text)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback requires tokens")
     p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
     p.add_argument("--overlap", type=int, default=1, help="annotators who label each item (2+ measures agreement)")
@@ -120,12 +123,15 @@ def _export(argv) -> int:
     from dpokit.annotate.export import export
 
     p = _parser("export")
-    p.add_argument("--output", help="training pairs (.jsonl): majority verdicts, ties and skips left out and counted")
-    p.add_argument("--label_studio", metavar="FILE.json", help="also the tasks and annotations as a Label Studio "
-                                                               "JSON export (its labelling config beside it)")
-    p.add_argument("--report", metavar="FILE.json", help="the whole summary: agreement, every disagreement")
-    p.add_argument("--eval_dir", help="A/B items: the evaluation to add the human win rate to (default: the one "
-                                      "that saved the samples)")
+    p.add_argument("--output", writes=True,
+                   help="training pairs (.jsonl): majority verdicts, ties and skips left out and counted")
+    p.add_argument("--label_studio", metavar="FILE.json", writes=True,
+                   help="also the tasks and annotations as a Label Studio JSON export (its labelling config beside it)")
+    p.add_argument("--report", metavar="FILE.json", writes=True,
+                   help="the whole summary: agreement, every disagreement")
+    p.add_argument("--eval_dir", reads=True,
+                   help="A/B items: the evaluation to add the human win rate to (default: the one that saved the "
+                        "samples)")
     p.add_argument("--show", type=int, default=10, help="disagreeing items to list")
     args = p.parse_args(argv)
     _, lines = export(args.db, output=args.output, label_studio=args.label_studio, report=args.report,
@@ -141,7 +147,7 @@ def _import(argv) -> int:
     from dpokit.errors import DataError
 
     p = _parser("import")
-    p.add_argument("file", help="a Label Studio JSON export of pairwise tasks")
+    p.add_argument("file", metavar="FILE", reads=True, help="a Label Studio JSON export of pairwise tasks")
     args = p.parse_args(argv)
     rows, name = D.load_rows(args.file)
     if not labelstudio.is_export(rows):
@@ -161,10 +167,12 @@ def _tokens(argv) -> int:
 
     from dpokit.annotate.server import NAME
     from dpokit.annotate.store import Store
+    from dpokit.fileio import atomic_path
 
     p = _parser("tokens")
     p.add_argument("--annotators", required=True, help="comma-separated names; a name that has a token gets a new one")
-    p.add_argument("--output", help="write NAME<TAB>TOKEN lines here (readable by you only) instead of printing them")
+    p.add_argument("--output", writes=True,
+                   help="write NAME<TAB>TOKEN lines here (readable by you only) instead of printing them")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.annotators.split(",") if n.strip()]
     bad = [n for n in names if not NAME.match(n)]
@@ -174,9 +182,9 @@ def _tokens(argv) -> int:
     tokens = Store(args.db).add_tokens(names)
     text = "".join(f"{n}\t{t}\n" for n, t in tokens.items())
     if args.output:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with atomic_path(args.output) as tmp:  # readable by its owner only, from the moment it exists
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(text)
         print(f"{args.output}: tokens of {', '.join(tokens)}; each annotator opens http://HOST:PORT/?token=TOKEN")
     else:
         sys.stdout.write(text)

@@ -184,13 +184,12 @@ def _eval_dir(items: list[dict], given: Optional[str]) -> Path:
 def write_human_eval(eval_dir: Path, human: dict) -> Path:
     """Add the human win rate to the evaluation's eval.json and rewrite its eval.md (both atomically)."""
     from dpokit.evalmd import eval_markdown
-    from dpokit.fileio import atomic_write_text, read_text
+    from dpokit.fileio import atomic_write_text, json_type_name, read_json
 
     path = eval_dir / "eval.json"
-    try:
-        result = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    result = read_json(path)
+    if not isinstance(result, dict):
+        raise DataError(f"{path}: expected a JSON object (a dpokit eval result), got {json_type_name(result)}")
     result["human"] = human
     atomic_write_text(path, json.dumps(result, indent=2))
     atomic_write_text(eval_dir / "eval.md", eval_markdown(result))

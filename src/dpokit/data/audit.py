@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import sys
-from pathlib import Path
 
 from dpokit.errors import ConfigError, DataError
 
@@ -142,12 +141,12 @@ def _run(argv) -> int:
     from dpokit.data.tools import _Parser, canonical_row, write_jsonl
 
     p = _Parser(prog="audit", description="Rank preference pairs by how much the trained model doubts their label.")
-    p.add_argument("pairs", help="the preference file (e.g. the one the model was trained on)")
-    p.add_argument("--model", required=True, help="the trained DPO run (full model or LoRA run directory)")
-    p.add_argument("--ref", help="its reference (default: the model the run started from)")
-    p.add_argument("--output", required=True, help="audit rows, most suspect first (.jsonl)")
+    p.add_argument("pairs", metavar="PAIRS", reads=True, help="the preference file (e.g. the one the model was trained on)")
+    p.add_argument("--model", required=True, reads=True, help="the trained DPO run (full model or LoRA run directory)")
+    p.add_argument("--ref", reads=True, help="its reference (default: the model the run started from)")
+    p.add_argument("--output", required=True, writes=True, help="audit rows, most suspect first (.jsonl)")
     p.add_argument("--top", type=int, help="also write the K most suspect pairs as annotation items")
-    p.add_argument("--items", help="where --top writes them (default: OUTPUT-topK.jsonl)")
+    p.add_argument("--items", writes=True, help="where --top writes them (default: OUTPUT-topK.jsonl)")
     p.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_length", type=int, help="truncate as in training (dropped pairs are counted)")
@@ -159,8 +158,9 @@ def _run(argv) -> int:
         raise ConfigError(f"--top must be at least 1, got {args.top}")
     if args.items is not None and args.top is None:
         raise ConfigError("--items is where --top writes; give --top K")
-    if Path(args.output).resolve() == Path(args.pairs).resolve():
-        raise ConfigError(f"--output {args.output} is the input file; write the audit elsewhere")
+    if args.top is not None and args.items is None:
+        args.items = _items_path(args.output, args.top)
+        p.check_paths(args)  # the default items file, like a given one, may be no input and not --output
     rows, by_row, s = audit_pairs(args.pairs, args.model, args.ref, beta=args.beta, batch_size=args.batch_size,
                                   max_length=args.max_length)
     write_jsonl([{k: v for k, v in r.items() if k != "row"} for r in rows], args.output)
@@ -177,7 +177,7 @@ def _run(argv) -> int:
     for r in rows[: args.show]:
         print(f"  {r['where']}: suspicion {r['suspicion']:.3f} (margin {r['margin']:+.3f})", file=out)
     if args.top is not None:
-        path = args.items or _items_path(args.output, args.top)
+        path = args.items
         items = [{**canonical_row(by_row[r["row"]]),
                   "audit": {"source": s["source"], "line": r["line"], "suspicion": r["suspicion"], "key": r["key"]}}
                  for r in rows[: args.top]]

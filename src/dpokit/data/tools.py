@@ -29,18 +29,16 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import random
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from dpokit.data.examples import DataReport, PreferenceExample, SFTExample, example_key, prompt_key
 from dpokit.data.formats import PAIR_STRATEGIES, preference_examples, sft_examples
 from dpokit.data.readers import load_rows
 from dpokit.errors import ConfigError, DataError, DpokitError
-from dpokit.fileio import refuse_overlap
+from dpokit.fileio import atomic_path
 from dpokit.options import Parser, integer, json_object, number, positive_int, seed
 
 DEFAULT_CHECK_LENGTHS = (512, 1024, 2048)
@@ -80,11 +78,12 @@ def _examples(path: str, args, *, on_bad_rows: str = "skip", deduplicate: bool =
 
 
 def _run(body, argv) -> int:
+    """`body(argv)`'s exit code; a DpokitError is one line (exit 2, or its own code: 1 for a failed write)."""
     try:
         return body(argv)
     except DpokitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
 
 
 # --------------------------------------------------------------------------------------------- canonical rows
@@ -113,20 +112,12 @@ def write_jsonl(rows, path: str) -> None:
     if not (path.endswith(".jsonl") or path.endswith(".jsonl.gz")):
         raise ConfigError(f"{path}: output must be a .jsonl or .jsonl.gz file")
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    # Written beside the target and renamed into place: a crash never leaves half a file where a good one was
-    # (e.g. `dpokit data filter in.jsonl in.jsonl`).
-    tmp = Path(path).parent / f".{Path(path).name}.tmp-{os.getpid()}"
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:  # a crash or a full disk never leaves half a file where a good one was
         if path.endswith(".gz"):
             with gzip.open(tmp, "wt", encoding="utf-8") as f:
                 f.write(text)
         else:
             tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 # --------------------------------------------------------------------------------------------- check
@@ -173,8 +164,8 @@ def _percentiles(values: list[int]) -> str:
 
 
 def _tokenizer_option(p: _Parser) -> None:
-    p.add_argument("--tokenizer", help="tokenizer directory or hub id, for token lengths and truncation")
-    p.add_argument("--chat_template", metavar="FILE",
+    p.add_argument("--tokenizer", reads=True, help="tokenizer directory or hub id, for token lengths and truncation")
+    p.add_argument("--chat_template", metavar="FILE", reads=True,
                    help="Jinja chat template file for conversational data (the tokenizer's own is replaced)")
 
 
@@ -255,10 +246,10 @@ def _token_report(parts, tokenizer, args, out) -> None:
 
 def _check(argv) -> int:
     p = _parser("check", "Report on a dataset's health; exit 0 clean, 1 problems found, 2 unusable.")
-    p.add_argument("file")
+    p.add_argument("file", reads=True)
     _tokenizer_option(p)
     _length_options(p)
-    p.add_argument("--eval", help="held-out file: prompts it shares with FILE are reported")
+    p.add_argument("--eval", reads=True, help="held-out file: prompts it shares with FILE are reported")
     p.add_argument("--show", type=integer("[0, inf)"), default=5, help="how many bad or duplicate rows to list")
     args = p.parse_args(argv)
     out = sys.stdout
@@ -322,15 +313,9 @@ def _rewrite_parser(prog: str, description: str) -> _Parser:
     """The parser of a command that reads INPUT and writes canonical rows to OUTPUT (never INPUT itself: the rows
     it leaves out, and the columns it does not keep, would be gone)."""
     p = _parser(prog, description)
-    p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("input", metavar="INPUT", reads=True)
+    p.add_argument("output", metavar="OUTPUT", writes=True)
     return p
-
-
-def _rewrite_args(p: _Parser, argv):
-    args = p.parse_args(argv)
-    refuse_overlap({"OUTPUT": args.output}, {"INPUT": args.input})
-    return args
 
 
 def _write_canonical(examples, report: DataReport, output: str) -> int:
@@ -340,7 +325,7 @@ def _write_canonical(examples, report: DataReport, output: str) -> int:
 
 
 def _convert(argv) -> int:
-    args = _rewrite_args(_rewrite_parser("convert", "Write a dataset as canonical JSON Lines."), argv)
+    args = _rewrite_parser("convert", "Write a dataset as canonical JSON Lines.").parse_args(argv)
     return _write_canonical(*_examples(args.input, args), args.output)
 
 
@@ -356,10 +341,10 @@ def _filter(argv) -> int:
     _length_options(p)
     p.add_argument("--truncation_mode", default="keep_start")
     p.add_argument("--drop_truncated", action="store_true", help="also drop rows that truncation would cut")
-    p.add_argument("--audit", help="a `dpokit data audit` of the input: with --drop_top K, drop its K most suspect")
+    p.add_argument("--audit", reads=True, help="a `dpokit data audit` of the input: with --drop_top K, drop its K most suspect")
     p.add_argument("--drop_top", type=int, help="how many of the audit's most suspect pairs to drop")
-    p.add_argument("--add", metavar="FILE", help="append the valid rows of FILE (e.g. re-labelled pairs)")
-    args = _rewrite_args(p, argv)
+    p.add_argument("--add", metavar="FILE", reads=True, help="append the valid rows of FILE (e.g. re-labelled pairs)")
+    args = p.parse_args(argv)
     if (args.audit is None) != (args.drop_top is None):
         raise ConfigError("--audit and --drop_top go together: --audit audit.jsonl --drop_top K")
     limited = any(v is not None for v in (args.max_length, args.max_prompt_length, args.max_completion_length))
@@ -429,23 +414,16 @@ def split_by_prompt(examples, eval_fraction: float, seed: int) -> tuple[list, li
     return train, held
 
 
-def _distinct_paths(args) -> None:
-    """Refuse outputs that would overwrite each other (the eval part would replace the train part: half the data
-    gone, exit 0) or the input (replaced by its train part). Paths are compared resolved: ./a.jsonl is a.jsonl."""
-    if Path(args.train_out).resolve() == Path(args.eval_out).resolve():
-        raise ConfigError(f"--train_out and --eval_out are the same file ({args.train_out}); give two paths")
-    refuse_overlap({"--train_out": args.train_out, "--eval_out": args.eval_out}, {"INPUT": args.input})
-
-
 def _split(argv) -> int:
     p = _parser("split", "Split into train and eval by prompt (no prompt on both sides).")
-    p.add_argument("input")
+    p.add_argument("input", metavar="INPUT", reads=True)
     p.add_argument("--eval_fraction", type=number("(0, 1)"), required=True)
-    p.add_argument("--train_out", required=True)
-    p.add_argument("--eval_out", required=True)
+    # Neither may be INPUT (replaced by its train part) nor the other (the eval part would replace the train part:
+    # half the data gone, exit 0): the parser refuses both.
+    p.add_argument("--train_out", required=True, writes=True)
+    p.add_argument("--eval_out", required=True, writes=True)
     p.add_argument("--seed", type=seed, default=0)
     args = p.parse_args(argv)
-    _distinct_paths(args)
     examples, report = _examples(args.input, args)
     train, held = split_by_prompt(examples, args.eval_fraction, args.seed)
     if not train:
