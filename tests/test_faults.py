@@ -216,7 +216,8 @@ def test_every_path_option_has_its_role_and_no_output_lands_on_an_input_or_anoth
 # 2. One run per directory
 
 
-def test_a_second_run_on_a_live_directory_is_refused_and_the_first_is_unharmed(tmp_path, model_dir, pairs_file):
+def test_a_second_run_on_a_live_directory_is_refused_and_the_first_is_unharmed(tmp_path, model_dir, pairs_file,
+                                                                                 lora_run):
     common = ["max_steps=2", "save_steps=1"]
     alone, shared = tmp_path / "alone", tmp_path / "shared"
     # The first run's checkpoint save waits until the second process has been answered.
@@ -228,10 +229,19 @@ def test_a_second_run_on_a_live_directory_is_refused_and_the_first_is_unharmed(t
     assert first.poll() is None, first.communicate()
     second = cli_process(dpo(model_dir, shared, pairs_file, *common, "--resume"))
     _, err = second.communicate(timeout=120)
+    # Refused at once: before a start reads its tokenizer, data or model (here none of them could load), and an
+    # export --overwrite that would replace the directory is refused too.
+    nothing = tmp_path / "no-model"
+    nothing.mkdir()
+    third = cli_process(dpo(nothing, shared, tmp_path / "missing.jsonl", *common, "overwrite_output_dir=true"))
+    _, third_err = third.communicate(timeout=120)
+    fourth = cli_process(["export", lora_run, shared, "--merge", "--overwrite"])
+    _, fourth_err = fourth.communicate(timeout=120)
     answered.touch()
-    assert second.returncode == 2, err
-    line = one_line(err)
-    assert "is in use by another run" in line and f"pid {first.pid}" in line and os.uname().nodename in line
+    for process, text in ((second, err), (third, third_err), (fourth, fourth_err)):
+        assert process.returncode == 2, text
+        line = one_line(text)
+        assert "is in use by another run" in line and f"pid {first.pid}" in line and os.uname().nodename in line
     assert (shared / ".tmp-checkpoint-1").exists() or (shared / "checkpoint-1").exists()  # its save was not touched
     _, err = first.communicate(timeout=180)
     assert first.returncode == 0, err

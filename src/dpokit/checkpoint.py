@@ -96,7 +96,12 @@ def _pointer_target(output_dir: Path) -> tuple[Optional[str], Optional[Path]]:
         name = pointer.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None, None
-    return name, (Path(name) if os.path.isabs(name) else output_dir / name) if name else None
+    path = (Path(name) if os.path.isabs(name) else output_dir / name) if name else None
+    try:
+        path is not None and path.is_dir()
+    except (OSError, ValueError):  # not a name a path can have (too long, a NUL byte): a bad pointer
+        return name[:80], None
+    return name, path
 
 
 def read_latest(output_dir: Path) -> Optional[Path]:

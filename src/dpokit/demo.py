@@ -612,6 +612,28 @@ def format_table(result: dict) -> str:
 
 
 FRONTIER_OUTPUT_DIR = "runs/demo-frontier"
+# What the demo writes into --output_dir, and the file that shows a directory holds an earlier demo's output.
+DEMO_FILES = {"results.json", "samples.jsonl", "sft", "dpo"}
+FRONTIER_FILES = {"frontier.json", "frontier.png"}
+
+
+def check_output_dir(output_dir: Optional[str], frontier: bool) -> None:
+    """An --output_dir may be new, empty, or an earlier demo's (rewritten); one that holds anything else (another
+    run, a user's results.json) is refused before anything is trained, as a training output_dir is."""
+    from dpokit.errors import ConfigError
+
+    if output_dir is None or not Path(output_dir).is_dir():
+        return
+    own, record = (FRONTIER_FILES, "frontier.json") if frontier else (DEMO_FILES, "results.json")
+    try:
+        earlier = json.loads((Path(output_dir) / record).read_text()).get("seed") is not None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        earlier = False
+    present = sorted(p.name for p in Path(output_dir).iterdir())
+    foreign = [name for name in present if name not in own or not earlier]
+    if foreign:
+        raise ConfigError(f"--output_dir {output_dir} holds files the demo did not write ({', '.join(foreign[:4])}"
+                          f"{', ...' if len(foreign) > 4 else ''}); choose a new or empty directory")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -619,7 +641,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dpokit.options import Parser, seed
 
     parser = Parser(prog="dpokit demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default=None,
+    parser.add_argument("--output_dir", default=None, writes=True,
                         help="keep the SFT and DPO models, training logs, results.json and samples.jsonl here "
                              f"(with --frontier: frontier.json and frontier.png, default {FRONTIER_OUTPUT_DIR})")
     parser.add_argument("--seed", type=seed, default=0, help="seed of the corpus, the weights, training and sampling")
@@ -630,10 +652,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.frontier:
         output_dir = args.output_dir if args.output_dir is not None else FRONTIER_OUTPUT_DIR
+        check_output_dir(output_dir, frontier=True)
         frontier = run_frontier(output_dir=output_dir, seed=args.seed, quick=args.quick)
         print(format_frontier_table(frontier))
         print(f"frontier.json and frontier.png written to {output_dir}")
         return 0
+    check_output_dir(args.output_dir, frontier=False)
     result = run_demo(output_dir=args.output_dir, seed=args.seed, quick=args.quick)
     print(format_table(result))
     if args.output_dir is not None:

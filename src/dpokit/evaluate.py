@@ -568,7 +568,8 @@ def evaluate_model(model_path, *, ref_path=None, pairs=None, prompts=None, judge
                           "from (or a run directory whose dpokit_config.yaml names it)")
     out = Path(output_dir or model_path)
     judge_file = judge[len("rm:"):] if isinstance(judge, str) and judge.startswith("rm:") else None
-    refuse_overlap({"eval.json": out / "eval.json", "eval.md": out / "eval.md", "--save_samples": save_samples},
+    refuse_overlap({"--output_dir's eval.json": out / "eval.json", "--output_dir's eval.md": out / "eval.md",
+                    "--save_samples": save_samples},
                    {"--pairs": pairs, "--prompts": prompts, "--ref": ref_path, "the judge": judge_file},
                    hosts={"the evaluated model": model_path}, own=("eval.json", "eval.md"))
     settings = run_settings(model_path)

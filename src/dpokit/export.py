@@ -2,39 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-from dpokit import modelcard
+from dpokit import modelcard, rundir
 from dpokit.errors import DpokitError
 
 
 def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Load the adapter's base model (recorded in adapter_config.json), merge, save model and tokenizer atomically.
-    An existing, non-empty `output_dir` is replaced only with `overwrite` (it may hold another model)."""
+    An existing, non-empty `output_dir` is replaced only with `overwrite` (it may hold another model); never when it
+    is, holds or lies inside the adapter run or its base model, and never while a run is writing into it."""
     from dpokit.fileio import atomic_path, read_text, refuse_overlap
     from dpokit.models import adapter_base, load_merged
 
     adapter_dir, out = Path(adapter_dir), Path(output_dir)
     if not adapter_dir.is_dir():
         raise DpokitError(f"{adapter_dir}: no such run directory")
-    if out.resolve() == adapter_dir.resolve():
-        raise DpokitError(f"{out}: the merged model cannot replace the adapter it is made from; choose another "
-                          "output directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DpokitError(f"{out} already exists and is not empty; choose another output directory or pass "
-                          "--overwrite")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DpokitError(f"{adapter_dir}: no adapter_config.json (not a LoRA run; a full model needs no merge)")
     refuse_overlap({"output_dir": out}, {"the adapter run": adapter_dir, "the base model": adapter_base(adapter_dir)})
+    if out.exists() and not out.is_dir():
+        raise DpokitError(f"{out} is a file; the merged model is a directory: choose another output directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DpokitError(f"{out} already exists and is not empty; choose another output directory or pass "
+                          "--overwrite")
+    lock = rundir.RunLock(out) if out.is_dir() else contextlib.nullcontext()
+    if out.is_dir():
+        lock.check_free()  # before the merge, which may take minutes
     merged, tokenizer = load_merged(adapter_dir, what="adapter run")
     # The adapter's model card, refreshed for the merged model (a card of the user's is not carried over).
     card = adapter_dir / modelcard.CARD
     text = read_text(card) if card.is_file() and modelcard.is_ours(card) else None
-    if out.exists() and not out.is_dir():
-        raise DpokitError(f"{out} is a file; the merged model is a directory: choose another output directory")
-    # Written whole beside `out`, then renamed into place: a full disk or a kill leaves the old `out` as it was.
-    with atomic_path(out, what=f"the merged model {out}") as tmp:
+    # Written whole beside `out`, then renamed into place: a full disk or a kill leaves the old `out` as it was. A
+    # run writing into `out` keeps it: its lock is held for the replacement.
+    with lock, atomic_path(out, what=f"the merged model {out}") as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / modelcard.CARD).write_text(modelcard.merged(text, adapter_base(adapter_dir)), encoding="utf-8")

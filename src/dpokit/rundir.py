@@ -102,15 +102,34 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            try:
-                holder = json.loads((self.directory / LOCK_FILE).read_text())
-            except (OSError, ValueError, RecursionError):  # the holder is still named as unknown
-                holder = {}
-            holder = holder if isinstance(holder, dict) else {}
-            raise ConfigError(f"output_dir {str(self.directory)!r} is in use by another run (pid "
-                              f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, since "
-                              f"{holder.get('since', '?')}); wait for it to end, or choose another output_dir") from None
+            self._refuse()
         self.fd, self.depth = fd, 1
+
+    def check_free(self) -> None:
+        """Refuse at once, before a second start loads its model and data, when another run holds the directory.
+        Only a look: the run takes the lock itself when it starts writing (`acquire`)."""
+        import fcntl
+
+        if self.depth or not self.directory.is_dir():
+            return
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            self._refuse()
+        finally:
+            os.close(fd)
+
+    def _refuse(self):
+        try:
+            holder = json.loads((self.directory / LOCK_FILE).read_text())
+        except (OSError, ValueError, RecursionError):  # the holder is still named as unknown
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
+        raise ConfigError(f"output_dir {str(self.directory)!r} is in use by another run (pid "
+                          f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, since "
+                          f"{holder.get('since', '?')}); wait for it to end, or choose another output_dir") from None
 
     def record_holder(self) -> None:
         """Name this process as the holder, for the message a refused second start prints."""
@@ -215,7 +234,14 @@ def run_inputs(cfg, model, train_dataset, eval_dataset) -> dict:
              "eval_file": eval_dataset if eval_dataset is not None else cfg.eval_file,
              "dataset_name": cfg.dataset_name, "chat_template": cfg.chat_template,
              "ref_model_name_or_path": getattr(cfg, "ref_model_name_or_path", None)}
-    return {k: v for k, v in paths.items() if isinstance(v, (str, os.PathLike))}
+    def on_disk(value):  # a path, or the paths of a list or mapping of them (several eval files); not a Dataset
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            return [v for v in value if isinstance(v, (str, os.PathLike))]
+        return value if isinstance(value, (str, os.PathLike)) else None
+
+    return {k: on_disk(v) for k, v in paths.items() if on_disk(v)}
 
 
 def write_data_report(output_dir: Path, reports: dict, sources: dict) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpokit.errors import ConfigError
-from dpokit.fileio import atomic_path, atomic_write_text, read_text
+from dpokit.fileio import atomic_path, atomic_write_text, read_text, refuse_overlap
 from dpokit.options import Parser, positive_float, positive_int, seed
 
 
@@ -79,6 +79,10 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
     settings = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     configs = [build_config(DPOConfig, config_file, {**common, **s}) for s in settings]
     root = Path(configs[0].output_dir)
+    # The sweep writes sweep.json, sweep.md, frontier.png and a run per setting into `root`: it may hold none of
+    # what the sweep reads (each run's own inputs are checked by its trainer).
+    judge_file = judge[len("rm:"):] if judge.startswith("rm:") else judge.rpartition(":")[0] or None
+    refuse_overlap({"output_dir": root}, {"--prompts": prompts, "--config": config_file, "the judge": judge_file})
     for setting, cfg in zip(settings, configs):
         cfg.output_dir = str(root / run_name(setting))
         # Refused now, not after the runs before it have trained: a run directory that holds a run.

@@ -65,6 +65,8 @@ class Trainer(TransformersTrainerAPI):
         rundir.check_writable(self.output_dir)  # before anything slow: a run that cannot save should not start
         refuse_overlap({"output_dir": self.output_dir}, rundir.run_inputs(cfg, model, train_dataset, eval_dataset))
         self.run_lock = rundir.RunLock(self.output_dir)
+        if int(os.environ.get("RANK", "0")) == 0:  # the process that will hold the lock (the others never take it)
+            self.run_lock.check_free()
         if cfg.resume_from_checkpoint is not None:
             C.resolve(cfg.resume_from_checkpoint, self.output_dir)  # a mistyped path fails now, not after loading
         self.ref_cache_keys: dict[str, str] = {}  # split -> key of the precomputed reference log-probs
