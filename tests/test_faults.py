@@ -324,6 +324,25 @@ def test_a_checkpoint_state_missing_keys_is_named(tmp_path, stopped_run, model_d
             [f"{ckpt / C.STATE_JSON}: lacks position, meter"], [out])
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("global_step", "3", "global_step must be a count"), ("position", [0], "position must be [epoch, micro-batch]"),
+    ("data", 7, "lacks data.train_rows"), ("config", [], "config must be an object")])
+def test_a_checkpoint_state_of_the_wrong_types_is_named(tmp_path, stopped_run, model_dir, pairs_file, capsys, field,
+                                                        value, expected):
+    out = as_killed(stopped_run[0], tmp_path / "run")
+    ckpt = out / "checkpoint-3"
+    state = json.loads((ckpt / C.STATE_JSON).read_text())
+    (ckpt / C.STATE_JSON).write_text(json.dumps({**state, field: value}))
+    C.write_manifest(ckpt)  # a manifest that matches: the state's own content is what is checked
+    refused(capsys, resume(model_dir, out, pairs_file, "--resume"), [f"{ckpt / C.STATE_JSON}: {expected}"], [out])
+
+
+def test_a_refused_resume_leaves_the_runs_record_as_it_was(tmp_path, stopped_run, model_dir, pairs_file, capsys):
+    out = as_killed(stopped_run[0], tmp_path / "run")
+    refused(capsys, resume(model_dir, out, pairs_file, "--resume", "beta=0.5"), "the config differs in beta", [out])
+    refused(capsys, resume(model_dir, out, pairs_file, "--resume", "max_steps=1"), "beyond this run's 1 steps", [out])
+
+
 def test_every_checkpoint_damaged_refuses_rather_than_starting_over(tmp_path, stopped_run, model_dir, pairs_file,
                                                                     capsys):
     out = as_killed(stopped_run[0], tmp_path / "run")

@@ -292,13 +292,45 @@ def load_state(directory: Path) -> tuple[dict, dict]:
     if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: checkpoint format {info.get('format') if isinstance(info, dict) else None!r}; "
                               f"this dpokit reads format {FORMAT_VERSION}")
+    data = info.get("data") if isinstance(info.get("data"), dict) else {}
     lacking = [k for k in STATE_KEYS if k not in info] + [f"data.{k}" for k in ("train_rows", "train_fingerprint")
-                                                          if k not in info.get("data", {})]
+                                                          if k not in data]
     lacking += [k for k in ("optimizer", "scheduler", "rng") if not isinstance(tensors, dict) or k not in tensors]
     if lacking:
         raise CheckpointError(f"{directory / STATE_JSON}: lacks {', '.join(lacking)} (a damaged or foreign "
                               "checkpoint); resume from another checkpoint")
+    wrong = _state_type_error(info)
+    if wrong:
+        raise CheckpointError(f"{directory / STATE_JSON}: {wrong} (a damaged or foreign checkpoint); resume from "
+                              "another checkpoint")
     return tensors, info
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The type each trainer_state.json field must have: a hand-edited or foreign file is named, not a TypeError later.
+STATE_TYPES = {"global_step": (_count, "a count"), "total_steps": (_count, "a count"),
+               "micro_step": (_count, "a count"), "nonfinite_steps": (_count, "a count"),
+               "position": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(_count, v)),
+                            "[epoch, micro-batch], two counts"),
+               "meter": (lambda v: isinstance(v, dict), "an object"), "metrics": (lambda v: isinstance(v, list), "a list"),
+               "data": (lambda v: isinstance(v, dict), "an object"),
+               "ref_cache_keys": (lambda v: isinstance(v, dict), "an object"),
+               "config": (lambda v: isinstance(v, dict), "an object")}
+
+
+def _state_type_error(info: dict) -> Optional[str]:
+    for key, (fits, what) in STATE_TYPES.items():
+        if not fits(info[key]):
+            return f"{key} must be {what}, got {json.dumps(info[key])[:60]}"
+    data = info["data"]
+    if not _count(data["train_rows"]) or not isinstance(data["train_fingerprint"], str):
+        return "data.train_rows must be a count and data.train_fingerprint a string"
+    if not all(isinstance(record, dict) for record in info["metrics"]):
+        return "metrics must be a list of objects"
+    return None
 
 
 def read_weights(directory: Path, peft: bool) -> dict:
@@ -590,17 +622,23 @@ def _train_fingerprint(trainer) -> str:
         trainer._train_fp = examples_fingerprint(trainer.train_examples)
     return trainer._train_fp
 
+def check_trainer_can_resume(trainer, ckpt: Path, info: dict, total_steps: int) -> None:
+    """`check_resumable` for this trainer: called before the run writes anything into its directory, so a refused
+    resume leaves the run's record (dpokit_config.yaml, data_report.json) as it was."""
+    check_resumable(ckpt, info, trainer.args, global_micro_batch=trainer.schedule.global_micro_batch_size(),
+                    num_processes=trainer.accelerator.num_processes, train_rows=len(trainer.train_examples),
+                    train_fingerprint=_train_fingerprint(trainer),
+                    ref_cache_key=trainer.ref_cache_keys.get("train"), total_steps=total_steps)
+
+
 def restore(trainer, ckpt: Path, tensors: dict, info: dict, total_steps: int) -> None:
-    """Put weights, optimizer, scheduler, scaler, data position and counters back where `ckpt` left them, after
-    checking it is this run's (the RNG states are restored by `train`, right before the first step)."""
+    """Put weights, optimizer, scheduler, scaler, data position and counters back where `ckpt` left them, once
+    `check_trainer_can_resume` has found it this run's (the RNG states are restored by `train`, right before the
+    first step)."""
     from dpokit.metrics import MeanMeter, log
     from dpokit.optim import group_names
 
     acc, groups = trainer.accelerator, group_names(trainer.model)
-    check_resumable(ckpt, info, trainer.args, global_micro_batch=trainer.schedule.global_micro_batch_size(),
-                      num_processes=acc.num_processes, train_rows=len(trainer.train_examples),
-                      train_fingerprint=_train_fingerprint(trainer),
-                      ref_cache_key=trainer.ref_cache_keys.get("train"), total_steps=total_steps)
     trainer.engine.load_state(trainer.model, trainer.policy, trainer.optimizer, ckpt, tensors["optimizer"], groups,
                            trainer.use_peft)
     trainer.scheduler.load_state_dict(trainer.engine.load_scheduler_state(tensors["scheduler"], groups))

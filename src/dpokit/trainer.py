@@ -226,13 +226,15 @@ class Trainer(TransformersTrainerAPI):
                             main_process=acc.is_main_process,
                             same_run=lambda saved, what: C.check_same_run(saved, cfg, what))
         saved = C.load_state(ckpt) if ckpt is not None else None
+        total_steps = self.schedule.total_steps()
+        if saved is not None:  # refused before anything is written: the run's own record stays as it was
+            C.check_trainer_can_resume(self, ckpt, saved[1], total_steps)
         if cfg.report_to_tensorboard:  # resolved once and recorded with the run, so that a resume writes there too
             cfg.logging_dir = logging_dir(cfg, self.output_dir, saved[1]["config"] if saved else None)
         acc.wait_for_everyone()  # every rank has checked the output directory before the first one writes into it
         if acc.is_main_process:
             self.run_lock.record_holder()
             rundir.start(self.output_dir, cfg, self.data_reports, self.data_sources)
-        total_steps = self.schedule.total_steps()
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg, self.engine, acc.device, total_steps)
         self.policy, self.optimizer = self.engine.prepare(self.policy, self.optimizer, cfg)
         if acc.num_processes > 1:
