@@ -501,7 +501,7 @@ def test_damaged_or_unsafe_model_files_are_named_before_training(tmp_path, model
     (pickled / "model.safetensors").unlink()
     torch.save({**state, "extra": _RunsCode()}, pickled / "pytorch_model.bin")
     line = refused(capsys, dpo(pickled, tmp_path / "o3", pairs_file),
-                   ["hold non-tensor objects", "refused as possibly unsafe"], [pickled])
+                   ["(pytorch_model.bin) hold non-tensor objects", "refused as possibly unsafe"], [pickled])
     assert "weights_only" not in line and "trust" not in line  # never advises turning the protection off
 
 
@@ -534,6 +534,13 @@ def test_damaged_adapters_judges_manifests_configs_and_weights_are_one_line(tmp_
     (run / "checkpoint-4" / "manifest.json").write_text("[" * 100_000)
     refused(capsys, dpo(model_dir, run, pairs_file, "max_steps=4", "save_steps=1", "--resume"),
             ["checkpoint-4 is damaged (manifest.json is unreadable)", "resume_from_checkpoint="], [run])
+
+    nested = shutil.copytree(model_dir, tmp_path / "nested")
+    (nested / "config.json").write_text("[" * 100_000)
+    refused(capsys, dpo(nested, tmp_path / "o", pairs_file), [f"{nested / 'config.json'}", "nested too deeply"],
+            [nested])
+    (nested / "config.json").write_text("[1, 2]")
+    refused(capsys, dpo(nested, tmp_path / "o", pairs_file), [f"{nested / 'config.json'} holds a JSON list"], [nested])
 
     other = shutil.copytree(model_dir, tmp_path / "other")
     settings = json.loads((other / "config.json").read_text())
@@ -573,6 +580,12 @@ def test_rows_longer_than_the_models_positions_are_refused_at_start(tmp_path, pa
     AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER).save_pretrained(gpt2)
     refused(capsys, dpo(gpt2, tmp_path / "o1", long_rows),
             [f"{long_rows}:1", "more than the model can place", "learned up to 16"], [gpt2])
+    # Every command that runs the model on pairs checks the same limit: eval and audit too, never an IndexError.
+    ref = shutil.copytree(gpt2, tmp_path / "gpt2-ref")
+    refused(capsys, ["eval", "--model", gpt2, "--ref", ref, "--pairs", long_rows, "--output_dir", tmp_path / "e"],
+            [f"{long_rows}:1", "more than the model can place"], [gpt2, ref, long_rows])
+    refused(capsys, ["data", "audit", long_rows, "--model", gpt2, "--ref", ref, "--output", tmp_path / "a.jsonl"],
+            [f"{long_rows}:1", "more than the model can place"], [gpt2, ref, long_rows])
     rope = save_model(tmp_path / "rope", max_position_embeddings=16)
     refused(capsys, dpo(rope, tmp_path / "o2", long_rows),
             ["more than the model can place", "max_position_embeddings is 16 and no RoPE scaling"], [rope])

@@ -28,7 +28,7 @@ from dpokit.data.collate import pad_sequences
 from dpokit.errors import ConfigError, DataError
 from dpokit.evalmd import eval_markdown  # noqa: F401 (public: eval.json as eval.md)
 from dpokit.logps import completion_logps
-from dpokit.models import load_merged
+from dpokit.models import check_positions, load_merged, position_limit
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -124,13 +124,13 @@ def draw_samples(model: nn.Module, tokenizer, prompts: Sequence, *, num_samples:
                                   bos_token_id=tokenizer.bos_token_id)
     # Prompt-major order: sample j of prompt i is flat row i * num_samples + j.
     encoded = [prompt_ids(p, tokenizer, where=f"prompt {i + 1}") for i, p in enumerate(prompts)]
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    bound = position_limit(getattr(model, "config", None))
     longest = max(range(len(encoded)), key=lambda i: len(encoded[i])) if encoded else None
-    if isinstance(limit, int) and longest is not None and len(encoded[longest]) + max_new_tokens > limit:
+    if bound is not None and longest is not None and len(encoded[longest]) + max_new_tokens > bound[0]:
         # Past its positions a model fails (learned positions) or samples out of distribution (rotary ones).
         raise ConfigError(f"prompt {longest + 1} has {len(encoded[longest])} tokens; with max_new_tokens="
-                          f"{max_new_tokens} that is more than the model's max_position_embeddings ({limit}); "
-                          "use shorter prompts or a smaller max_new_tokens")
+                          f"{max_new_tokens} that is more than the model can place ({bound[1]}); use shorter "
+                          "prompts or a smaller max_new_tokens")
     flat = [ids for ids in encoded for _ in range(num_samples)]
     samples: list[Sample] = []
     was_training = model.training
@@ -500,16 +500,22 @@ def tokenized_pairs(pairs_source, tokenizer, *, max_length=None):
 def pair_logps(model, tokenizer, pairs_source, *, max_length=None, batch_size=16):
     """Summed completion log-probs of chosen and rejected for every usable pair of a file, tokenized as in training."""
     _, pairs, report = tokenized_pairs(pairs_source, tokenizer, max_length=max_length)
-    chosen, rejected = tokenized_pair_logps(model, pairs, tokenizer.pad_token_id, batch_size=batch_size)
+    chosen, rejected = tokenized_pair_logps(model, pairs, tokenizer.pad_token_id, batch_size=batch_size, report=report,
+                                            max_length=max_length)
     return chosen, rejected, report
 
 
-def tokenized_pair_logps(model, pairs, pad_id: int, *, batch_size=16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of chosen and rejected of `tokenize_preference`'s pairs, float32 [N] each."""
+def tokenized_pair_logps(model, pairs, pad_id: int, *, batch_size=16, report=None, max_length=None,
+                         what: str = "the model") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of chosen and rejected of `tokenize_preference`'s pairs, float32 [N] each. A pair
+    longer than the model can place is refused first, as in training, naming its row (`report`: where the pairs were
+    read)."""
     from dpokit.data.collate import collate_pairs
 
     if not pairs:
         return torch.zeros(0), torch.zeros(0)
+    if report is not None:
+        check_positions(getattr(model, "config", None), {"pairs": pairs}, {"pairs": report}, max_length, what=what)
     chosen, rejected = [], []
     device = _device(model)
     with torch.no_grad():

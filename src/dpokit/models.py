@@ -98,6 +98,7 @@ def loading(what: str, source: Any):
     from safetensors import SafetensorError
 
     check_source(source, what)
+    check_config_files(source, what)
     check_weight_files(source, what)
     held = _HeldLoadReport()
     try:
@@ -107,9 +108,12 @@ def loading(what: str, source: Any):
         raise
     except pickle.UnpicklingError:
         # torch.load(weights_only=True) met a pickle that holds more than tensors: loading it would run its code.
-        raise DpokitError(f"cannot load {what} {str(source)!r}: its pickle weights (pytorch_model*.bin) hold "
-                          "non-tensor objects and were refused as possibly unsafe (loading them could run code); use "
-                          "a safetensors copy of the model") from None
+        found = sorted(p.name for p in Path(str(source)).expanduser().glob("*.bin")) if Path(
+            str(source)).expanduser().is_dir() else []
+        files = ", ".join(found) or "pytorch_model*.bin"
+        raise DpokitError(f"cannot load {what} {str(source)!r}: its pickle weights ({files}) hold non-tensor objects "
+                          "and were refused as possibly unsafe (loading them could run code); use a safetensors copy "
+                          "of the model") from None
     except SafetensorError as exc:  # damaged in a way the header check does not see
         raise DpokitError(f"cannot load {what} {str(source)!r}: a weight file is damaged ({_first_line(exc)})") from None
     except RuntimeError as exc:
@@ -430,6 +434,27 @@ def safetensors_problem(path: Path) -> Optional[str]:
 
 def _weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
+
+
+# The small JSON files transformers and peft read from a model directory; each is read here first, through the
+# guarded reader, so that a damaged one is named with its line (transformers would say "Expecting property name" or
+# raise a RecursionError without saying which file).
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                "adapter_config.json", "preprocessor_config.json", "model.safetensors.index.json")
+
+
+def check_config_files(source: Any, what: str) -> None:
+    from dpokit.fileio import json_type_name, read_json
+
+    directory = Path(str(source)).expanduser()
+    if not directory.is_dir():
+        return
+    for name in CONFIG_FILES:
+        if (directory / name).is_file():
+            value = read_json(directory / name)
+            if not isinstance(value, dict):
+                raise DpokitError(f"cannot load {what} {str(source)!r}: {directory / name} holds a JSON "
+                                  f"{json_type_name(value)}, not an object")
 
 
 def check_weight_files(source: Any, what: str) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -118,6 +119,9 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._check_schema()
         except sqlite3.DatabaseError as exc:
+            if self.path.is_file() and not os.access(self.path.parent, os.W_OK):
+                raise DpokitError(f"--db {self.path}: its directory is not writable, and SQLite writes beside the "
+                                  "database (its write-ahead log) even to read it; copy it to a writable disk") from None
             raise DpokitError(f"--db {self.path}: not a usable SQLite database ({exc})") from None
 
     def _check_schema(self) -> None:

@@ -90,8 +90,10 @@ def audit_pairs(pairs_source, model, ref=None, *, beta=None, batch_size: int = 1
                         "`dpokit data convert` first, then audit that file)")
     if not pairs:
         raise DataError(f"{report.source}: every pair was dropped by truncation; nothing to audit")
-    pc, pr = tokenized_pair_logps(policy, pairs, tokenizer.pad_token_id, batch_size=batch_size)
-    rc, rr = tokenized_pair_logps(reference, pairs, tokenizer.pad_token_id, batch_size=batch_size)
+    pc, pr = tokenized_pair_logps(policy, pairs, tokenizer.pad_token_id, batch_size=batch_size, report=report,
+                                  max_length=max_length)
+    rc, rr = tokenized_pair_logps(reference, pairs, tokenizer.pad_token_id, batch_size=batch_size, report=report,
+                                  max_length=max_length, what="the reference")
     chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
     margin = chosen_reward - rejected_reward
     if not torch.isfinite(margin).all():
