@@ -50,8 +50,41 @@ SPLIT = ["data", "split", "no-such.jsonl", "--train_out", "a.jsonl", "--eval_out
     (["bench", "--steps", "0"], "dpokit bench: error: --steps must be an integer >= 1 (got 0)"),
     (["bench", "--trl-micro-batches", "2", "0"], "--trl-micro-batches must be an integer >= 1 (got 0)"),
     (["demo", "--seed", "-5"], "dpokit demo: error: --seed must be an integer in [0, 4294967295] (got -5)"),
+    (["data", "audit", "p.jsonl", "--model", "m", "--output", "a.jsonl", "--batch_size", "0"],
+     "--batch_size must be an integer >= 1 (got 0)"),
+    (["data", "audit", "p.jsonl", "--model", "m", "--output", "a.jsonl", "--show", "-1"],
+     "--show must be an integer >= 0 (got -1)"),
+    (["data", "filter", "in.jsonl", "out.jsonl", "--audit", "a.jsonl", "--drop_top", "0"],
+     "--drop_top must be an integer >= 1 (got 0)"),
+    (["annotate", "serve", "--db", "d.sqlite", "--lease_minutes", "nan"], "--lease_minutes must be a number in (0, 10080]"),
+    (["annotate", "serve", "--db", "d.sqlite", "--port", "70000"], "--port must be an integer in [0, 65535]"),
+    (["annotate", "export", "--db", "d.sqlite", "--show", "-5"], "--show must be an integer >= 0 (got -5)"),
 ])
 def test_out_of_range_options_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     refused(capsys, argv, message)
     assert list(tmp_path.iterdir()) == []  # nothing read, nothing written
+
+
+def test_a_numeric_option_must_declare_its_range():
+    from dpokit.options import Parser
+
+    with pytest.raises(TypeError, match="declare its range"):
+        Parser(prog="x").add_argument("--batch_size", type=int)
+
+
+@pytest.mark.parametrize("argv", [[c, "--help"] for c in ("eval", "export", "pairs", "report", "sweep", "bench",
+                                                          "demo", "dpo", "sft")]
+                         + [["data", c, "--help"] for c in ("check", "convert", "filter", "split", "audit")]
+                         + [["annotate", c, "--help"] for c in ("serve", "export", "import", "tokens")])
+def test_every_commands_parser_is_built_by_the_rules(argv, capsys):
+    """Every parser is built when its --help is asked for: a bare type=int, or any other breach of the rules of
+    `dpokit.options.Parser`, fails here rather than in a user's hands."""
+    from dpokit.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code in (0, None), capsys.readouterr().err
+    assert "usage" in capsys.readouterr().out.lower()

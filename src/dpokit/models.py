@@ -281,6 +281,9 @@ def load_merged(path: Any, what: str = "model") -> tuple[nn.Module, Any]:
         from peft import PeftModel
 
         base_path = adapter_base(path)
+        if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise DpokitError(f"cannot load adapter run {str(path)!r}: it has adapter_config.json but no "
+                              "adapter_model.safetensors (the adapter's weights)")
         check_weight_files(path, "adapter run")  # before the base model loads, which may take minutes
         base = load_model(base_path, what=f"base model of {path}")
         with loading("adapter run", path):

@@ -81,6 +81,10 @@ class Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
     def add_argument(self, *names: str, reads: bool = False, writes: bool = False, **kwargs: Any):
+        if kwargs.get("type") in (int, float):
+            # Every numeric option declares its range where it is declared (type=positive_int, number("(0, 1]")):
+            # a bare int or float would let --batch_size 0 or --lease_minutes nan through to a traceback.
+            raise TypeError(f"option {names[0]}: declare its range (dpokit.options.integer/number), not type=int/float")
         if isinstance(kwargs.get("type"), Number):
             kwargs["type"] = kwargs["type"].named(names[0])
         action = super().add_argument(*names, **kwargs)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from dpokit.errors import ConfigError
-from dpokit.options import Parser
+from dpokit.options import Parser, integer, number, positive_int, seed
 
 COMMANDS = {
     "serve": "label items in the browser (a local web app over an SQLite database)",
@@ -77,19 +77,14 @@ def _serve(argv) -> int:
     p.add_argument("--guidelines", metavar="FILE", reads=True,
                    help="the labelling guidelines, shown above every item (as text)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback requires tokens")
-    p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
-    p.add_argument("--overlap", type=int, default=1, help="annotators who label each item (2+ measures agreement)")
-    p.add_argument("--seed", type=int, default=0, help="draws the two responses of scored samples")
+    p.add_argument("--port", type=integer("[0, 65535]"), default=8765, help="port (0: any free one)")
+    p.add_argument("--overlap", type=positive_int, default=1,
+                   help="annotators who label each item (2+ measures agreement)")
+    p.add_argument("--seed", type=seed, default=0, help="draws the two responses of scored samples")
     p.add_argument("--require_tokens", action="store_true", help="require tokens on a loopback address too")
-    p.add_argument("--lease_minutes", type=float, default=LEASE_S / 60,
+    p.add_argument("--lease_minutes", type=number("(0, 10080]"), default=LEASE_S / 60,
                    help="how long an item shown to an annotator is kept from others")
     args = p.parse_args(argv)
-    if args.overlap < 1:
-        raise ConfigError(f"--overlap must be at least 1, got {args.overlap}")
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
-    if args.lease_minutes <= 0:
-        raise ConfigError(f"--lease_minutes must be > 0, got {args.lease_minutes}")
     store = Store(args.db, lease_s=args.lease_minutes * 60)
     tokens = args.require_tokens or not is_loopback(args.host)
     if tokens and not store.has_tokens():
@@ -132,7 +127,7 @@ def _export(argv) -> int:
     p.add_argument("--eval_dir", reads=True,
                    help="A/B items: the evaluation to add the human win rate to (default: the one that saved the "
                         "samples)")
-    p.add_argument("--show", type=int, default=10, help="disagreeing items to list")
+    p.add_argument("--show", type=integer("[0, inf)"), default=10, help="disagreeing items to list")
     args = p.parse_args(argv)
     _, lines = export(args.db, output=args.output, label_studio=args.label_studio, report=args.report,
                       eval_dir=args.eval_dir, show=args.show)

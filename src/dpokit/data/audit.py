@@ -141,23 +141,22 @@ def _items_path(output: str, top: int) -> str:
 
 def _run(argv) -> int:
     from dpokit.data.tools import _Parser, canonical_row, write_jsonl
+    from dpokit.options import integer, positive_float, positive_int
 
     p = _Parser(prog="audit", description="Rank preference pairs by how much the trained model doubts their label.")
     p.add_argument("pairs", metavar="PAIRS", reads=True, help="the preference file (e.g. the one the model was trained on)")
     p.add_argument("--model", required=True, reads=True, help="the trained DPO run (full model or LoRA run directory)")
     p.add_argument("--ref", reads=True, help="its reference (default: the model the run started from)")
     p.add_argument("--output", required=True, writes=True, help="audit rows, most suspect first (.jsonl)")
-    p.add_argument("--top", type=int, help="also write the K most suspect pairs as annotation items")
+    p.add_argument("--top", type=positive_int, help="also write the K most suspect pairs as annotation items")
     p.add_argument("--items", writes=True, help="where --top writes them (default: OUTPUT-topK.jsonl)")
-    p.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_length", type=int, help="truncate as in training (dropped pairs are counted)")
-    p.add_argument("--show", type=int, default=5, help="how many of the most suspect pairs to print")
+    p.add_argument("--beta", type=positive_float, help="beta of the implicit reward (default: the run's)")
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--max_length", type=positive_int, help="truncate as in training (dropped pairs are counted)")
+    p.add_argument("--show", type=integer("[0, inf)"), default=5, help="how many of the most suspect pairs to print")
     args = p.parse_args(argv)
     if not args.output.endswith((".jsonl", ".jsonl.gz")):
         raise ConfigError(f"--output {args.output}: must be a .jsonl file")
-    if args.top is not None and args.top < 1:
-        raise ConfigError(f"--top must be at least 1, got {args.top}")
     if args.items is not None and args.top is None:
         raise ConfigError("--items is where --top writes; give --top K")
     if args.top is not None and args.items is None:

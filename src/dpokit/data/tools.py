@@ -342,7 +342,7 @@ def _filter(argv) -> int:
     p.add_argument("--truncation_mode", default="keep_start")
     p.add_argument("--drop_truncated", action="store_true", help="also drop rows that truncation would cut")
     p.add_argument("--audit", reads=True, help="a `dpokit data audit` of the input: with --drop_top K, drop its K most suspect")
-    p.add_argument("--drop_top", type=int, help="how many of the audit's most suspect pairs to drop")
+    p.add_argument("--drop_top", type=positive_int, help="how many of the audit's most suspect pairs to drop")
     p.add_argument("--add", metavar="FILE", reads=True, help="append the valid rows of FILE (e.g. re-labelled pairs)")
     args = p.parse_args(argv)
     if (args.audit is None) != (args.drop_top is None):
@@ -454,6 +454,7 @@ COMMANDS = {"check": check_main, "convert": convert_main, "filter": filter_main,
 def main(argv) -> int:
     """Dispatch ``dpokit data <command> ...`` (argv starts with the command name)."""
     if not argv or argv[0] not in COMMANDS:
-        print(f"error: dpokit data needs a command: {', '.join(COMMANDS)}", file=sys.stderr)
+        given = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"error: dpokit data: {given}; one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
