@@ -79,10 +79,6 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
     settings = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     configs = [build_config(DPOConfig, config_file, {**common, **s}) for s in settings]
     root = Path(configs[0].output_dir)
-    # The sweep writes sweep.json, sweep.md, frontier.png and a run per setting into `root`: it may hold none of
-    # what the sweep reads (each run's own inputs are checked by its trainer).
-    judge_file = judge[len("rm:"):] if judge.startswith("rm:") else judge.rpartition(":")[0] or None
-    refuse_overlap({"output_dir": root}, {"--prompts": prompts, "--config": config_file, "the judge": judge_file})
     for setting, cfg in zip(settings, configs):
         cfg.output_dir = str(root / run_name(setting))
         # Refused now, not after the runs before it have trained: a run directory that holds a run.
@@ -93,6 +89,10 @@ def run_sweep(config_file: Optional[str], tokens: list[str], *, prompts: str, ju
     # Every run samples from the prompts and scores with the judge after it trains: both are checked now.
     check_judge(judge)
     read_prompts(prompts)
+    # The sweep writes sweep.json, sweep.md, frontier.png and a run per setting into `root`: it may hold none of
+    # what the sweep reads (each run's own inputs are checked by its trainer).
+    judge_file = judge[len("rm:"):] if judge.startswith("rm:") else judge.rpartition(":")[0] or None
+    refuse_overlap({"output_dir": root}, {"--prompts": prompts, "--config": config_file, "the judge": judge_file})
     typed = {k: [typed_value(DPOConfig, k, v) for v in values] for k, values in axes.items()}
     rows = []
     for setting, cfg in zip(settings, configs):
