@@ -49,6 +49,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _reason(exc: BaseException, limit: int = 300) -> str:
+    """A library's error message as one line: its first lines joined (transformers' validation errors put the field
+    on the first line and what is wrong with it on the next)."""
+    text = " ".join(str(exc).split())
+    return (text[:limit] + " ...") if len(text) > limit else text or type(exc).__name__
+
+
 class _HeldLoadReport(logging.Filter):
     """Holds back the load report transformers logs (a multi-line table) while a model loads: printed again as it
     was when the load succeeds; when the load fails, its size mismatches go into the one-line error instead."""
@@ -88,7 +95,7 @@ class _HeldLoadReport(logging.Filter):
 
 
 @contextlib.contextmanager
-def loading(what: str, source: Any):
+def loading(what: str, source: Any, part: str = ""):
     """The one guard around every `from_pretrained` (models, adapters, reward models, tokenizers, configs): whatever
     transformers, peft, safetensors or torch raise for a broken, foreign or unsafe file becomes one line naming
     `what` and `source`. A local directory's weight files are checked first (a cut-short safetensors file is named
@@ -122,12 +129,12 @@ def loading(what: str, source: Any):
             more = f" and {len(held.mismatches) - 2} more" if len(held.mismatches) > 2 else ""
             raise DpokitError(f"cannot load {what} {str(source)!r}: its weights do not fit its config.json "
                               f"({len(held.mismatches)} tensors of another shape: {shown}{more})") from exc
-        raise DpokitError(f"cannot load {what} {str(source)!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise DpokitError(f"cannot load {what} {str(source)!r}{part}: {type(exc).__name__}: {_reason(exc)}") from exc
     except Exception as exc:
         # Whatever the file did to the library reading it: a RuntimeError for weights whose shapes do not fit the
         # config ("size mismatch for ..."), a TypeError for a config field of the wrong type (peft reads
         # adapter_config.json's "r": "8" as given), tokenizers' plain Exception for a broken tokenizer.json.
-        raise DpokitError(f"cannot load {what} {str(source)!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise DpokitError(f"cannot load {what} {str(source)!r}{part}: {type(exc).__name__}: {_reason(exc)}") from exc
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -208,7 +215,7 @@ def load_tokenizer(source: Any = None, cfg: Any = None, *, tokenizer: Any = None
 
         revision = getattr(cfg, "model_revision", "main")
         extra = {"revision": revision} if revision != "main" else {}
-        with loading(what, source):
+        with loading(what, source, part=" (its tokenizer)" if what != "tokenizer" else ""):
             tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=getattr(cfg, "trust_remote_code", False),
                                                 **extra)
     if getattr(cfg, "chat_template", None):
@@ -443,7 +450,7 @@ def _weight_files(directory: Path) -> list[Path]:
 # guarded reader, so that a damaged one is named with its line (transformers would say "Expecting property name" or
 # raise a RecursionError without saying which file).
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
-                "adapter_config.json", "preprocessor_config.json", "model.safetensors.index.json")
+                "adapter_config.json", "preprocessor_config.json", "model.safetensors.index.json", "tokenizer.json")
 
 
 def check_config_files(source: Any, what: str) -> None:
@@ -484,7 +491,7 @@ def model_config(model: Any, cfg: Any = None, what: str = "model"):
     from transformers import AutoConfig
 
     revision = getattr(cfg, "model_revision", "main")
-    with loading(what, model):
+    with loading(what, model, part=" (config.json)"):
         return AutoConfig.from_pretrained(str(model), trust_remote_code=getattr(cfg, "trust_remote_code", False),
                                           **({"revision": revision} if revision != "main" else {}))
 
