@@ -400,8 +400,8 @@ def boom(prompt, completion):
     (["--output", "p.jsonl", "--beta", "0.5"], "--beta is the implicit judge's"),
     (["--output", "p.jsonl", "--judge", "test_pairs:boom", "--keep_unfinished", ""],
      "raised ValueError: judge exploded"),
-    (["--output", "p.jsonl", "--max_new_tokens", "60"], "with max_new_tokens=60 that is more than the model's "
-                                                        "max_position_embeddings (64)"),
+    (["--output", "p.jsonl", "--max_new_tokens", "60"], "with max_new_tokens=60 that is more than the model can "
+                                                        "place (max_position_embeddings is 64"),
 ])
 def test_pairs_cli_more_refusals(sft_model, tmp_path, capsys, monkeypatch, extra, match):
     monkeypatch.chdir(tmp_path)
