@@ -578,6 +578,7 @@ def test_rows_longer_than_the_models_positions_are_refused_at_start(tmp_path, pa
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=32000, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
     AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER).save_pretrained(gpt2)
+    capsys.readouterr()  # what building the model printed (transformers warns once per process) is not the command's
     refused(capsys, dpo(gpt2, tmp_path / "o1", long_rows),
             [f"{long_rows}:1", "more than the model can place", "learned up to 16"], [gpt2])
     # Every command that runs the model on pairs checks the same limit: eval and audit too, never an IndexError.

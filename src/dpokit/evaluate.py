@@ -383,9 +383,9 @@ def load_judge(spec: str, *, policy: nn.Module = None, reference: nn.Module = No
             return None
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from dpokit.models import loading
+        from dpokit.models import MODEL_FILES, TOKENIZER_FILES, loading
 
-        with loading("reward model", path):
+        with loading("reward model", path, MODEL_FILES + TOKENIZER_FILES, weights=True):
             rm = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
             rm_tok = AutoTokenizer.from_pretrained(str(path))
         if rm.config.num_labels != 1:

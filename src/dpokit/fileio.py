@@ -137,11 +137,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def append_text(path: Path, text: str) -> None:
     """Append to a log (metrics.jsonl, warnings.jsonl); a failure is `write_error`'s one line."""
     with writing(path):
@@ -372,29 +367,23 @@ def refuse_overlap(outputs: dict, inputs: dict, *, hosts: Optional[dict] = None,
     replace a file of the run (its weights, its logs)."""
     from dpokit.errors import ConfigError
 
-    given = [(label, resolved, path) for label, resolved, path in _paths(inputs)
-             if Path(path).expanduser().exists()]
-    homes = [(label, resolved, path) for label, resolved, path in _paths(hosts or {})
-             if Path(path).expanduser().exists()]
+    given = [(label, resolved, path, is_host) for entries, is_host in ((inputs, False), (hosts or {}, True))
+             for label, resolved, path in _paths(entries) if Path(path).expanduser().exists()]
     written = _paths(outputs)
     for i, (out_label, out, out_path) in enumerate(written):
-        for in_label, inp, in_path in given:
+        for in_label, inp, in_path, is_host in given:
             how = _relation(out, inp)
+            if how == "lies inside" and is_host:  # beside the run's files: new, or the command's own record
+                if not out.exists() or (own(out) if callable(own) else out.name in own):
+                    continue
+                records = " or this command's own records" + (
+                    f" ({', '.join(own)})" if own and not callable(own) else "")
+                raise ConfigError(f"{out_label} {out_path} would replace a file of {in_label} {in_path}: "
+                                  f"only new files{records} may be written there; choose another {out_label}")
             if how:
                 raise ConfigError(f"{out_label} {out_path} {how} {in_label} {in_path}: an output may not be, "
                                   f"contain or lie inside an input (writing it could destroy the input); choose "
                                   f"another {out_label}")
-        for host_label, host, host_path in homes:
-            how = _relation(out, host)
-            if how in ("is", "contains"):
-                raise ConfigError(f"{out_label} {out_path} {how} {host_label} {host_path}: an output may not be or "
-                                  f"contain an input (writing it could destroy the input); choose another {out_label}")
-            mine = own(out) if callable(own) else out.name in own
-            if how == "lies inside" and out.exists() and not mine:
-                records = " or this command's own records" + (f" ({', '.join(own)})" if own and not callable(own)
-                                                              else "")
-                raise ConfigError(f"{out_label} {out_path} would replace a file of {host_label} {host_path}: "
-                                  f"only new files{records} may be written there; choose another {out_label}")
         for other_label, other, other_path in written[i + 1:]:
             how = _relation(out, other)
             if how:

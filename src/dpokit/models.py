@@ -94,19 +94,29 @@ class _HeldLoadReport(logging.Filter):
         return False
 
 
+# The small JSON files each kind of `from_pretrained` reads from a local directory. `loading` reads them first,
+# through the guarded reader, so that a damaged one is named with its line (transformers would say "Expecting
+# property name" or raise a RecursionError without saying which file); each load reads only its own.
+CONFIG_FILES = ("config.json",)
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+TOKENIZER_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
 @contextlib.contextmanager
-def loading(what: str, source: Any, part: str = ""):
+def loading(what: str, source: Any, files: tuple = (), weights: bool = False, part: str = ""):
     """The one guard around every `from_pretrained` (models, adapters, reward models, tokenizers, configs): whatever
     transformers, peft, safetensors or torch raise for a broken, foreign or unsafe file becomes one line naming
-    `what` and `source`. A local directory's weight files are checked first (a cut-short safetensors file is named
-    with what is wrong). `--debug` shows the traceback."""
+    `what` and `source` (and `part`, the piece that was being read). A local directory's JSON `files` are read first,
+    and with `weights` its safetensors files are checked (a cut-short file is named with what is wrong). `--debug`
+    shows the traceback."""
     import pickle
 
     from safetensors import SafetensorError
 
     check_source(source, what)
-    check_config_files(source, what)
-    check_weight_files(source, what)
+    check_json_files(source, what, files)
+    if weights:
+        check_weight_files(source, what)
     held = _HeldLoadReport()
     try:
         with held:
@@ -123,17 +133,15 @@ def loading(what: str, source: Any, part: str = ""):
                           "of the model") from None
     except SafetensorError as exc:  # damaged in a way the header check does not see
         raise DpokitError(f"cannot load {what} {str(source)!r}: a weight file is damaged ({_first_line(exc)})") from None
-    except RuntimeError as exc:
-        if held.mismatches:  # transformers' "size mismatch" table, as one line
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and held.mismatches:  # transformers' "size mismatch" table, as one line
             shown = "; ".join(held.mismatches[:2])
             more = f" and {len(held.mismatches) - 2} more" if len(held.mismatches) > 2 else ""
             raise DpokitError(f"cannot load {what} {str(source)!r}: its weights do not fit its config.json "
                               f"({len(held.mismatches)} tensors of another shape: {shown}{more})") from exc
-        raise DpokitError(f"cannot load {what} {str(source)!r}{part}: {type(exc).__name__}: {_reason(exc)}") from exc
-    except Exception as exc:
-        # Whatever the file did to the library reading it: a RuntimeError for weights whose shapes do not fit the
-        # config ("size mismatch for ..."), a TypeError for a config field of the wrong type (peft reads
-        # adapter_config.json's "r": "8" as given), tokenizers' plain Exception for a broken tokenizer.json.
+        # Whatever else the file did to the library reading it: a TypeError for a config field of the wrong type
+        # (peft reads adapter_config.json's "r": "8" as given), tokenizers' plain Exception for a broken
+        # tokenizer.json, a RuntimeError for adapter weights of another rank.
         raise DpokitError(f"cannot load {what} {str(source)!r}{part}: {type(exc).__name__}: {_reason(exc)}") from exc
 
 
@@ -187,7 +195,7 @@ def load_model(model: Any, cfg: Any = None, what: str = "model") -> nn.Module:
         kwargs.setdefault("attn_implementation", cfg.attn_implementation)
     if getattr(cfg, "model_revision", "main") != "main":
         kwargs.setdefault("revision", cfg.model_revision)
-    with loading(what, model):
+    with loading(what, model, MODEL_FILES, weights=True):
         return AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
 
 
@@ -215,7 +223,7 @@ def load_tokenizer(source: Any = None, cfg: Any = None, *, tokenizer: Any = None
 
         revision = getattr(cfg, "model_revision", "main")
         extra = {"revision": revision} if revision != "main" else {}
-        with loading(what, source, part=" (its tokenizer)" if what != "tokenizer" else ""):
+        with loading(what, source, TOKENIZER_FILES, part=" (its tokenizer)" if what != "tokenizer" else ""):
             tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=getattr(cfg, "trust_remote_code", False),
                                                 **extra)
     if getattr(cfg, "chat_template", None):
@@ -293,7 +301,7 @@ def load_merged(path: Any, what: str = "model") -> tuple[nn.Module, Any]:
                               "adapter_model.safetensors (the adapter's weights)")
         check_weight_files(path, "adapter run")  # before the base model loads, which may take minutes
         base = load_model(base_path, what=f"base model of {path}")
-        with loading("adapter run", path):
+        with loading("adapter run", path):  # its config (adapter_base) and weights are checked above
             model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     else:
         model = load_model(path, what=what)
@@ -446,20 +454,14 @@ def _weight_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-# The small JSON files transformers and peft read from a model directory; each is read here first, through the
-# guarded reader, so that a damaged one is named with its line (transformers would say "Expecting property name" or
-# raise a RecursionError without saying which file).
-CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
-                "adapter_config.json", "preprocessor_config.json", "model.safetensors.index.json", "tokenizer.json")
-
-
-def check_config_files(source: Any, what: str) -> None:
+def check_json_files(source: Any, what: str, files: tuple) -> None:
+    """Each of `files` in a local model directory is a JSON object, or a one-line error naming it."""
     from dpokit.fileio import json_type_name, read_json
 
     directory = Path(str(source)).expanduser()
-    if not directory.is_dir():
+    if not files or not directory.is_dir():
         return
-    for name in CONFIG_FILES:
+    for name in files:
         if (directory / name).is_file():
             value = read_json(directory / name)
             if not isinstance(value, dict):
@@ -491,7 +493,7 @@ def model_config(model: Any, cfg: Any = None, what: str = "model"):
     from transformers import AutoConfig
 
     revision = getattr(cfg, "model_revision", "main")
-    with loading(what, model, part=" (config.json)"):
+    with loading(what, model, CONFIG_FILES, part=" (config.json)"):
         return AutoConfig.from_pretrained(str(model), trust_remote_code=getattr(cfg, "trust_remote_code", False),
                                           **({"revision": revision} if revision != "main" else {}))
 

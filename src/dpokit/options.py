@@ -70,8 +70,8 @@ class Parser(argparse.ArgumentParser):
     A path option declares its role where it is declared: ``reads=True`` (a file or directory the command reads, or
     updates in place, like an annotation database) or ``writes=True`` (one it writes). Parsing applies
     `dpokit.fileio.refuse_overlap` to them, so no command can write over what it reads, or write two outputs to one
-    path, whatever its own code forgets; a command that derives a path after parsing (a default output name) calls
-    `check_paths` again with it."""
+    path, whatever its own code forgets; a command that fills in a path after parsing (a default output name) sets
+    it on the namespace and calls `check_paths` again."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -98,11 +98,10 @@ class Parser(argparse.ArgumentParser):
         self.check_paths(parsed)
         return parsed, rest
 
-    def check_paths(self, parsed: argparse.Namespace, **derived: Any) -> None:
-        """`refuse_overlap` over the declared path options, plus `derived` outputs (label=path) worked out after
-        parsing."""
+    def check_paths(self, parsed: argparse.Namespace) -> None:
+        """`refuse_overlap` over the declared path options."""
         from dpokit.fileio import refuse_overlap
 
         outputs = {label: getattr(parsed, dest, None) for dest, label, writes in self.path_options if writes}
         inputs = {label: getattr(parsed, dest, None) for dest, label, writes in self.path_options if not writes}
-        refuse_overlap({**outputs, **derived}, inputs)
+        refuse_overlap(outputs, inputs)

@@ -241,7 +241,7 @@ def run_inputs(cfg, model, train_dataset, eval_dataset) -> dict:
             return [v for v in value if isinstance(v, (str, os.PathLike))]
         return value if isinstance(value, (str, os.PathLike)) else None
 
-    return {k: on_disk(v) for k, v in paths.items() if on_disk(v)}
+    return {k: found for k, v in paths.items() if (found := on_disk(v))}
 
 
 def write_data_report(output_dir: Path, reports: dict, sources: dict) -> None:
